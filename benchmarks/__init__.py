@@ -1,0 +1,1 @@
+"""Benchmark scripts and the real-data fetcher used by tests and benchmarks."""

