@@ -56,6 +56,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", default=None, help="masl (default), dicebce, masl+scc, dicebce+scc")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes incl. background for a new model (default 1: binary); labels "
+                        "are then class ids")
+    p.add_argument("--batch-size", type=int, default=None, help="crops per step (per process)")
+    p.add_argument("--crop-size", type=int, default=None, help="training crop side in pixels")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="share held out for validation (0 disables)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="use images without labelled objects as background-only examples")
     p.set_defaults(func=_run_train)
 
 
@@ -73,6 +83,12 @@ def _run_train(args: argparse.Namespace) -> int:
         loss=args.loss,
         device=args.device,
         seed=args.seed,
+        num_classes=args.num_classes,
+        batch_size=args.batch_size,
+        crop_size=args.crop_size,
+        lr=args.lr,
+        val_fraction=args.val_fraction,
+        allow_empty=args.allow_empty,
     )
 
 

@@ -79,3 +79,152 @@ def _percentile_norm(x: np.ndarray, config: NormalizationConfig) -> np.ndarray:
     if config.clip:
         np.clip(out, -config.clip, 1.0 + config.clip, out=out)
     return out.astype(np.float32, copy=False)
+
+
+# --- Streaming normalisation (inference on large images) -----------------------------------------
+# ``normalize`` returns a full float copy of the image. For tiled inference the statistics are
+# computed once over the whole image (so that every tile is scaled alike, and exactly as
+# ``normalize`` would) and applied tile by tile, which keeps memory at the size of a tile.
+
+
+@dataclass(frozen=True)
+class NormalizationStats:
+    """Offsets and scales computed by :func:`normalization_stats`.
+
+    Attributes:
+        method: ``"percentile"`` or ``"none"``.
+        lows: One offset per channel (or a single one shared by all channels).
+        scales: Matching ``high - low`` values; ``0`` marks a constant channel (mapped to zeros).
+        clip: Clip bound as in :class:`NormalizationConfig`.
+    """
+
+    method: str
+    lows: tuple[float, ...]
+    scales: tuple[float, ...]
+    clip: float
+
+
+def _subsample(x: np.ndarray) -> np.ndarray:
+    """``x.reshape(-1)[::step]`` exactly as ``_percentile_norm`` takes it, without copying ``x``."""
+    size = x.size
+    step = max(1, size // 1_000_000)
+    if x.flags.c_contiguous:
+        return x.reshape(-1)[::step]
+    idx = np.unravel_index(np.arange(0, size, step), x.shape)
+    return x[idx]
+
+
+def normalization_stats(
+    image: np.ndarray, config: NormalizationConfig, channel_axis: int | None = 0
+) -> NormalizationStats:
+    """The statistics :func:`normalize` would use for ``image``, computed from a subsample.
+
+    Memory stays O(1) in the image size: no float copy of ``image`` is made. Applying the result
+    with :func:`apply_normalization` to any part of ``image`` gives the same values as the same
+    part of ``normalize(image, config, channel_axis)``.
+
+    Args:
+        image: Array of any numeric or bool dtype (finite).
+        config: Normalisation settings.
+        channel_axis: Channel axis for per-channel statistics, or ``None``.
+    """
+    img = np.asarray(image)
+    if config.per_channel and channel_axis is not None and img.ndim > 1:
+        channels = np.moveaxis(img, channel_axis, -1)
+        # Same pixel positions in every channel, as normalize() takes them channel by channel.
+        samples = pixel_samples(channels, channels.ndim - 1)
+    else:
+        samples = _subsample(img)[:, None]
+    return stats_from_samples(samples, config)
+
+
+def pixel_samples(image: np.ndarray, n_spatial: int) -> np.ndarray:
+    """Pixels at the positions :func:`normalize` samples, as an ``(N, C)`` array.
+
+    Args:
+        image: ``(*spatial, C)`` array (channels last, any strides; not copied).
+        n_spatial: Number of leading (non-channel) axes.
+
+    Returns:
+        ``image``'s values at every ``step``-th pixel in C order (``step = pixels // 10**6``).
+    """
+    spatial = image.shape[:n_spatial]
+    channels = int(np.prod(image.shape[n_spatial:], dtype=np.int64))
+    size = int(np.prod(spatial))
+    step = max(1, size // 1_000_000)
+    if image.flags.c_contiguous:  # a strided view, no index arrays
+        return image.reshape(size, channels)[::step]
+    chunk = 1 << 16  # positions per gather: bounds the index arrays
+    parts = []
+    for start in range(0, size, chunk * step):
+        pos = np.arange(start, min(size, start + chunk * step), step)
+        parts.append(image[np.unravel_index(pos, spatial)].reshape(-1, channels))
+    return np.concatenate(parts)
+
+
+def stats_from_samples(samples: np.ndarray, config: NormalizationConfig) -> NormalizationStats:
+    """Normalisation statistics from pixel samples ``(N, C)`` (per column when per-channel).
+
+    With ``config.per_channel`` false (or one column) all samples are pooled into one statistic.
+    """
+    if config.method == "none":
+        return NormalizationStats("none", (), (), 0.0)
+    if config.method != "percentile":
+        raise ValueError(
+            f"Unknown normalisation method {config.method!r}; use 'percentile' or 'none'."
+        )
+    samples = np.asarray(samples)
+    if samples.ndim != 2 or samples.shape[0] == 0:
+        raise ValueError(f"samples must be a non-empty (N, C) array, got shape {samples.shape}.")
+    columns = samples.T if (config.per_channel and samples.shape[1] > 1) else samples.reshape(1, -1)
+    lows, scales = [], []
+    for col in columns:
+        values = col.astype(np.float32)  # normalize() takes percentiles of float32 values
+        lo, hi = np.percentile(values, [config.low, config.high])
+        scale = hi - lo
+        lows.append(float(lo))
+        scales.append(float(scale) if scale > 1e-12 else 0.0)
+    return NormalizationStats("percentile", tuple(lows), tuple(scales), float(config.clip))
+
+
+def apply_normalization(
+    x: np.ndarray, stats: NormalizationStats, channel_axis: int | None = 0
+) -> np.ndarray:
+    """Normalise a region ``x`` of an image with statistics from :func:`normalization_stats`.
+
+    Args:
+        x: Region of the image (same channel layout as the image the stats came from).
+        stats: Statistics of the whole image.
+        channel_axis: Channel axis of ``x`` when the stats are per channel.
+
+    Returns:
+        float32 array shaped like ``x``.
+    """
+    arr = np.asarray(x)
+    if arr.dtype == bool:
+        arr = arr.astype(np.float32)
+    arr = arr.astype(np.float32, copy=False)
+    if stats.method == "none":
+        return arr
+    if len(stats.lows) == 1:
+        return _apply_one(arr, stats.lows[0], stats.scales[0], stats.clip)
+    if channel_axis is None:
+        raise ValueError("Per-channel statistics need the channel_axis of the region.")
+    moved = np.moveaxis(arr, channel_axis, 0)
+    if moved.shape[0] != len(stats.lows):
+        raise ValueError(
+            f"Region has {moved.shape[0]} channels but the statistics have {len(stats.lows)}."
+        )
+    pairs = zip(moved, stats.lows, stats.scales, strict=True)
+    out = np.stack([_apply_one(c, lo, s, stats.clip) for c, lo, s in pairs])
+    return np.moveaxis(out, 0, channel_axis)
+
+
+def _apply_one(x: np.ndarray, lo: float, scale: float, clip: float) -> np.ndarray:
+    # Same arithmetic as _percentile_norm (float64 intermediate, then float32) so values agree.
+    if scale == 0.0:
+        return np.zeros_like(x, dtype=np.float32)
+    out = (x - np.float64(lo)) / np.float64(scale)
+    if clip:
+        np.clip(out, -clip, 1.0 + clip, out=out)
+    return out.astype(np.float32, copy=False)

@@ -87,12 +87,10 @@ def register_model(name: str, options_cls: type, description: str) -> Callable:
 
 def _ensure_builtin() -> None:
     # Importing the architecture modules registers them (torch is imported here, not earlier).
-    from napari_s2mnet.model import s2mnet, unet  # noqa: F401
+    import importlib
 
-    try:
-        from napari_s2mnet.model import dssau  # noqa: F401
-    except ImportError:  # pragma: no cover - DSSAU-Net is optional while being built
-        pass
+    for module in ("s2mnet", "unet", "dssau"):
+        importlib.import_module(f"napari_s2mnet.model.{module}")
 
 
 def available_models() -> dict[str, str]:

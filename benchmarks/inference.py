@@ -1,0 +1,282 @@
+"""Inference engine scaling: time and peak memory against image size, plus the 8192^2 RSS check.
+
+Usage::
+
+    python -m benchmarks.inference --quick          # 256^2 .. 1024^2 and the 8192^2 check skipped
+    python -m benchmarks.inference                  # 512^2 .. 4096^2 + 8192^2 uint16 (CPU ~20 min)
+    python -m benchmarks.inference --arch unet      # the U-Net baseline instead of S2M-Net
+
+What it does:
+
+1. Builds a *small* network of the chosen architecture (``--width small``, the default, so a CPU
+   run finishes in minutes; ``--width full`` for the paper's size) and trains it briefly on the
+   DSB2018 nuclei image (``--train-steps``), then sets its threshold so that the foreground
+   fraction on that image matches the manual mask. The point is not accuracy but realistic
+   output: nucleus-like objects, so post-processing and features cost what they cost in use.
+2. For every size it segments a tiling of the DSB2018 image (uint16) with the default
+   :class:`~napari_s2mnet.inference.InferenceConfig` on the CPU, each size in a fresh
+   subprocess, and reports wall time per stage, CPU time (all threads; unlike wall time it does
+   not depend on what else the machine runs), objects, peak RSS (``ru_maxrss``) and the RSS
+   growth during segmentation.
+3. Baseline in the same process: the raw network on a batch of 4 tiles (no tiling, blending or
+   post-processing); 'vs raw' = the raw network's CPU time for the run's tiles / the run's CPU
+   time, i.e. the share of the work that is the network itself.
+4. Fits the slope of log(time) against log(pixels) (goal <= 1.1: linear in the pixel count) and
+   checks that an 8192 x 8192 uint16 image segments within 2 GB peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RSS_LIMIT_GB = 2.0
+
+SMALL_OPTIONS: dict[str, dict[str, Any]] = {
+    "s2mnet": {"widths": [8, 8, 16, 16, 16], "stem": 8, "expansion": 2, "head_widths": [8, 8]},
+    "unet": {"base": 4, "depth": 4},
+    "dssau": {},
+}
+
+
+def _peak_rss_gb() -> float:
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024**3
+
+
+def tiled_image(size: int) -> np.ndarray:
+    """A ``size x size`` uint16 image tiled from the DSB2018 nuclei image (mirrored copies)."""
+    from benchmarks.fetch_data import load_dsb2018
+
+    img = load_dsb2018()[0]
+    block = np.block([[img, img[:, ::-1]], [img[::-1], img[::-1, ::-1]]])
+    reps = math.ceil(size / block.shape[0])
+    return np.ascontiguousarray(np.tile(block, (reps, reps))[:size, :size]).astype(np.uint16)
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+
+def make_model(arch: str, width: str, steps: int, seed: int, path: Path) -> dict[str, Any]:
+    """Train a small model briefly on DSB2018, calibrate its threshold, save it to ``path``."""
+    import torch
+
+    from benchmarks.fetch_data import load_dsb2018
+    from napari_s2mnet.checkpoint import new_model, save_model
+    from napari_s2mnet.inference import InferenceConfig, run_to_end, segment_iter
+    from napari_s2mnet.model import ModelConfig, count_parameters
+    from napari_s2mnet.preprocess import normalize
+
+    torch.manual_seed(seed)
+    options = SMALL_OPTIONS.get(arch, {}) if width == "small" else {}
+    bundle = new_model(ModelConfig(arch=arch, in_channels=1, options=options))
+    image, mask = load_dsb2018()
+    x = torch.from_numpy(normalize(image, bundle.normalization, None))[None, None]
+    y = torch.from_numpy((mask > 0).astype(np.float32))[None, None]
+    net = bundle.model
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    crop, batch = 128, 4
+    start = time.perf_counter()
+    loss = float("nan")
+    for _ in range(steps):
+        corners = torch.randint(0, image.shape[0] - crop, (batch, 2), generator=gen).tolist()
+        xb = torch.cat([x[..., r : r + crop, c : c + crop] for r, c in corners])
+        yb = torch.cat([y[..., r : r + crop, c : c + crop] for r, c in corners])
+        out = torch.nn.functional.binary_cross_entropy_with_logits(
+            net(xb), yb, pos_weight=torch.tensor(2.0)
+        )
+        opt.zero_grad()
+        out.backward()
+        opt.step()
+        loss = float(out.detach())
+    train_s = time.perf_counter() - start
+    net.eval()
+    res = run_to_end(segment_iter(image, bundle, InferenceConfig(
+        device="cpu", return_probability=True, compute_features=False)))
+    fg = float((mask > 0).mean())
+    threshold = float(np.clip(np.quantile(res.probability, 1 - fg), 0.01, 0.99))
+    bundle.metadata["threshold"] = threshold
+    save_model(bundle, path)
+    labels = run_to_end(segment_iter(image, bundle, InferenceConfig(
+        device="cpu", compute_features=False))).labels
+    pred = labels > 0
+    dice = 2 * (pred & (mask > 0)).sum() / max(1, pred.sum() + (mask > 0).sum())
+    return {
+        "arch": arch, "options": options, "params": count_parameters(net), "steps": steps,
+        "train_s": train_s, "loss": loss, "threshold": threshold, "dice": float(dice),
+        "objects": int(labels.max()), "stride": int(getattr(net, "stride", 1)),
+    }
+
+
+def raw_cpu_seconds_per_tile(net: Any, tile: int, batch: int = 4, reps: int = 1) -> float:
+    """CPU seconds of the bare network per tile (no tiling, blending, post-processing)."""
+    import torch
+
+    x = torch.rand(batch, 1, tile, tile)
+    net.eval()
+    with torch.inference_mode():
+        net(x)  # warm-up for this batch shape
+        start = time.process_time()
+        for _ in range(reps):
+            net(x)
+    return (time.process_time() - start) / (reps * batch)
+
+
+# --------------------------------------------------------------------------------------------
+# one size, in a fresh process
+
+
+def worker(size: int, model: Path) -> dict[str, Any]:
+    """Segment a ``size^2`` uint16 image; what the parent prints (runs in a subprocess)."""
+    from napari_s2mnet.checkpoint import load_model
+    from napari_s2mnet.inference import InferenceConfig, run_to_end, segment_iter
+
+    bundle = load_model(model)
+    image = tiled_image(size)
+    cfg = InferenceConfig(device="cpu")
+    stride = int(getattr(bundle.model, "stride", 1))
+    tile = min(cfg.tile_size, -(-size // stride) * stride)  # the engine's tile side here
+    # Warm up torch's kernels (with the tile shape of this size) so no size pays for it.
+    run_to_end(segment_iter(image[:tile, :tile], bundle, cfg))
+    # The machine may be shared: CPU time (all threads of this process) is what the comparison
+    # uses, since wall time depends on what else runs. The raw network is timed in the same
+    # process right before and after.
+    raw_before = raw_cpu_seconds_per_tile(bundle.model, tile)
+    base = _peak_rss_gb()
+    start, cpu0 = time.perf_counter(), time.process_time()
+    res = run_to_end(segment_iter(image, bundle, cfg))
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    peak = _peak_rss_gb()
+    raw = (raw_before + raw_cpu_seconds_per_tile(bundle.model, tile)) / 2
+    return {
+        "tile": tile, "raw_cpu_per_tile": raw, "cpu_s": cpu,
+        "size": size, "wall_s": wall, "timings": res.timings, "tiles": res.n_tiles,
+        "objects": len(res.features), "labels_dtype": str(res.labels.dtype),
+        "peak_rss_gb": peak, "base_rss_gb": base, "image_gb": image.nbytes / 1024**3,
+        "device": res.device,
+    }
+
+
+def run_size(size: int, model: Path, timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.inference", "--worker", str(size),
+           "--model", str(model)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                         check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"size {size} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fit_slope(rows: list[dict[str, Any]], key: str = "wall_s") -> float:
+    """Slope of log(time) against log(pixels)."""
+    px = np.log([r["size"] ** 2 for r in rows])
+    t = np.log([r[key] for r in rows])
+    return float(np.polyfit(px, t, 1)[0])
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes, no 8192^2 check")
+    p.add_argument("--arch", default="s2mnet", help="architecture (s2mnet, unet, dssau)")
+    p.add_argument("--width", choices=["small", "full"], default="small",
+                   help="small network (default, CPU friendly) or the architecture's defaults")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides to time")
+    p.add_argument("--big", type=int, default=8192, help="side of the peak-RSS check (0: skip)")
+    p.add_argument("--train-steps", type=int, default=None, help="brief training steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per size")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker is not None:
+        print(json.dumps(worker(args.worker, args.model)))
+        return 0
+
+    import torch
+
+    sizes = args.sizes or ([256, 512, 1024] if args.quick else [512, 1024, 2048, 4096])
+    big = 0 if args.quick else args.big
+    steps = args.train_steps if args.train_steps is not None else (40 if args.quick else 150)
+    machine = platform.processor() or platform.machine()
+    print(f"# inference scaling  {time.strftime('%Y-%m-%d %H:%M')}  {machine}  "
+          f"cores {os.cpu_count()}  load {os.getloadavg()[0]:.1f}"
+          f"  torch {torch.__version__}  threads {torch.get_num_threads()}"
+          f"  OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "bench.safetensors"
+        info = make_model(args.arch, args.width, steps, args.seed, model)
+        print(f"model: {info['arch']} {info['options'] or '(default options)'}  "
+              f"{info['params']:,} params  stride {info['stride']}  trained {info['steps']} steps "
+              f"({info['train_s']:.0f} s, loss {info['loss']:.3f})  threshold "
+              f"{info['threshold']:.3f}  DSB2018 Dice {info['dice']:.2f}, "
+              f"{info['objects']} objects")
+        print("times: wall seconds per stage; 'cpu s' = CPU seconds of the whole run (all threads;"
+              " robust to\n  other load). Baseline: the raw network on a batch of 4 tiles in the "
+              "same process\n  ('raw cpu/t' = its CPU s per tile); 'vs raw' = raw CPU time of the "
+              "tiles / CPU time of the run\n")
+        header = (f"{'size':>6} {'Mpx':>6} {'tile':>4} {'tiles':>5} {'wall s':>7} {'predict':>8} "
+                  f"{'post':>6} {'feat':>6} {'cpu s':>7} {'cpu/Mpx':>7} {'raw cpu/t':>9} "
+                  f"{'vs raw':>6} {'objects':>7} {'peak RSS':>9} {'growth':>7}")
+        print(header)
+        print("-" * len(header))
+        rows = []
+        for size in [*sizes, *([big] if big else [])]:
+            r = run_size(size, model, args.timeout)
+            rows.append(r)
+            t = r["timings"]
+            mpx = size * size / 1e6
+            vs_raw = r["tiles"] * r["raw_cpu_per_tile"] / r["cpu_s"]
+            print(f"{size:>6} {mpx:>6.2f} {r['tile']:>4} {r['tiles']:>5} {r['wall_s']:>7.2f} "
+                  f"{t['predict']:>8.2f} {t['postprocess']:>6.2f} {t['features']:>6.2f} "
+                  f"{r['cpu_s']:>7.2f} {r['cpu_s'] / mpx:>7.2f} {r['raw_cpu_per_tile']:>9.3f} "
+                  f"{vs_raw:>6.2f} {r['objects']:>7} {r['peak_rss_gb']:>7.2f}GB "
+                  f"{r['peak_rss_gb'] - r['base_rss_gb']:>5.2f}GB", flush=True)
+        timed = [r for r in rows if r["size"] in sizes]
+        print()
+        if len(timed) >= 2:
+            slope = fit_slope(timed)
+            cpu = fit_slope(timed, "cpu_s")
+            span = f"{timed[0]['size']}^2..{timed[-1]['size']}^2"
+            print(f"log-log slope of time vs pixels ({span}): {cpu:.3f} CPU time, {slope:.3f} wall "
+                  f"clock (goal <= 1.1: {'OK' if cpu <= 1.1 else 'ABOVE GOAL'})")
+            tiles = np.polyfit(np.log([r["size"] ** 2 for r in timed]),
+                               np.log([r["tiles"] for r in timed]), 1)[0]
+            print(f"(the tile count alone grows with slope {tiles:.3f}: overlapping tiles on "
+                  "small images)")
+            if len(timed) >= 3:
+                print(f"largest three sizes: {fit_slope(timed[-3:], 'cpu_s'):.3f} CPU time, "
+                      f"{fit_slope(timed[-3:]):.3f} wall clock")
+        if big:
+            r = rows[-1]
+            ok = r["peak_rss_gb"] <= RSS_LIMIT_GB
+            print(f"{big}^2 uint16 ({r['image_gb']:.2f} GB image): peak RSS "
+                  f"{r['peak_rss_gb']:.2f} GB "
+                  f"(limit {RSS_LIMIT_GB:.0f} GB: {'PASS' if ok else 'FAIL'}), "
+                  f"{r['objects']} objects, labels {r['labels_dtype']}, {r['wall_s']:.0f} s")
+            return 0 if ok else 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""Fine-tune widget: train the active model on (image, corrected labels) pairs in the background."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import napari
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, PushButton
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QProgressBar,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt import QCollapsible
+
+from napari_s2mnet._widgets import _layers
+from napari_s2mnet._widgets._form import dataclass_form, form_values
+from napari_s2mnet._widgets._plot import LossPlot
+from napari_s2mnet._widgets._session import get_session
+from napari_s2mnet.training import FinetuneConfig
+
+ADVANCED_FIELDS = ["loss", "lr", "batch_size", "crop_size", "val_fraction", "seed", "allow_empty"]
+
+
+def candidate_pairs(viewer: napari.viewer.Viewer) -> list[tuple[Image, Labels, bool]]:
+    """(image, labels, checked-by-default) for every labels layer that has a matching image.
+
+    A labels layer pairs with the image it was segmented from, else with the first image layer
+    of the same spatial shape. Layers the user edited are checked by default.
+    """
+    images = [lyr for lyr in viewer.layers if isinstance(lyr, Image)]
+    out = []
+    for lab in viewer.layers:
+        if not isinstance(lab, Labels):
+            continue
+        inf = _layers.info(lab)
+        img = inf.source_layer()
+        if img is None or img not in viewer.layers:
+            img = next((im for im in images if _spatial_shape(im) == lab.data.shape), None)
+        if img is not None:
+            out.append((img, lab, inf.edited))
+    return out
+
+
+def _spatial_shape(image: Image) -> tuple[int, ...]:
+    shape = tuple(image.data.shape)
+    return shape[:-1] if image.rgb else shape
+
+
+class FinetuneWidget(QWidget):
+    """Dock widget: fine-tune on corrected labels with a live loss plot, Stop, Revert, Save."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self.worker: Any = None
+        self.control: Any = None
+        self.last_result: Any = None
+
+        self.pairs = QListWidget()
+        self.pairs.setMinimumHeight(70)
+        self.refresh_pairs = PushButton(text="Refresh list")
+        defaults = FinetuneConfig()
+        self.budget_mode = ComboBox(label="budget", choices=["seconds", "epochs"],
+                                    value="epochs" if defaults.epochs is not None else "seconds")
+        self.budget_value = FloatSpinBox(label="amount", min=1, max=100000, step=1,
+                                         value=_budget_default(defaults, self.budget_mode.value))
+        self.advanced = dataclass_form(
+            FinetuneConfig,
+            ADVANCED_FIELDS,
+            labels={"lr": "learning rate", "allow_empty": "use empty images as background"},
+            options={"loss": {"choices": ["masl", "dicebce", "masl+scc", "dicebce+scc"]},
+                     "lr": {"min": 1e-6, "max": 1e-1, "step": 1e-5},
+                     "crop_size": {"min": 32, "max": 1024, "step": 32},
+                     "val_fraction": {"min": 0.0, "max": 0.5, "step": 0.05}},
+        )
+        self.run_button = PushButton(text="Fine-tune")
+        self.stop_button = PushButton(text="Stop (keep best)", enabled=False)
+        self.revert_button = PushButton(text="Revert model", enabled=False)
+        self.save_button = PushButton(text="Save model...")
+        self.progress = QProgressBar()
+        self.plot = LossPlot()
+        self.model_label = QLabel()
+        self.model_label.setWordWrap(True)
+        self.status = QLabel("Correct labels with napari's paint tools, then fine-tune.")
+        self.status.setWordWrap(True)
+
+        collapsible = QCollapsible("Advanced")
+        collapsible.addWidget(self.advanced.native)
+        layout = QVBoxLayout(self)
+        layout.addWidget(QLabel("Training pairs (image ↔ labels):"))
+        layout.addWidget(self.pairs)
+        layout.addWidget(self.refresh_pairs.native)
+        layout.addWidget(Container(widgets=[self.budget_mode, self.budget_value]).native)
+        layout.addWidget(collapsible)
+        layout.addWidget(Container(widgets=[self.run_button, self.stop_button],
+                                   layout="horizontal", labels=False).native)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.plot)
+        layout.addWidget(Container(widgets=[self.revert_button, self.save_button],
+                                   layout="horizontal", labels=False).native)
+        layout.addWidget(self.model_label)
+        layout.addWidget(self.status)
+
+        self.refresh_pairs.changed.connect(self.update_pairs)
+        self.budget_mode.changed.connect(
+            lambda mode: setattr(self.budget_value, "value", _budget_default(FinetuneConfig(), mode)))
+        self.run_button.changed.connect(self.run)
+        self.stop_button.changed.connect(self.stop)
+        self.revert_button.changed.connect(self.revert)
+        self.save_button.changed.connect(lambda: self.save_model())
+        self.session.changed.connect(self._show_model)
+        for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            ev.connect(self.update_pairs)
+        self.update_pairs()
+        self._show_model()
+
+    # -- pairs ---------------------------------------------------------------------------------
+    def update_pairs(self, *_: Any) -> None:
+        """Re-list the (image, labels) pairs, keeping the user's check marks."""
+        previous = {id(p[1]): item.checkState() for p, item in self._items()}
+        self.pairs.clear()
+        self._pair_objs: list[tuple[Image, Labels]] = []
+        for img, lab, edited in candidate_pairs(self.viewer):
+            item = QListWidgetItem(f"{img.name}  ↔  {lab.name}" + ("  (edited)" if edited else ""))
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            default = Qt.CheckState.Checked if edited else Qt.CheckState.Unchecked
+            item.setCheckState(previous.get(id(lab), default))
+            self.pairs.addItem(item)
+            self._pair_objs.append((img, lab))
+
+    def _items(self) -> list[tuple[tuple[Image, Labels], QListWidgetItem]]:
+        objs = getattr(self, "_pair_objs", [])
+        return [(objs[i], self.pairs.item(i)) for i in range(min(len(objs), self.pairs.count()))]
+
+    def set_checked(self, labels_layer: Labels, checked: bool = True) -> None:
+        """Check or uncheck the pair of ``labels_layer`` (used by tests and scripts)."""
+        for (_img, lab), item in self._items():
+            if lab is labels_layer:
+                item.setCheckState(Qt.CheckState.Checked if checked else Qt.CheckState.Unchecked)
+
+    def selected_pairs(self) -> list[tuple[Image, Labels]]:
+        """The checked (image, labels) pairs."""
+        return [p for p, item in self._items() if item.checkState() == Qt.CheckState.Checked]
+
+    # -- config and run ------------------------------------------------------------------------
+    def config(self) -> FinetuneConfig:
+        """The fine-tuning config the widget currently describes."""
+        values = form_values(self.advanced)
+        if self.budget_mode.value == "seconds":
+            values.update(seconds=float(self.budget_value.value), epochs=None)
+        else:
+            values.update(epochs=int(self.budget_value.value), seconds=None)
+        return FinetuneConfig(**values)
+
+    def run(self) -> Any:
+        """Start fine-tuning on the checked pairs; returns the worker."""
+        from napari_s2mnet._workers import start_worker
+        from napari_s2mnet.training import FinetuneControl, finetune
+
+        if self.worker is not None:
+            show_warning("Fine-tuning is already running.")
+            return None
+        pairs = self.selected_pairs()
+        if not pairs:
+            show_warning("Check at least one (image, labels) pair. Segment an image and correct "
+                         "its labels with napari's paint tools first.")
+            return None
+        try:
+            model = self.session.active()
+        except (ValueError, OSError) as exc:
+            show_error(f"No usable model: {exc}")
+            return None
+        data = [(np.asarray(img.data), np.asarray(lab.data)) for img, lab in pairs]
+        names = [f"{img.name} / {lab.name}" for img, lab in pairs]
+        self.control = FinetuneControl()
+        self.plot.clear()
+        self.progress.setValue(0)
+        self.status.setText(f"Fine-tuning on {len(pairs)} pair(s)...")
+        self.run_button.enabled, self.stop_button.enabled = False, True
+        self.worker = start_worker(
+            finetune, data, model, self.config(), control=self.control, names=names,
+            desc="S2M-Net fine-tune",
+            on_yield=self._report,
+            on_return=self._done,
+            on_finish=self._finished,
+            on_error=lambda exc: (self.status.setText(f"Failed: {exc}"),
+                                  show_error(f"Fine-tuning failed: {exc}")),
+        )
+        self.worker.aborted.connect(
+            lambda: self.status.setText("Cancelled: the previous model is still active."))
+        return self.worker
+
+    def stop(self) -> None:
+        """Finish at the next step, keeping the best state so far."""
+        if self.control is not None:
+            self.control.stop()
+            self.status.setText("Stopping after the current step...")
+
+    def _report(self, report: Any) -> None:
+        total = max(int(getattr(report, "total_steps", 0) or 0), 1)
+        self.progress.setMaximum(total)
+        self.progress.setValue(min(int(report.step), total))
+        self.plot.add_point(int(report.step), float(report.loss),
+                            getattr(report, "train_dice", None), getattr(report, "val_dice", None))
+        if getattr(report, "message", None):
+            self.status.setText(str(report.message))
+
+    def _done(self, result: Any) -> None:
+        self.last_result = result
+        self.session.set_active(result.bundle, "fine-tuned in this session")
+        best = getattr(result, "best_val_dice", None)
+        best_txt = f", best validation Dice {best:.3f}" if best is not None and math.isfinite(best) \
+            else ""
+        self.status.setText(f"Done ({result.stopped_reason}{best_txt}). The fine-tuned model is "
+                            "now active for Segment; Revert restores the previous one.")
+        show_info("S2M-Net fine-tuning finished; the new model is active.")
+
+    def _finished(self) -> None:
+        self.worker = None
+        self.control = None
+        self.run_button.enabled, self.stop_button.enabled = True, False
+        self.revert_button.enabled = self.session.can_revert
+
+    # -- model management ----------------------------------------------------------------------
+    def revert(self) -> None:
+        """Go back to the previous model."""
+        if self.session.can_revert:
+            self.session.revert()
+            self.status.setText("Reverted to the previous model.")
+        self.revert_button.enabled = self.session.can_revert
+
+    def save_model(self, path: str | Path | None = None) -> Path | None:
+        """Save the active model to one ``.safetensors`` file (asks for a path if none)."""
+        from napari_s2mnet.checkpoint import save_model
+
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Save model", "s2mnet_finetuned.safetensors",
+                                                  "S2M-Net model (*.safetensors)")
+            if not path:
+                return None
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_suffix(".safetensors")
+        try:
+            save_model(self.session.active(), path)
+        except (OSError, ValueError) as exc:
+            show_error(f"Could not save the model to {path}: {exc}")
+            return None
+        self.status.setText(f"Saved model to {path}")
+        return path
+
+    def _show_model(self, *_: Any) -> None:
+        self.model_label.setText(self.session.describe())
+        self.revert_button.enabled = self.session.can_revert
+
+
+def _budget_default(cfg: FinetuneConfig, mode: str) -> float:
+    if mode == "epochs":
+        return float(cfg.epochs if cfg.epochs is not None else 10)
+    return float(cfg.seconds if cfg.seconds is not None else 60)

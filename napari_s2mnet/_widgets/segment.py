@@ -1,0 +1,258 @@
+"""Segment widget: image layer + model + device -> new Labels layer with morphology features."""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Any
+
+import napari
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, PushButton
+from napari.layers import Image
+from napari.utils.notifications import show_info, show_warning
+from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+from superqt import QCollapsible
+
+from napari_s2mnet._widgets import _layers
+from napari_s2mnet._widgets._form import dataclass_form, form_values
+from napari_s2mnet._widgets._session import get_session
+from napari_s2mnet.inference import InferenceConfig
+
+ADVANCED_FIELDS = [
+    "tile_size",
+    "overlap",
+    "batch_size",
+    "threshold",
+    "min_size",
+    "split_touching",
+    "uncertainty",
+    "tta",
+]
+
+
+def available_devices() -> list[str]:
+    """Device choices for the picker: auto, cpu, and the accelerators torch sees."""
+    import torch
+
+    choices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        choices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        choices.append("mps")
+    return choices
+
+
+class SegmentWidget(QWidget):
+    """Dock widget: run S2M-Net on an image layer.
+
+    The result is always a new Labels layer (or the plugin's own unedited result for the same image,
+    updated in place), so a layer the user edited is never overwritten.
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self.worker: Any = None
+        self._last_result: dict[int, weakref.ref] = {}  # id(image layer) -> our last result layer
+
+        self.image = ComboBox(label="image", choices=self._image_layers, nullable=True)
+        self.model_file = FileEdit(label="model file", mode="r", filter="*.safetensors")
+        self.load_model = PushButton(text="Load model file")
+        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.controls = Container(widgets=[self.image, self.model_file, self.load_model, self.device])
+        self.advanced = dataclass_form(
+            InferenceConfig,
+            ADVANCED_FIELDS,
+            labels={"tta": "test-time augmentation", "uncertainty": "uncertainty layer"},
+            options={"tile_size": {"min": 32, "max": 4096, "step": 32},
+                     "overlap": {"min": 0.0, "max": 0.75, "step": 0.05},
+                     "threshold": {"min": 0.0, "max": 1.0, "step": 0.05},
+                     "min_size": {"min": 0, "max": 100000}},
+            placeholder={"threshold": 0.5},
+            tooltips={"threshold": "auto: the model's own threshold",
+                      "split_touching": "split touching objects with a distance-transform watershed"},
+        )
+        self.device_label = QLabel()
+        self.model_label = QLabel()
+        self.model_label.setWordWrap(True)
+        self.status = QLabel("Ready.")
+        self.status.setWordWrap(True)
+
+        collapsible = QCollapsible("Advanced")
+        collapsible.addWidget(self.advanced.native)
+        buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
+                            labels=False)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.controls.native)
+        layout.addWidget(self.device_label)
+        layout.addWidget(self.model_label)
+        layout.addWidget(collapsible)
+        layout.addWidget(buttons.native)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.load_model.changed.connect(self._load_model_file)
+        self.device.changed.connect(self._show_device)
+        self.session.changed.connect(self._show_model)
+        for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            ev.connect(self._refresh_choices)
+        self._refresh_choices()
+        self._show_device()
+        self._show_model()
+
+    # -- layer and model choices -------------------------------------------------------------
+    def _image_layers(self, *_: Any) -> list[tuple[str, Image]]:
+        return [(lyr.name, lyr) for lyr in self.viewer.layers if isinstance(lyr, Image)]
+
+    def _refresh_choices(self, *_: Any) -> None:
+        current = self.image.value
+        self.image.reset_choices()
+        if current is None and self.image.choices:
+            active = self.viewer.layers.selection.active
+            self.image.value = active if isinstance(active, Image) else self.image.choices[-1]
+
+    def _show_device(self, *_: Any) -> None:
+        from napari_s2mnet.devices import describe_device, resolve_device
+
+        try:
+            self.device_label.setText(f"Runs on: {describe_device(resolve_device(self.device.value))}")
+        except (ValueError, RuntimeError) as exc:
+            self.device_label.setText(f"Device unavailable: {exc}")
+
+    def _show_model(self, *_: Any) -> None:
+        self.model_label.setText(self.session.describe())
+
+    def _load_model_file(self, *_: Any) -> None:
+        path = Path(self.model_file.value)
+        if not path.is_file():
+            show_warning(f"Choose an existing .safetensors model file first (got {str(path)!r}).")
+            return
+        try:
+            bundle = self.session.load_file(path)
+        except (ValueError, OSError) as exc:
+            show_warning(f"Could not load {path.name}: {exc}")
+            return
+        show_info(f"Loaded model {bundle.name!r} from {path.name}")
+
+    # -- running -------------------------------------------------------------------------------
+    def config(self) -> InferenceConfig:
+        """The inference config the widget currently describes."""
+        return InferenceConfig(device=self.device.value, **form_values(self.advanced))
+
+    def run(self) -> Any:
+        """Start segmentation of the selected image layer; returns the worker."""
+        from napari_s2mnet._workers import start_worker
+        from napari_s2mnet.inference import segment_iter
+
+        layer = self.image.value
+        if layer is None:
+            show_warning("Open an image first (File > Open, or File > Open Sample > S2M-Net).")
+            return None
+        if self.worker is not None:
+            show_warning("A segmentation is already running; cancel it first.")
+            return None
+        try:
+            model = self.session.active()
+        except (ValueError, OSError, FileNotFoundError) as exc:
+            show_warning(f"No usable model: {exc}")
+            return None
+        layout = _layout_of(layer)
+        spacing = tuple(float(s) for s in layer.scale[-2:])
+        data = np.asarray(layer.data)
+        self.status.setText(f"Segmenting {layer.name!r}...")
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        layer_ref = weakref.ref(layer)
+        self.worker = start_worker(
+            segment_iter,
+            data,
+            model,
+            self.config(),
+            layout=layout,
+            spacing=spacing,
+            desc=f"S2M-Net: {layer.name}",
+            on_return=lambda result: self._add_result(layer_ref, result),
+            on_finish=self._finished,
+            on_error=self._errored,
+        )
+        self.worker.aborted.connect(lambda: self.status.setText("Cancelled: nothing was added."))
+        return self.worker
+
+    def cancel(self) -> None:
+        """Stop the running segmentation at its next step; nothing is added."""
+        if self.worker is not None:
+            self.worker.quit()
+
+    def _finished(self) -> None:
+        self.worker = None
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+
+    def _errored(self, exc: BaseException) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status.setText(f"Failed: {exc}")
+        show_error(f"S2M-Net segmentation failed: {exc}")
+
+    def _add_result(self, layer_ref: weakref.ref, result: Any) -> None:
+        image = layer_ref()
+        if image is None:
+            self.status.setText("The image layer was removed while segmenting; result discarded.")
+            return
+        labels = result.labels
+        nd = labels.ndim
+        meta = _spatial_meta(image, nd)
+        previous = self._last_result.get(id(image))
+        target = previous() if previous is not None else None
+        if target is not None and target in self.viewer.layers and not _layers.info(target).edited \
+                and target.data.shape == labels.shape:
+            target.data = labels  # our own untouched result: update in place
+            target.features = result.features
+            out = target
+        else:
+            out = self.viewer.add_labels(
+                labels, name=f"{image.name} S2M-Net", features=result.features, **meta
+            )
+            self._last_result[id(image)] = weakref.ref(out)
+        inf = _layers.info(out)
+        inf.source, inf.made_by_plugin, inf.edited = weakref.ref(image), True, False
+        inf.spacing = tuple(float(s) for s in out.scale[-2:])
+        if getattr(result, "uncertainty", None) is not None:
+            self.viewer.add_image(result.uncertainty, name=f"{image.name} uncertainty",
+                                  colormap="inferno", opacity=0.5, blending="additive",
+                                  contrast_limits=(0.0, 1.0), **meta)
+        n = len(result.features) if result.features is not None else 0
+        messages = "; ".join(getattr(result, "messages", []) or [])
+        device = getattr(result, "device", "")
+        self.status.setText(f"Done: {n} objects in {out.name!r} ({device}). {messages}".strip())
+
+
+def _layout_of(layer: Image) -> Any:
+    """The core's ImageLayout for a napari image layer."""
+    from napari_s2mnet.inference import ImageLayout
+
+    return ImageLayout(rgb=bool(layer.rgb), channel_axis=-1 if layer.rgb else None)
+
+
+def _spatial_meta(image: Image, nd: int) -> dict[str, Any]:
+    """scale/translate/axis labels/units of ``image`` for an output with ``nd`` dimensions."""
+    meta: dict[str, Any] = {
+        "scale": tuple(image.scale[-nd:]),
+        "translate": tuple(image.translate[-nd:]),
+    }
+    axis_labels = getattr(image, "axis_labels", None)
+    if axis_labels is not None:
+        meta["axis_labels"] = tuple(axis_labels[-nd:])
+    units = getattr(image, "units", None)
+    if units is not None:
+        meta["units"] = tuple(units[-nd:])
+    return meta
+
+

@@ -1,0 +1,410 @@
+"""Reading images and writing / reading label images and feature tables.
+
+Label files:
+
+* **TIFF** (``.tif``/``.tiff``) is written as an ImageJ hyperstack so Fiji opens it with the pixel
+  size: ``resolution`` tags hold the X/Y pixel size, the ImageJ metadata holds the unit and the Z
+  ``spacing``. ImageJ only reads 8-bit, 16-bit and 32-bit float images, so labels are stored as
+  ``uint8`` (ids <= 255), ``uint16`` (ids <= 65535) or ``float32`` (ids <= 2**24, every id exact;
+  Fiji shows them as a 32-bit image). Beyond 2**24 ids a plain (non-ImageJ) ``uint32`` TIFF is
+  written (still with resolution tags). :func:`read_labels` turns float32 label files back into the
+  smallest unsigned integer type.
+* **PNG**: 2-D only, fewer than 65536 labels, ``uint8`` or ``uint16``.
+* **NPY**: ``numpy.save`` of the smallest unsigned integer type.
+
+Every writer is atomic: it writes a temporary file in the target folder and renames it over the
+target (``os.replace``), so a failure never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "LABEL_SUFFIXES",
+    "ImageData",
+    "load_image",
+    "read_image",
+    "read_labels",
+    "smallest_uint_dtype",
+    "write_features_csv",
+    "write_labels",
+]
+
+log = logging.getLogger(__name__)
+
+LABEL_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".npy")
+FLOAT32_EXACT_MAX = 2**24  # largest integer range float32 stores exactly
+
+# napari / pint unit names -> the spelling ImageJ understands.
+_IMAGEJ_UNITS = {
+    "micrometer": "micron", "micrometre": "micron", "micron": "micron", "um": "micron",
+    "µm": "micron", "μm": "micron", "nanometer": "nm", "nanometre": "nm", "nm": "nm",
+    "millimeter": "mm", "millimetre": "mm", "mm": "mm", "centimeter": "cm", "cm": "cm",
+    "meter": "m", "metre": "m", "m": "m", "pixel": "pixel", "px": "pixel", "": "pixel",
+}
+
+
+def smallest_uint_dtype(max_value: int | np.integer) -> np.dtype:
+    """The smallest unsigned integer dtype that holds ``0 .. max_value``.
+
+    Raises:
+        ValueError: For a negative value or one above the uint64 range.
+    """
+    value = int(max_value)
+    if value < 0:
+        raise ValueError(f"Labels must be >= 0, got a maximum of {value}.")
+    for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if value <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    raise ValueError(f"Label value {value} does not fit in 64 bits.")
+
+
+def _as_uint_labels(labels: Any) -> np.ndarray:
+    """Validate a label image and cast it to the smallest unsigned dtype (no copy if already so)."""
+    arr = np.asarray(labels)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if arr.size == 0:
+        raise ValueError(f"Cannot write an empty label image (shape {arr.shape}).")
+    if arr.ndim < 2:
+        raise ValueError(f"Label images need at least 2 dimensions (Y, X); got shape {arr.shape}.")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
+            raise ValueError(
+                "Labels must be whole numbers; this float array has fractional or NaN/Inf values. "
+                "Is it a probability image? Threshold it or round it first."
+            )
+    elif arr.dtype.kind not in "ui":
+        raise TypeError(f"Labels must be integers, got dtype {arr.dtype}.")
+    lo, hi = (int(arr.min()), int(arr.max()))
+    if lo < 0:
+        raise ValueError(f"Labels must be >= 0 (0 = background); found {lo}.")
+    dt = smallest_uint_dtype(hi)
+    return arr if arr.dtype == dt else arr.astype(dt)
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def _suffix(path: Path, allowed: Sequence[str], what: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in allowed:
+        raise ValueError(
+            f"Cannot write {what} to {path.name!r}: unknown extension {path.suffix!r}; "
+            f"use one of {', '.join(allowed)}."
+        )
+    return suffix
+
+
+def _imagej_unit(unit: str | Sequence[str] | None) -> str | None:
+    if unit is None:
+        return None
+    if not isinstance(unit, str):  # napari's layer.units is one unit per axis
+        unit = str(list(unit)[-1]) if len(unit) else "pixel"
+    key = unit.strip()
+    return _IMAGEJ_UNITS.get(key.lower(), _IMAGEJ_UNITS.get(key, key))
+
+
+def _default_axes(ndim: int) -> str:
+    return {2: "YX", 3: "ZYX", 4: "TZYX"}.get(ndim, "")
+
+
+def write_labels(
+    path: str | os.PathLike,
+    labels: Any,
+    *,
+    spacing: Sequence[float] | None = None,
+    unit: str | Sequence[str] | None = None,
+    axes: str | None = None,
+    scale: Sequence[float] | None = None,
+    units: str | Sequence[str] | None = None,
+) -> Path:
+    """Write a label image as TIFF, PNG or NPY (chosen by the extension), atomically.
+
+    Args:
+        path: Target file (``.tif``, ``.tiff``, ``.png``, ``.npy``).
+        labels: Integer label image (``(Y, X)``, ``(Z, Y, X)`` or ``(T, Z, Y, X)``); bool and
+            whole-number float arrays are accepted. Stored in the smallest unsigned dtype.
+        spacing: Physical size of a pixel along each axis (napari's ``layer.scale``); the last
+            two entries are Y and X, the one before is the Z spacing. TIFF only.
+        unit: Physical unit (``"micron"``, ``"micrometer"``, ``"nm"``, ... or napari's per-axis
+            ``layer.units``); ``None`` or ``"pixel"`` when the size is in pixels. TIFF only.
+        axes: ImageJ axes string for TIFF (default ``YX``, ``ZYX``, ``TZYX`` by dimension).
+        scale: Alias of ``spacing`` (napari's name).
+        units: Alias of ``unit`` (napari's name).
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: Unknown extension, negative or fractional labels, PNG with 3-D data or
+            >= 65536 labels, spacing of the wrong length.
+    """
+    path = Path(path)
+    suffix = _suffix(path, LABEL_SUFFIXES, "labels")
+    spacing = spacing if spacing is not None else scale
+    unit = unit if unit is not None else units
+    arr = _as_uint_labels(labels)
+
+    if suffix == ".npy":
+        with _atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
+        return path
+
+    if suffix == ".png":
+        if arr.ndim != 2:
+            raise ValueError(
+                f"PNG holds 2-D images only; these labels have shape {arr.shape}. "
+                "Save as .tif (keeps all slices) or .npy instead."
+            )
+        if arr.dtype.itemsize > 2:
+            raise ValueError(
+                "PNG holds at most 65535 labels (16 bit); the largest label here is "
+                f"{int(arr.max())}. "
+                "Save as .tif or .npy instead."
+            )
+        import imageio.v3 as iio
+
+        with _atomic_path(path) as tmp:
+            iio.imwrite(tmp, arr, extension=".png")
+        return path
+
+    _write_tiff(path, arr, spacing=spacing, unit=unit, axes=axes)
+    return path
+
+
+def _write_tiff(
+    path: Path,
+    arr: np.ndarray,
+    *,
+    spacing: Sequence[float] | None,
+    unit: str | Sequence[str] | None,
+    axes: str | None,
+) -> None:
+    import tifffile
+
+    axes = (axes or _default_axes(arr.ndim)).upper()
+    if axes and len(axes) != arr.ndim:
+        raise ValueError(f"axes {axes!r} does not match the label shape {arr.shape}.")
+    kwargs: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+    if spacing is not None:
+        spacing = [float(s) for s in spacing]
+        if len(spacing) < 2 or len(spacing) > arr.ndim:
+            raise ValueError(
+                f"spacing needs one value per axis (at least Y and X); got {spacing} for labels of "
+                f"shape {arr.shape}."
+            )
+        if any(not np.isfinite(s) or s <= 0 for s in spacing):
+            raise ValueError(f"spacing values must be positive and finite; got {spacing}.")
+        sy, sx = spacing[-2], spacing[-1]
+        kwargs["resolution"] = (1.0 / sx, 1.0 / sy)  # TIFF stores pixels per unit
+        if "Z" in axes and len(spacing) >= 3:
+            metadata["spacing"] = spacing[axes.index("Z") - arr.ndim + len(spacing)]
+    ij_unit = _imagej_unit(unit)
+    if ij_unit is not None:
+        metadata["unit"] = ij_unit
+
+    hi = int(arr.max())
+    imagej = True
+    if arr.dtype.itemsize > 2:
+        if hi <= FLOAT32_EXACT_MAX:
+            arr = arr.astype(np.float32)  # ImageJ has no 32-bit integers; float32 is exact here
+        else:
+            imagej = False
+            arr = arr.astype(np.uint32) if hi <= np.iinfo(np.uint32).max else arr
+            log.warning(
+                "%d labels exceed what ImageJ/Fiji can read exactly; writing a plain uint32 TIFF.",
+                hi,
+            )
+    with _atomic_path(path) as tmp:
+        if imagej:
+            if axes:
+                metadata["axes"] = axes
+            tifffile.imwrite(tmp, arr, imagej=True, metadata=metadata, **kwargs)
+        else:
+            tifffile.imwrite(tmp, arr, metadata={"axes": axes} if axes else None, **kwargs)
+
+
+def read_labels(path: str | os.PathLike) -> np.ndarray:
+    """Read a label image written by :func:`write_labels` (or any integer TIFF/PNG/NPY).
+
+    Float32 TIFFs whose values are whole numbers (what :func:`write_labels` writes for more than
+    65535 labels) come back as the smallest unsigned integer type.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: Unknown extension, unreadable file, or values that are not labels.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No such label file: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in LABEL_SUFFIXES:
+        raise ValueError(
+            f"Cannot read labels from {path.name!r}: use one of {', '.join(LABEL_SUFFIXES)}."
+        )
+    try:
+        if suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        elif suffix == ".png":
+            arr = _imread_pillow(path)
+        else:
+            import tifffile
+
+            arr = tifffile.imread(path)
+    except Exception as exc:
+        raise ValueError(f"Could not read {path.name!r} as labels: {exc}") from exc
+    arr = np.asarray(arr)
+    if arr.dtype.kind == "f":
+        return _as_uint_labels(arr)
+    return arr
+
+
+def write_features_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a features table as CSV (no index column; ``index`` is a normal column), atomically."""
+    import pandas as pd
+
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"Expected a pandas DataFrame, got {type(df).__name__}.")
+    path = Path(path)
+    if path.suffix.lower() != ".csv":
+        raise ValueError(f"Features are written as .csv; got {path.name!r}.")
+    with _atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return path
+
+
+@dataclass
+class ImageData:
+    """An image read from disk with what the file says about its geometry.
+
+    Attributes:
+        data: The pixel array (as stored; RGB(A) images end with a colour axis).
+        spacing: Physical pixel size per axis of ``data`` (without the colour axis), or ``None``.
+        unit: Physical unit of ``spacing`` (ImageJ spelling, e.g. ``"micron"``), or ``None``.
+        axes: Axis letters from the file (e.g. ``"ZYX"``, ``"YXS"``) when known, else ``""``.
+        rgb: The file says the last axis is colour (RGB/RGBA PNG or JPEG, TIFF samples axis).
+    """
+
+    data: np.ndarray
+    spacing: tuple[float, ...] | None = None
+    unit: str | None = None
+    axes: str = ""
+    rgb: bool = False
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file (TIFF, PNG, JPEG, BMP, NPY) into an array; see :func:`load_image`."""
+    return load_image(path).data
+
+
+def load_image(path: str | os.PathLike) -> ImageData:
+    """Read an image file with its pixel size when the file has one (ImageJ/OME TIFF).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: Not an image (unknown extension or unreadable content); the message names
+            the file and the supported formats.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No such image file: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise ValueError(
+            f"{path.name!r} is not a supported image file; use one of {', '.join(IMAGE_SUFFIXES)}."
+        )
+    readers: dict[str, Callable[[Path], ImageData]] = {
+        ".tif": _load_tiff, ".tiff": _load_tiff, ".npy": _load_npy,
+    }
+    try:
+        img = readers.get(suffix, _load_imageio)(path)
+    except Exception as exc:
+        raise ValueError(
+            f"Could not read {path.name!r} as an image ({type(exc).__name__}: {exc}). "
+            "Is the file complete and really an image?"
+        ) from exc
+    if img.data.dtype == object or img.data.dtype.kind not in "biuf":
+        raise ValueError(f"{path.name!r} does not hold numeric pixels (dtype {img.data.dtype}).")
+    if img.data.ndim < 2 or img.data.size == 0:
+        raise ValueError(f"{path.name!r} is not a 2-D or larger image (shape {img.data.shape}).")
+    return img
+
+
+def _load_npy(path: Path) -> ImageData:
+    return ImageData(np.load(path, allow_pickle=False))
+
+
+def _load_imageio(path: Path) -> ImageData:
+    data = np.asarray(_imread_pillow(path))
+    return ImageData(data, rgb=data.ndim == 3 and data.shape[-1] in (3, 4))
+
+
+def _imread_pillow(path: Path) -> np.ndarray:
+    # Pillow reads PNG/JPEG/BMP; naming the plugin keeps imageio from trying every other
+    # format (and warning about them) on a broken file.
+    import imageio.v3 as iio
+
+    return np.asarray(iio.imread(path, plugin="pillow"))
+
+
+def _load_tiff(path: Path) -> ImageData:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        data = series.asarray()
+        axes = series.axes.upper()
+        page = tif.pages[0]
+        spacing: tuple[float, ...] | None = None
+        unit: str | None = None
+        try:
+            xres = page.tags["XResolution"].value
+            yres = page.tags["YResolution"].value
+            sx = xres[1] / xres[0] if xres[0] else 0.0
+            sy = yres[1] / yres[0] if yres[0] else 0.0
+            ij = tif.imagej_metadata or {}
+            unit = ij.get("unit")
+            unit_tag = page.tags.get("ResolutionUnit")
+            has_unit_tag = unit_tag is not None and int(unit_tag.value) != 1
+            if sx > 0 and sy > 0 and (unit or has_unit_tag or (sx, sy) != (1.0, 1.0)):
+                per_axis = []
+                for ax in axes.replace("S", ""):
+                    per_axis.append(
+                        sx if ax == "X" else sy if ax == "Y"
+                        else float(ij.get("spacing", 1.0)) if ax == "Z" else 1.0
+                    )
+                spacing = tuple(per_axis)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            spacing = None
+    rgb = axes.endswith("S") and data.shape[-1] in (3, 4)
+    return ImageData(data, spacing=spacing, unit=unit, axes=axes, rgb=rgb)

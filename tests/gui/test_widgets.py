@@ -1,0 +1,183 @@
+"""Drive the widgets as a user would, in a real napari window under Xvfb."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+from napari_s2mnet.inference import InferenceConfig
+from napari_s2mnet.training import FinetuneConfig
+
+pytestmark = pytest.mark.gui
+
+
+def _wait_worker(qtbot, widget, timeout=60_000):
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
+
+
+def test_widget_defaults_equal_config_defaults(viewer_with_plugin):
+    _, seg, ft, _ = viewer_with_plugin
+    inf_defaults = {f.name: f.default for f in dataclasses.fields(InferenceConfig)}
+    for w in seg.advanced:
+        assert w.value == inf_defaults[w.name], w.name
+    assert seg.device.value == InferenceConfig().device
+    ft_defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    for w in ft.advanced:
+        assert w.value == ft_defaults[w.name], w.name
+
+
+def test_segment_adds_labels_with_features_and_scale(viewer_with_plugin, qtbot):
+    viewer, seg, _, _ = viewer_with_plugin
+    image = viewer.layers["nuclei"]
+    image.scale = (0.5, 0.25)
+    image.translate = (10.0, 5.0)
+    image.name = "renamed nuclei"  # the picker follows layer objects, not names
+    seg._refresh_choices()
+    seg.image.value = image
+    n_before = len(viewer.layers)
+    worker = seg.run()
+    assert worker is not None
+    _wait_worker(qtbot, seg)
+    assert len(viewer.layers) == n_before + 1
+    out = viewer.layers[-1]
+    assert out.name == "renamed nuclei S2M-Net"
+    assert out.data.shape == image.data.shape
+    assert out.data.dtype.kind == "u"
+    np.testing.assert_allclose(out.scale, image.scale)
+    np.testing.assert_allclose(out.translate, image.translate)
+    feats = out.features
+    for col in ("index", "label", "area_px", "area", "compactness", "tubularity",
+                "irregularity", "scale", "class", "mean_probability"):
+        assert col in feats.columns
+    ids = np.unique(out.data)
+    assert list(feats["index"]) == [int(i) for i in ids if i != 0]
+    if len(feats):
+        np.testing.assert_allclose(feats["area"], feats["area_px"] * 0.5 * 0.25)
+
+
+def test_rerun_never_overwrites_an_edited_layer(viewer_with_plugin, qtbot):
+    viewer, seg, _, _ = viewer_with_plugin
+    seg.image.value = viewer.layers["nuclei"]
+    seg.run()
+    _wait_worker(qtbot, seg)
+    first = viewer.layers[-1]
+    # the user paints on it
+    first.data_setitem((np.array([5, 5, 6]), np.array([5, 6, 5])), 77)
+    before = first.data.copy()
+    seg.run()
+    _wait_worker(qtbot, seg)
+    second = viewer.layers[-1]
+    assert second is not first
+    np.testing.assert_array_equal(first.data, before)
+
+
+def test_cancel_leaves_no_layer(viewer_with_plugin, qtbot):
+    viewer, seg, _, _ = viewer_with_plugin
+    big = np.random.default_rng(0).random((2048, 2048)).astype(np.float32)
+    layer = viewer.add_image(big, name="big")
+    seg.image.value = layer
+    seg.advanced["tile_size"].value = 256
+    n = len(viewer.layers)
+    worker = seg.run()
+    with qtbot.waitSignal(worker.yielded, timeout=30_000):
+        pass
+    t0 = time.perf_counter()
+    seg.cancel()
+    _wait_worker(qtbot, seg, timeout=30_000)
+    assert time.perf_counter() - t0 < 20
+    assert len(viewer.layers) == n
+    assert "Cancelled" in seg.status.text()
+
+
+def test_paint_refreshes_features(viewer_with_plugin, qtbot):
+    viewer, _, _, _ = viewer_with_plugin
+    gt = viewer.layers["nuclei ground truth"]
+    from napari_s2mnet._widgets import _layers
+
+    _layers.refresh_features(gt, full=True)
+    n0 = len(gt.features)
+    assert n0 == len(np.unique(gt.data)) - 1
+    new_id = int(gt.data.max()) + 1
+    yy, xx = np.mgrid[100:120, 300:340]
+    gt.data_setitem((yy.ravel(), xx.ravel()), new_id)
+    qtbot.waitUntil(lambda: new_id in set(gt.features["label"]), timeout=5000)
+    row = gt.features.set_index("label").loc[new_id]
+    assert row["area_px"] == int((gt.data == new_id).sum())
+    assert list(gt.features["index"]) == sorted(gt.features["index"])
+
+
+def test_finetune_updates_plot_and_model_and_stops(viewer_with_plugin, qtbot):
+    viewer, seg, ft, _ = viewer_with_plugin
+    from napari_s2mnet._widgets._session import get_session
+
+    session = get_session(viewer)
+    gt = viewer.layers["nuclei ground truth"]
+    ft.update_pairs()
+    ft.set_checked(gt, True)
+    assert ft.selected_pairs() and ft.selected_pairs()[0][1] is gt
+    ft.budget_mode.value = "seconds"
+    ft.budget_value.value = 60
+    ft.advanced["crop_size"].value = 128
+    ft.advanced["batch_size"].value = 2
+    before = session.active()
+    w0 = {k: v.clone() for k, v in before.model.state_dict().items()}
+    worker = ft.run()
+    assert worker is not None
+    qtbot.waitUntil(lambda: ft.plot.n_points >= 3, timeout=60_000)
+    t0 = time.perf_counter()
+    ft.stop()
+    _wait_worker(qtbot, ft, timeout=30_000)
+    assert time.perf_counter() - t0 < 5, "Stop must take effect at the next step"
+    after = session.active()
+    assert after is not before
+    changed = any(not np.allclose(w0[k].numpy(), v.numpy())
+                  for k, v in after.model.state_dict().items() if v.dtype.is_floating_point)
+    assert changed
+    # the previous model is untouched and Revert brings it back
+    assert all(np.array_equal(w0[k].numpy(), v.numpy())
+               for k, v in before.model.state_dict().items())
+    assert ft.revert_button.enabled
+    ft.revert()
+    assert session.active() is before
+    # Segment still works with the restored model
+    seg.image.value = viewer.layers["nuclei"]
+    seg.run()
+    _wait_worker(qtbot, seg)
+
+
+def test_export_and_reread(viewer_with_plugin, tmp_path):
+    viewer, _, _, ex = viewer_with_plugin
+    from napari_s2mnet._widgets import _layers
+    from napari_s2mnet.io import read_labels
+
+    gt = viewer.layers["nuclei ground truth"]
+    gt.scale = (0.3, 0.3)
+    _layers.refresh_features(gt, full=True)
+    ex.labels.value = gt
+    for fmt in ("TIFF (Fiji)", "PNG", "NumPy"):
+        ex.fmt.value = fmt
+        written = ex.export(tmp_path / "gt")
+        assert written, fmt
+        np.testing.assert_array_equal(read_labels(written[0]), gt.data)
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "gt_features.csv")
+    assert len(df) == len(gt.features)
+    # folder mode
+    ex.all_layers.value = True
+    written = ex.export(tmp_path / "all")
+    assert any(p.suffix == ".npy" for p in written)
+
+
+def test_screenshot_of_whole_window(viewer_with_plugin, qtbot, tmp_path):
+    """Saves a PNG of the whole window with a segmentation result (used in the docs)."""
+    viewer, seg, _, _ = viewer_with_plugin
+    seg.image.value = viewer.layers["nuclei"]
+    seg.run()
+    _wait_worker(qtbot, seg)
+    path = tmp_path / "window.png"
+    img = viewer.screenshot(str(path), canvas_only=False)
+    assert path.exists() and img.shape[0] > 300 and img.shape[1] > 500
+    assert img[..., :3].std() > 5  # a real picture, not a black frame
