@@ -932,14 +932,16 @@ def segment_iter(
     try:
         tiles = engine.grid((height, width)).n_tiles
         counter = _Counter(total=n_slices * (tiles + 1), tiles_per_slice=tiles, n_slices=n_slices)
+        timings["prepare"] += time.perf_counter() - t_start
         yield counter.progress("prepare", f"{n_slices * tiles} tiles on {engine.description}")
 
         def stats_for(region: np.ndarray, n_spatial: int) -> NormalizationStats:
             samples = plan.select(pixel_samples(region, n_spatial))
             return stats_from_samples(samples, bundle.normalization)
 
+        t0 = time.perf_counter()
         stats = None if cfg.normalize_per_slice else stats_for(plan.view, plan.view.ndim - 1)
-        timings["prepare"] += time.perf_counter() - t_start
+        timings["prepare"] += time.perf_counter() - t0
 
         slice_labels: list[np.ndarray] = []
         offsets: list[int] = []

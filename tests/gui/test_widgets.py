@@ -94,6 +94,7 @@ def test_cancel_leaves_no_layer(viewer_with_plugin, qtbot):
 def test_paint_refreshes_features(viewer_with_plugin, qtbot):
     viewer, _, _, _ = viewer_with_plugin
     gt = viewer.layers["nuclei ground truth"]
+    gt.visible = True  # users paint on visible layers (napari does not slice hidden ones)
     from napari_s2mnet._widgets import _layers
 
     _layers.refresh_features(gt, full=True)
@@ -121,6 +122,7 @@ def test_finetune_updates_plot_and_model_and_stops(viewer_with_plugin, qtbot):
     ft.budget_value.value = 60
     ft.advanced["crop_size"].value = 128
     ft.advanced["batch_size"].value = 2
+    ft.advanced["val_fraction"].value = 0.0  # no validation: the returned state is the last one
     before = session.active()
     w0 = {k: v.clone() for k, v in before.model.state_dict().items()}
     worker = ft.run()
@@ -132,6 +134,8 @@ def test_finetune_updates_plot_and_model_and_stops(viewer_with_plugin, qtbot):
     assert time.perf_counter() - t0 < 5, "Stop must take effect at the next step"
     after = session.active()
     assert after is not before
+    assert ft.last_result.stopped_reason == "cancelled"
+    assert ft.last_result.steps >= 3
     changed = any(not np.allclose(w0[k].numpy(), v.numpy())
                   for k, v in after.model.state_dict().items() if v.dtype.is_floating_point)
     assert changed
