@@ -102,7 +102,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 seed, crops 128, <= 150 steps")
+    p.add_argument("--quick", action="store_true", help="1 seed, crops 128, <= 100 steps")
     p.add_argument("--device", default="auto")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--target", type=float, default=0.80, help="held-out Dice target")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    args.max_steps = args.max_steps or (150 if args.quick else 400)
+    args.max_steps = args.max_steps or (100 if args.quick else 400)
     args.crop_size = args.crop_size or (128 if args.quick else 256)
 
     from napari_s2mnet.devices import describe_device, resolve_device

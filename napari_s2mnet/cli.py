@@ -51,11 +51,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="start from this model (default: the bundled model; 'new' for random init)")
     p.add_argument("--arch", default=None, help="architecture when starting from scratch (--model new)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=int, default=None)
-    budget.add_argument("--seconds", type=float, default=None)
+    budget.add_argument("--epochs", type=int, default=None,
+                        help="virtual epochs of 10 steps (default 30)")
+    budget.add_argument("--seconds", type=float, default=None, help="wall-clock budget instead")
     p.add_argument("--loss", default=None, help="masl (default), dicebce, masl+scc, dicebce+scc")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classes incl. background for a new model (default 1: binary); labels "
                         "are then class ids")

@@ -164,7 +164,7 @@ class SegmentWidget(QWidget):
             show_warning(f"No usable model: {exc}")
             return None
         layout = _layout_of(layer)
-        spacing = tuple(float(s) for s in layer.scale[-2:])
+        spacing = tuple(float(s) for s in layer.scale)  # one per non-channel axis
         data = np.asarray(layer.data)
         self.status.setText(f"Segmenting {layer.name!r}...")
         self.run_button.enabled = False
@@ -238,7 +238,10 @@ def _layout_of(layer: Image) -> Any:
     """The core's ImageLayout for a napari image layer."""
     from napari_s2mnet.inference import ImageLayout
 
-    return ImageLayout(rgb=bool(layer.rgb), channel_axis=-1 if layer.rgb else None)
+    names = tuple(str(n) for n in getattr(layer, "axis_labels", ()) or ())
+    lead = names[:-2]  # the engine names only the axes before (Y, X), e.g. ("t", "z")
+    return ImageLayout(rgb=bool(layer.rgb), channel_axis=-1 if layer.rgb else None,
+                       axis_names=lead or None)
 
 
 def _spatial_meta(image: Image, nd: int) -> dict[str, Any]:

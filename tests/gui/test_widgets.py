@@ -185,3 +185,27 @@ def test_screenshot_of_whole_window(viewer_with_plugin, qtbot, tmp_path):
     img = viewer.screenshot(str(path), canvas_only=False)
     assert path.exists() and img.shape[0] > 300 and img.shape[1] > 500
     assert img[..., :3].std() > 5  # a real picture, not a black frame
+
+
+def test_segment_3d_stack_and_rgb(viewer_with_plugin, qtbot):
+    """Stacks are segmented slice by slice; RGB goes to a 1-channel model as gray."""
+    from benchmarks.fetch_data import load_nuclei3d
+
+    viewer, seg, _, _ = viewer_with_plugin
+    stack, _ = load_nuclei3d()
+    layer = viewer.add_image(stack, name="stack", scale=(2.0, 0.5, 0.5))
+    seg._refresh_choices()
+    seg.image.value = layer
+    seg.run()
+    _wait_worker(qtbot, seg)
+    out = viewer.layers[-1]
+    assert out.data.shape == stack.shape
+    np.testing.assert_allclose(out.scale, (2.0, 0.5, 0.5))
+    assert len(out.features) == len(np.unique(out.data)) - 1
+
+    rgb = np.random.default_rng(1).integers(0, 255, (96, 80, 3), dtype=np.uint8)
+    layer = viewer.add_image(rgb, name="rgb", rgb=True)
+    seg.image.value = layer
+    seg.run()
+    _wait_worker(qtbot, seg)
+    assert viewer.layers[-1].data.shape == (96, 80)
