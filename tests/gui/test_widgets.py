@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+
 from napari_s2mnet.inference import InferenceConfig
 from napari_s2mnet.training import FinetuneConfig
 
