@@ -50,6 +50,7 @@ class ModelSession:
 
             self._active = load_default_model()
             self._source = "bundled default"
+            self.changed.emit()
         return self._active
 
     def set_active(self, bundle: ModelBundle, source: str) -> None:
