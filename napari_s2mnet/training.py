@@ -1237,14 +1237,9 @@ def train(
 
     Extra keyword arguments (``control``, ``val_pairs``, ``names``) go to :func:`finetune`.
     """
-    gen = finetune(pairs, model, config, **kwargs)
-    while True:
-        try:
-            rep = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if callback is not None:
-            callback(rep)
+    from napari_s2mnet.inference import run_to_end
+
+    return run_to_end(finetune(pairs, model, config, **kwargs), callback)
 
 
 # --------------------------------------------------------------------------------------------
