@@ -512,6 +512,12 @@ def _grid(shape: tuple[int, int], tile: int, overlap: float, stride: int) -> _Gr
         t = min(tile, _round_up(size, stride))
         ov = round(overlap * t / stride) * stride
         step = max(stride, t - ov)
+        n = len(_tile_starts(size, t, step, stride))
+        if n > 1:
+            # Balance: the smallest stride-aligned tile that still covers the axis with n tiles
+            # and at least the requested overlap, so no compute is spent on surplus overlap.
+            t = min(t, _round_up(-(-(size + (n - 1) * ov) // n), stride))
+            step = max(stride, t - ov)
         dims.append((t, _tile_starts(size, t, step, stride)))
     (ty, sy), (tx, sx) = dims
     return _Grid(ty, tx, sy, sx)
