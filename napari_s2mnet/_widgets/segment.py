@@ -44,6 +44,13 @@ def available_devices() -> list[str]:
     return choices
 
 
+def _architectures() -> list[tuple[str, str]]:
+    """(display name, registry name) of every registered architecture."""
+    from napari_s2mnet.model import available_models
+
+    return [(f"{name}: {desc.split(':')[0]}", name) for name, desc in available_models().items()]
+
+
 class SegmentWidget(QWidget):
     """Dock widget: run S2M-Net on an image layer.
 
@@ -61,10 +68,15 @@ class SegmentWidget(QWidget):
         self.image = ComboBox(label="image", choices=self._image_layers, nullable=True)
         self.model_file = FileEdit(label="model file", mode="r", filter="*.safetensors")
         self.load_model = PushButton(text="Load model file")
+        self.new_arch = ComboBox(label="new model", choices=_architectures(), value="s2mnet",
+                                 tooltip="start an untrained model of this architecture, then "
+                                         "fine-tune it on your labels")
+        self.new_button = PushButton(text="Start untrained model")
         self.device = ComboBox(label="device", choices=available_devices(), value="auto")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.controls = Container(widgets=[self.image, self.model_file, self.load_model, self.device])
+        self.controls = Container(widgets=[self.image, self.model_file, self.load_model,
+                                           self.new_arch, self.new_button, self.device])
         self.advanced = dataclass_form(
             InferenceConfig,
             ADVANCED_FIELDS,
@@ -99,6 +111,7 @@ class SegmentWidget(QWidget):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.load_model.changed.connect(self._load_model_file)
+        self.new_button.changed.connect(self.start_new_model)
         self.device.changed.connect(self._show_device)
         self.session.changed.connect(self._show_model)
         for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
@@ -140,6 +153,16 @@ class SegmentWidget(QWidget):
             show_warning(f"Could not load {path.name}: {exc}")
             return
         show_info(f"Loaded model {bundle.name!r} from {path.name}")
+
+    def start_new_model(self, *_: Any) -> None:
+        """Make a randomly initialised model of the chosen architecture active (for training)."""
+        from napari_s2mnet.checkpoint import new_model
+        from napari_s2mnet.model import ModelConfig
+
+        arch = self.new_arch.value
+        bundle = new_model(ModelConfig(arch=arch, in_channels=1), name=f"{arch} (untrained)")
+        self.session.set_active(bundle, "new in this session")
+        show_info(f"Untrained {arch} model active: fine-tune it before segmenting.")
 
     # -- running -------------------------------------------------------------------------------
     def config(self) -> InferenceConfig:

@@ -210,3 +210,15 @@ def test_segment_3d_stack_and_rgb(viewer_with_plugin, qtbot):
     seg.run()
     _wait_worker(qtbot, seg)
     assert viewer.layers[-1].data.shape == (96, 80)
+
+
+def test_model_picker_lists_all_architectures(viewer_with_plugin):
+    viewer, seg, _, _ = viewer_with_plugin
+    from napari_s2mnet._widgets._session import get_session
+
+    archs = {c for c in seg.new_arch.choices}
+    assert {"s2mnet", "unet", "dssau"} <= archs
+    seg.new_arch.value = "dssau"
+    seg.start_new_model()
+    assert get_session(viewer).active().config.arch == "dssau"
+    assert "dssau" in seg.model_label.text()
