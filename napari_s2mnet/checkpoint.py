@@ -41,6 +41,7 @@ FORMAT_NAME = "napari-s2mnet"
 FORMAT_VERSION = 1
 DEFAULT_MODEL_NAME = "s2mnet_default.safetensors"
 EXPECTED = "a .safetensors model saved by napari-s2mnet"
+DEFAULT_TILE_SIZE = 512  # inference tile of a model without training history
 
 # Sizes of one element per safetensors dtype (used to check the tensor table before loading).
 _DTYPE_SIZES = {
@@ -78,6 +79,32 @@ class ModelBundle:
     def threshold(self) -> float:
         """Probability threshold for binary models (stored in the metadata, default 0.5)."""
         return float(self.metadata.get("threshold", 0.5))
+
+    @property
+    def trained_tile_size(self) -> int | None:
+        """The crop side this model was trained with, if known (else ``None``).
+
+        Metadata ``tile_size`` if set, else the crop size of the first training run in
+        ``history`` (the one that trained it from scratch).
+        """
+        explicit = self.metadata.get("tile_size")
+        if explicit:
+            return int(explicit)
+        for run in self.metadata.get("history", []) or []:
+            crop = (run.get("config") or {}).get("crop_size") if isinstance(run, dict) else None
+            if crop:
+                return int(crop)
+        return None
+
+    @property
+    def tile_size(self) -> int:
+        """The inference tile side this model works best at, in pixels.
+
+        A network with a truncated spectrum (S2M-Net's SSTM) sees the same image content at
+        different frequencies when the input size changes, so it segments best on tiles the size
+        of its training crops: :attr:`trained_tile_size`, else :data:`DEFAULT_TILE_SIZE`.
+        """
+        return self.trained_tile_size or DEFAULT_TILE_SIZE
 
 
 def new_model(

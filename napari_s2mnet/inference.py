@@ -94,7 +94,9 @@ class InferenceConfig:
 
     Attributes:
         tile_size: Tile side in pixels (rounded up to a multiple of the network's stride; tiles
-            shrink to the image when it is smaller).
+            shrink to the image when it is smaller). ``None``: the model's own
+            (:attr:`~napari_s2mnet.checkpoint.ModelBundle.tile_size`, the crop size it was
+            trained with: S2M-Net's truncated spectrum makes it most accurate at that size).
         overlap: Overlap of neighbouring tiles as a fraction of the tile side, in ``[0, 0.75]``.
         batch_size: Tiles per forward pass.
         threshold: Probability threshold for binary models; ``None`` uses the model's own
@@ -114,8 +116,8 @@ class InferenceConfig:
             instead of the whole stack's (the default keeps empty slices dark).
     """
 
-    tile_size: int = 512
-    overlap: float = 0.25
+    tile_size: int | None = None
+    overlap: float = 0.125
     batch_size: int = 4
     threshold: float | None = None
     device: str = "auto"
@@ -132,8 +134,13 @@ class InferenceConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` with an actionable message for impossible settings."""
-        if not isinstance(self.tile_size, int | np.integer) or self.tile_size < 16:
-            raise ValueError(f"tile_size must be an integer >= 16 pixels, got {self.tile_size!r}.")
+        if self.tile_size is not None and (
+            not isinstance(self.tile_size, int | np.integer) or self.tile_size < 16
+        ):
+            raise ValueError(
+                f"tile_size must be an integer >= 16 pixels (or None for the model's own), got "
+                f"{self.tile_size!r}."
+            )
         if not 0.0 <= float(self.overlap) <= 0.75:
             raise ValueError(
                 f"overlap is a fraction of the tile size in [0, 0.75], got {self.overlap!r} "
@@ -562,7 +569,7 @@ class _Engine:
         self.out_channels = 1 if self.binary else int(bundle.config.num_classes)
         self.stride = max(1, int(getattr(bundle.model, "stride", 1) or 1))
         device = devices.resolve_device(config.device)
-        tile = _round_up(int(config.tile_size), self.stride)
+        tile = _round_up(int(config.tile_size or bundle.tile_size), self.stride)
         self.min_tile = max(self.stride, _round_up(64, self.stride))
         self.state = devices.FallbackState(str(device), tile, int(config.batch_size))
         # Per-module flags: eval() below must not leave a trace on the caller's model.

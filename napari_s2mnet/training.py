@@ -64,8 +64,7 @@ __all__ = [
 
 DEFAULT_EPOCHS = 30
 STOP_REASONS = ("completed", "time budget", "early stopping", "cancelled", "diverged")
-_VAL_TILE = 512  # validation runs on tiles of at most this side
-_VAL_MAX_PIXELS = 4_000_000  # and on at most this many pixels (a fixed subset of tiles)
+_VAL_MAX_PIXELS = 4_000_000  # validation runs on at most this many pixels (a subset of tiles)
 _SNAPSHOT_EVERY = 10  # steps between "last good state" snapshots
 _MIN_VAL_OBJECTS = 3
 _MIN_BAND = 32  # smallest held-out band / remaining training strip, in pixels
@@ -679,15 +678,15 @@ def _predict_classes(logits: torch.Tensor, num_classes: int, threshold: float) -
     return logits.argmax(dim=1)
 
 
-def _val_tiles(items: list[_Item]) -> list[tuple[int, int, int, int, int, int]]:
-    """Non-overlapping tiles (item, plane, y0, x0, h, w) covering the validation data."""
+def _val_tiles(items: list[_Item], tile: int) -> list[tuple[int, int, int, int, int, int]]:
+    """Non-overlapping tiles (item, plane, y0, x0, h, w) of side ``tile`` covering the data."""
     tiles = []
     for i, it in enumerate(items):
         ns, ny, nx = it.target.shape
         for s in range(ns):
-            for y0 in range(0, ny, _VAL_TILE):
-                for x0 in range(0, nx, _VAL_TILE):
-                    tiles.append((i, s, y0, x0, min(_VAL_TILE, ny - y0), min(_VAL_TILE, nx - x0)))
+            for y0 in range(0, ny, tile):
+                for x0 in range(0, nx, tile):
+                    tiles.append((i, s, y0, x0, min(tile, ny - y0), min(tile, nx - x0)))
     total = sum(t[4] * t[5] for t in tiles)
     if total > _VAL_MAX_PIXELS:  # a fixed, evenly spread subset keeps validation cheap
         keep = max(1, int(len(tiles) * _VAL_MAX_PIXELS / total))
@@ -750,7 +749,7 @@ def evaluate_dice(
     orig = next(iter(net.parameters())).device
     net.to(dev)
     try:
-        return _evaluate(net, items, _val_tiles(items),
+        return _evaluate(net, items, _val_tiles(items, model.tile_size),
                          model.config.num_classes, model.threshold, dev)
     finally:
         net.to(orig)
@@ -835,7 +834,9 @@ class _Run:
         self.opt = torch.optim.Adam(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.sampler = _Sampler(data, config)
-        self.val_tiles = _val_tiles(data.val) if data.val else []
+        # Validate on tiles of the size the model will segment with (its first training crop).
+        tile = bundle.trained_tile_size or config.crop_size
+        self.val_tiles = _val_tiles(data.val, tile) if data.val else []
 
     def set_train_mode(self) -> None:
         self.net.train()

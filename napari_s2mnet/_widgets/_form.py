@@ -58,7 +58,8 @@ def dataclass_form(
         cls: The config dataclass (its defaults become the widgets' values).
         fields: Field names to show, in order.
         labels: Optional display labels per field.
-        options: Extra magicgui widget options per field (min, max, step, choices, ...).
+        options: Extra magicgui widget options per field (min, max, step, choices, ...; plus
+            ``decimals`` for float spin boxes).
         tooltips: Tooltips per field.
         placeholder: For ``T | None`` fields, the value shown while "auto" is checked.
     """
@@ -72,18 +73,29 @@ def dataclass_form(
         label = labels.get(name, name.replace("_", " "))
         default = defaults[name]
         opts = dict(options.get(name, {}))
+        decimals = opts.pop("decimals", None)
         if optional:
             inner_value = placeholder.get(name, default)
             inner = create_widget(value=inner_value, annotation=tp, name=f"{name}_value",
                                   options=opts)
+            _set_decimals(inner, decimals, inner_value)
             w: Widget = OptionalValue(inner, name=name, label=label)
             w.value = default
         else:
             w = create_widget(value=default, annotation=tp, name=name, label=label, options=opts)
+            _set_decimals(w, decimals, default)
         if name in tooltips:
             w.tooltip = tooltips[name]
         widgets.append(w)
     return Container(widgets=widgets, name=cls.__name__)
+
+
+def _set_decimals(w: Widget, decimals: int | None, value: Any) -> None:
+    """Show ``decimals`` digits in a float spin box (Qt's default of 2 would round 0.125)."""
+    if decimals is None:
+        return
+    w.native.setDecimals(int(decimals))
+    w.value = value  # re-set: the value was rounded to the old number of decimals
 
 
 def form_values(form: Container) -> dict[str, Any]:

@@ -82,11 +82,13 @@ class SegmentWidget(QWidget):
             ADVANCED_FIELDS,
             labels={"tta": "test-time augmentation", "uncertainty": "uncertainty layer"},
             options={"tile_size": {"min": 32, "max": 4096, "step": 32},
-                     "overlap": {"min": 0.0, "max": 0.75, "step": 0.05},
+                     "overlap": {"min": 0.0, "max": 0.75, "step": 0.025, "decimals": 3},
                      "threshold": {"min": 0.0, "max": 1.0, "step": 0.05},
                      "min_size": {"min": 0, "max": 100000}},
-            placeholder={"threshold": 0.5},
+            placeholder={"threshold": 0.5, "tile_size": 256},
             tooltips={"threshold": "auto: the model's own threshold",
+                      "tile_size": "auto: the crop size the model was trained with (S2M-Net is "
+                                   "most accurate at that size)",
                       "split_touching": "split touching objects with a distance-transform watershed"},
         )
         self.device_label = QLabel()

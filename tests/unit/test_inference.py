@@ -107,7 +107,7 @@ def small_unet() -> ModelBundle:
 
 def test_config_defaults_and_validation():
     cfg = InferenceConfig()
-    assert (cfg.tile_size, cfg.overlap, cfg.batch_size, cfg.device) == (512, 0.25, 4, "auto")
+    assert (cfg.tile_size, cfg.overlap, cfg.batch_size, cfg.device) == (None, 0.125, 4, "auto")
     assert cfg.threshold is None and cfg.amp and not cfg.tta and not cfg.split_touching
     cfg.validate()
     for bad in ({"tile_size": 8}, {"overlap": 0.8}, {"overlap": -0.1}, {"batch_size": 0},
@@ -442,6 +442,20 @@ def test_progress_counts_tiles_and_slices(nuclei):
     assert any("slice 2/2: tile" in p.message for p in reports)
 
 
+def test_auto_tile_size_is_the_models_training_crop(nuclei):
+    """``tile_size=None`` tiles with the crop size in the model's history, else 512."""
+    bundle = pointwise_bundle()
+    assert bundle.trained_tile_size is None and bundle.tile_size == 512
+    untiled = segment_iter(nuclei, bundle, cpu(tile_size=None, overlap=0.0))
+    assert run_to_end(untiled).n_tiles == 1  # 256 x 320 fits one 512 tile
+    bundle.metadata["history"] = [{"config": {"crop_size": 96}}, {"config": {"crop_size": 32}}]
+    assert bundle.tile_size == 96  # the first (from-scratch) run decides, not a later fine-tune
+    tiled = run_to_end(segment_iter(nuclei, bundle, cpu(tile_size=None, overlap=0.0)))
+    assert tiled.n_tiles == 3 * 4  # 96 px tiles over 256 x 320 (balanced to 3 x 4)
+    bundle.metadata["tile_size"] = 128
+    assert bundle.tile_size == 128
+
+
 @pytest.mark.parametrize("stop_after", [0, 1, 3])
 def test_closing_the_generator_cancels_cleanly(nuclei, stop_after):
     bundle = pointwise_bundle()
@@ -596,7 +610,8 @@ def test_missing_default_model_is_a_clear_error(nuclei, monkeypatch, tmp_path):
 
 def test_segment_accepts_config_overrides(nuclei):
     bundle = pointwise_bundle()
-    labels, features = segment(nuclei, bundle, device="cpu", tile_size=64, min_size=50)
+    labels, features = segment(nuclei, bundle, device="cpu", tile_size=64, overlap=0.25,
+                               min_size=50)
     ref = expected_instances(nuclei, min_size=50)
     assert same_partition(labels, ref) and len(features) == ref.max()
     assert all(c[2] == 64 for c in bundle.model.calls)
