@@ -94,13 +94,15 @@ def boundary_f1(pred: np.ndarray, gt: np.ndarray, tol: float = BOUNDARY_TOLERANC
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
-def smp_available() -> bool:
-    """Whether segmentation-models-pytorch can be imported (never installed by this script)."""
+def smp_status() -> str | None:
+    """``None`` when segmentation-models-pytorch imports, else why not (never installed here)."""
     try:
         import segmentation_models_pytorch  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return "not installed"
+    except Exception as exc:  # e.g. a torchvision wheel built for another torch
+        return f"installed but fails to import ({type(exc).__name__}: {exc})"
+    return None
 
 
 def run_one(variant: Variant, fold: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -176,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# DSB2018 quadrant folds {args.folds} (train 3, test the held-out one), seeds {seeds}"
           f", {args.seconds:g} s per run, crop {args.crop_size}, batch {args.batch_size}, "
           f"lr {args.lr:g}, val_fraction 0, random init, 1 input channel")
-    if smp_available():
+    smp = smp_status()
+    if smp is None:
         print("# segmentation-models-pytorch: importable, but no peer is wired in this script")
     else:
-        print("# segmentation-models-pytorch peer: skipped: not installed")
+        print(f"# segmentation-models-pytorch peer: skipped: {smp}")
 
     runs: dict[str, list[dict[str, Any]]] = {v.label: [] for v in variants}
     for fold in args.folds:

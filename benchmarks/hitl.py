@@ -4,6 +4,7 @@ Usage::
 
     python -m benchmarks.hitl --quick              # 30 s per fine-tune, CPU, ~4 min
     python -m benchmarks.hitl --seconds 120 --lrs 1e-4 3e-4
+    python -m benchmarks.hitl --n-seeds 3          # mean +- std over 3 seeds
 
 Protocol:
 
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=None, help="budget per k (default 60)")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5])
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--n-seeds", type=int, default=1, help="seeds seed .. seed+n-1 per k")
     p.add_argument("--crop-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--loss", default="masl")
@@ -103,37 +105,48 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.processor() or platform.machine()}")
     print(f"# nuclei3d {image.shape}: annotation pool z={pool}, test z={test} "
           f"({len(test)} slices); {args.seconds:g} s per fine-tune, crop {args.crop_size}, batch "
-          f"{args.batch_size}, loss {args.loss}, seed {args.seed}")
+          f"{args.batch_size}, loss {args.loss}, seeds {args.seed}..{args.seed + args.n_seeds - 1}")
 
     t0 = time.perf_counter()
     zero = evaluate(base, image, masks, test, args.device)
-    rows: list[tuple[str, str, str, float, str, str, float]] = [
-        ("0", "-", "-", zero, "0", "0", time.perf_counter() - t0)]
+    zero_wall = time.perf_counter() - t0
     print(f"# k=0 (zero-shot): Dice {zero:.3f}", flush=True)
+    seeds = list(range(args.seed, args.seed + args.n_seeds))
+    # (k, lr) -> per-seed (Dice, fine-tune seconds, steps, wall seconds incl. evaluation)
+    runs: dict[tuple[int, float], list[tuple[float, float, int, float]]] = {}
     for lr in args.lrs:
         for k in args.ks:
             chosen = pick_spread(pool, k)
             pairs = [(image[z], masks[z]) for z in chosen]
-            cfg = FinetuneConfig(seconds=args.seconds, lr=lr, batch_size=args.batch_size,
-                                 crop_size=args.crop_size, seed=args.seed, device=args.device,
-                                 val_fraction=0.0, patience=None, loss=args.loss)
-            t0 = time.perf_counter()
-            result = train(pairs, base, cfg, names=[f"nuclei3d/z{z}" for z in chosen])
-            wall = time.perf_counter() - t0
-            result.bundle.model.eval()
-            score = evaluate(result.bundle, image, masks, test, args.device)
-            rows.append((str(k), f"{lr:g}", ",".join(map(str, chosen)), score,
-                         f"{result.elapsed:.0f}", str(result.steps), wall))
-            print(f"# k={k} lr={lr:g} slices {chosen}: Dice {score:.3f} ({result.steps} steps, "
-                  f"{result.elapsed:.0f} s, {result.stopped_reason})", flush=True)
+            for seed in seeds:
+                cfg = FinetuneConfig(seconds=args.seconds, lr=lr, batch_size=args.batch_size,
+                                     crop_size=args.crop_size, seed=seed, device=args.device,
+                                     val_fraction=0.0, patience=None, loss=args.loss)
+                t0 = time.perf_counter()
+                result = train(pairs, base, cfg, names=[f"nuclei3d/z{z}" for z in chosen])
+                result.bundle.model.eval()
+                score = evaluate(result.bundle, image, masks, test, args.device)
+                wall = time.perf_counter() - t0
+                runs.setdefault((k, lr), []).append((score, result.elapsed, result.steps, wall))
+                print(f"# k={k} lr={lr:g} seed {seed} slices {chosen}: Dice {score:.3f} "
+                      f"({result.steps} steps, {result.elapsed:.0f} s, {result.stopped_reason})",
+                      flush=True)
 
     print()
     print("| k | lr | annotated slices (z) | held-out Dice | vs k=0 | fine-tune s | steps | "
           "wall s (incl. eval) |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
-    for k, lr, zs, score, secs, steps, wall in rows:
-        print(f"| {k} | {lr} | {zs} | {score:.3f} | {score - zero:+.3f} | {secs} | {steps} | "
-              f"{wall:.0f} |")
+    print(f"| 0 | - | - | {zero:.3f} | +0.000 | 0 | 0 | {zero_wall:.0f} |")
+    for (k, lr), rs in runs.items():
+        dices = [r[0] for r in rs]
+        mean = statistics.fmean(dices)
+        std = f" +- {statistics.stdev(dices):.3f}" if len(dices) > 1 else ""
+        zs = ",".join(map(str, pick_spread(pool, k)))
+        print(f"| {k} | {lr:g} | {zs} | {mean:.3f}{std} | {mean - zero:+.3f} | "
+              f"{statistics.fmean(r[1] for r in rs):.0f} | "
+              f"{statistics.fmean(r[2] for r in rs):.0f} | "
+              f"{statistics.fmean(r[3] for r in rs):.0f} |")
+    print(f"\n# mean +- std over seeds {seeds} (crop sampling, augmentation, batch order)")
     return 0
 
 

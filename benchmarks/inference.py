@@ -72,8 +72,13 @@ def tiled_image(size: int) -> np.ndarray:
 # model
 
 
-def make_model(arch: str, width: str, steps: int, seed: int, path: Path) -> dict[str, Any]:
-    """Train a small model briefly on DSB2018, calibrate its threshold, save it to ``path``."""
+def make_model(arch: str, width: str, steps: int, seed: int, path: Path,
+               tile: int) -> dict[str, Any]:
+    """Train a small model briefly on DSB2018, calibrate its threshold, save it to ``path``.
+
+    ``tile`` is stored as the model's inference tile (what a model trained with that crop size
+    gets by default).
+    """
     import torch
 
     from benchmarks.fetch_data import load_dsb2018
@@ -85,6 +90,7 @@ def make_model(arch: str, width: str, steps: int, seed: int, path: Path) -> dict
     torch.manual_seed(seed)
     options = SMALL_OPTIONS.get(arch, {}) if width == "small" else {}
     bundle = new_model(ModelConfig(arch=arch, in_channels=1, options=options))
+    bundle.metadata["tile_size"] = tile
     image, mask = load_dsb2018()
     x = torch.from_numpy(normalize(image, bundle.normalization, None))[None, None]
     y = torch.from_numpy((mask > 0).astype(np.float32))[None, None]
@@ -150,9 +156,9 @@ def worker(size: int, model: Path, reps: int = 1) -> dict[str, Any]:
 
     bundle = load_model(model)
     image = tiled_image(size)
-    cfg = InferenceConfig(device="cpu")
+    cfg = InferenceConfig(device="cpu")  # defaults: the model's own tile size
     stride = int(getattr(bundle.model, "stride", 1))
-    tile = min(cfg.tile_size, -(-size // stride) * stride)  # the engine's tile side here
+    tile = min(-(-bundle.tile_size // stride) * stride, -(-size // stride) * stride)
     # Warm up torch's kernels (with the tile shape of this size) so no size pays for it.
     run_to_end(segment_iter(image[:tile, :tile], bundle, cfg))
     # The machine may be shared: CPU time (all threads of this process) is what the comparison
@@ -207,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big", type=int, default=8192, help="side of the peak-RSS check (0: skip)")
     p.add_argument("--train-steps", type=int, default=None, help="brief training steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=int, default=224,
+                   help="the model's tile size (default 224: the bundled model's training crop)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per size")
     p.add_argument("--reps", type=int, default=2,
                    help="repetitions per timed size (the fastest counts; the big check runs once)")
@@ -220,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from napari_s2mnet.inference import InferenceConfig
+
     sizes = args.sizes or ([256, 512, 1024] if args.quick else [512, 1024, 2048, 4096])
     big = 0 if args.quick else args.big
     steps = args.train_steps if args.train_steps is not None else (40 if args.quick else 150)
@@ -230,12 +240,14 @@ def main(argv: list[str] | None = None) -> int:
           f"  OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "bench.safetensors"
-        info = make_model(args.arch, args.width, steps, args.seed, model)
+        info = make_model(args.arch, args.width, steps, args.seed, model, args.tile)
         print(f"model: {info['arch']} {info['options'] or '(default options)'}  "
               f"{info['params']:,} params  stride {info['stride']}  trained {info['steps']} steps "
               f"({info['train_s']:.0f} s, loss {info['loss']:.3f})  threshold "
               f"{info['threshold']:.3f}  DSB2018 Dice {info['dice']:.2f}, "
               f"{info['objects']} objects")
+        print(f"inference: InferenceConfig defaults (tile {args.tile} = the model's own, overlap "
+              f"{InferenceConfig().overlap}, batch {InferenceConfig().batch_size})")
         print("times: wall seconds per stage; 'cpu s' = CPU seconds of the whole run (all threads;"
               " robust to\n  other load). Baseline: the raw network on a batch of 4 tiles in the "
               "same process\n  ('raw cpu/t' = its CPU s per tile); 'vs raw' = raw CPU time of the "

@@ -19,6 +19,7 @@ from napari_s2mnet._widgets._form import dataclass_form, form_values
 from napari_s2mnet._widgets._session import get_session
 from napari_s2mnet.inference import InferenceConfig
 
+NO_CHANNEL_AXIS = -1  # the channel-axis picker's "none" (ComboBox data must not be None)
 ADVANCED_FIELDS = [
     "tile_size",
     "overlap",
@@ -64,8 +65,13 @@ class SegmentWidget(QWidget):
         self.session = get_session(napari_viewer)
         self.worker: Any = None
         self._last_result: dict[int, weakref.ref] = {}  # id(image layer) -> our last result layer
+        self._result_drop_axis: int | None = None  # the channel axis of the running job
 
         self.image = ComboBox(label="image", choices=self._image_layers, nullable=True)
+        self.channel_axis = ComboBox(
+            label="channel axis", choices=self._channel_choices, value=NO_CHANNEL_AXIS,
+            tooltip="for a multichannel layer (not RGB): the axis that holds the model's input "
+                    "channels; 'none' segments every plane of a stack on its own")
         self.model_file = FileEdit(label="model file", mode="r", filter="*.safetensors")
         self.load_model = PushButton(text="Load model file")
         self.new_arch = ComboBox(label="new model", choices=_architectures(), value="s2mnet",
@@ -75,7 +81,8 @@ class SegmentWidget(QWidget):
         self.device = ComboBox(label="device", choices=available_devices(), value="auto")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.controls = Container(widgets=[self.image, self.model_file, self.load_model,
+        self.controls = Container(widgets=[self.image, self.channel_axis, self.model_file,
+                                           self.load_model,
                                            self.new_arch, self.new_button, self.device])
         self.advanced = dataclass_form(
             InferenceConfig,
@@ -115,6 +122,7 @@ class SegmentWidget(QWidget):
         self.load_model.changed.connect(self._load_model_file)
         self.new_button.changed.connect(self.start_new_model)
         self.device.changed.connect(self._show_device)
+        self.image.changed.connect(self._refresh_channel_axes)
         self.session.changed.connect(self._show_model)
         for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             ev.connect(self._refresh_choices)
@@ -132,6 +140,26 @@ class SegmentWidget(QWidget):
         if current is None and self.image.choices:
             active = self.viewer.layers.selection.active
             self.image.value = active if isinstance(active, Image) else self.image.choices[-1]
+        self._refresh_channel_axes()
+
+    def _channel_choices(self, *_: Any) -> list[tuple[str, int]]:
+        """'none' plus every axis of the chosen layer that could hold channels (not Y, X)."""
+        layer = self.image.value if hasattr(self, "image") else None
+        choices = [("none", NO_CHANNEL_AXIS)]
+        if layer is None or layer.rgb:
+            return choices  # RGB layers carry their colour axis themselves
+        names = [str(n) for n in (getattr(layer, "axis_labels", None) or ())]
+        shape = np.shape(layer.data)
+        for axis in range(len(shape) - 2):
+            name = names[axis] if axis < len(names) else str(axis)
+            choices.append((f"axis {axis} ({name}, {shape[axis]})", axis))
+        return choices
+
+    def _refresh_channel_axes(self, *_: Any) -> None:
+        current = self.channel_axis.value
+        self.channel_axis.reset_choices()
+        values = [v for _, v in self._channel_choices()]
+        self.channel_axis.value = current if current in values else NO_CHANNEL_AXIS
 
     def _show_device(self, *_: Any) -> None:
         from napari_s2mnet.devices import describe_device, resolve_device
@@ -188,13 +216,16 @@ class SegmentWidget(QWidget):
         except (ValueError, OSError, FileNotFoundError) as exc:
             show_warning(f"No usable model: {exc}")
             return None
-        layout = _layout_of(layer)
-        spacing = tuple(float(s) for s in layer.scale)  # one per non-channel axis
+        channel_axis = self._chosen_channel_axis()
+        layout = _layout_of(layer, channel_axis)
+        # The engine wants one pixel size per non-channel axis (napari has none for RGB).
+        spacing = tuple(float(s) for i, s in enumerate(layer.scale) if i != channel_axis)
         data = np.asarray(layer.data)
         self.status.setText(f"Segmenting {layer.name!r}...")
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         layer_ref = weakref.ref(layer)
+        self._result_drop_axis = channel_axis
         self.worker = start_worker(
             segment_iter,
             data,
@@ -209,6 +240,10 @@ class SegmentWidget(QWidget):
         )
         self.worker.aborted.connect(lambda: self.status.setText("Cancelled: nothing was added."))
         return self.worker
+
+    def _chosen_channel_axis(self) -> int | None:
+        axis = self.channel_axis.value
+        return None if axis is None or axis == NO_CHANNEL_AXIS else int(axis)
 
     def cancel(self) -> None:
         """Stop the running segmentation at its next step; nothing is added."""
@@ -233,7 +268,7 @@ class SegmentWidget(QWidget):
             return
         labels = result.labels
         nd = labels.ndim
-        meta = _spatial_meta(image, nd)
+        meta = _spatial_meta(image, nd, drop_axis=self._result_drop_axis)
         previous = self._last_result.get(id(image))
         target = previous() if previous is not None else None
         if target is not None and target in self.viewer.layers and not _layers.info(target).edited \
@@ -259,28 +294,36 @@ class SegmentWidget(QWidget):
         self.status.setText(f"Done: {n} objects in {out.name!r} ({device}). {messages}".strip())
 
 
-def _layout_of(layer: Image) -> Any:
-    """The core's ImageLayout for a napari image layer."""
+def _layout_of(layer: Image, channel_axis: int | None = None) -> Any:
+    """The core's ImageLayout for a napari image layer (``channel_axis``: a non-RGB channel axis)."""
     from napari_s2mnet.inference import ImageLayout
 
-    names = tuple(str(n) for n in getattr(layer, "axis_labels", ()) or ())
-    lead = names[:-2]  # the engine names only the axes before (Y, X), e.g. ("t", "z")
-    return ImageLayout(rgb=bool(layer.rgb), channel_axis=-1 if layer.rgb else None,
-                       axis_names=lead or None)
+    names = [str(n) for n in getattr(layer, "axis_labels", ()) or ()]
+    if channel_axis is not None and not layer.rgb and channel_axis < len(names):
+        del names[channel_axis]
+    lead = tuple(names[:-2])  # the engine names only the axes before (Y, X), e.g. ("t", "z")
+    if layer.rgb:
+        return ImageLayout(rgb=True, channel_axis=-1, axis_names=lead or None)
+    return ImageLayout(channel_axis=channel_axis, axis_names=lead or None)
 
 
-def _spatial_meta(image: Image, nd: int) -> dict[str, Any]:
-    """scale/translate/axis labels/units of ``image`` for an output with ``nd`` dimensions."""
-    meta: dict[str, Any] = {
-        "scale": tuple(image.scale[-nd:]),
-        "translate": tuple(image.translate[-nd:]),
-    }
+def _spatial_meta(image: Image, nd: int, drop_axis: int | None = None) -> dict[str, Any]:
+    """scale/translate/axis labels/units of ``image`` for an ``nd``-D output.
+
+    ``drop_axis`` is the image's channel axis (absent from the output), if any.
+    """
+
+    def keep(values: Any) -> tuple:
+        values = [v for i, v in enumerate(values) if i != drop_axis]
+        return tuple(values[-nd:])
+
+    meta: dict[str, Any] = {"scale": keep(image.scale), "translate": keep(image.translate)}
     axis_labels = getattr(image, "axis_labels", None)
     if axis_labels is not None:
-        meta["axis_labels"] = tuple(axis_labels[-nd:])
+        meta["axis_labels"] = keep(axis_labels)
     units = getattr(image, "units", None)
     if units is not None:
-        meta["units"] = tuple(units[-nd:])
+        meta["units"] = keep(units)
     return meta
 
 

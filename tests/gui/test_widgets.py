@@ -222,3 +222,33 @@ def test_model_picker_lists_all_architectures(viewer_with_plugin):
     seg.start_new_model()
     assert get_session(viewer).active().config.arch == "dssau"
     assert "dssau" in seg.model_label.text()
+
+
+def test_segment_multichannel_layer_with_channel_axis(viewer_with_plugin, qtbot):
+    """A (C, Y, X) layer with the channel axis chosen goes to a 2-channel model as channels."""
+    import torch
+
+    from napari_s2mnet._widgets._session import get_session
+    from napari_s2mnet.checkpoint import new_model
+    from napari_s2mnet.model import ModelConfig
+
+    viewer, seg, _, _ = viewer_with_plugin
+    torch.manual_seed(0)
+    two = new_model(ModelConfig(arch="unet", in_channels=2, options={"base": 4, "depth": 2}))
+    get_session(viewer).set_active(two, "test")
+    data = np.random.default_rng(0).integers(0, 4000, (2, 70, 90), dtype=np.uint16)
+    layer = viewer.add_image(data, name="two channels", scale=(1.0, 0.3, 0.4),
+                             axis_labels=("c", "y", "x"))
+    seg._refresh_choices()
+    seg.image.value = layer
+    assert list(seg.channel_axis.choices) == [-1, 0]
+    assert seg.channel_axis.value == -1  # 'none' until the user says otherwise
+    seg.channel_axis.value = 0
+    n_before = len(viewer.layers)
+    seg.run()
+    _wait_worker(qtbot, seg)
+    assert len(viewer.layers) == n_before + 1, seg.status.text()
+    out = viewer.layers[-1]
+    assert out.data.shape == (70, 90)  # channels consumed, not segmented as 2 slices
+    np.testing.assert_allclose(out.scale, (0.3, 0.4))
+    assert tuple(out.axis_labels) == ("y", "x")
