@@ -67,6 +67,7 @@ __all__ = [
     "object_features",
     "tubularity",
     "update_features",
+    "update_stack_features",
 ]
 
 #: Shape descriptors computed for every object / mask, in this order.
@@ -518,3 +519,71 @@ def update_features(
     out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].copy()
     out = out.sort_values("label", kind="stable").reset_index(drop=True)
     return out[list(FEATURE_COLUMNS)]
+
+
+def update_stack_features(
+    df: pd.DataFrame | None,
+    labels: np.ndarray,
+    touched_ids: Iterable[int],
+    planes: Iterable[tuple[int, ...]],
+    lead_names: Sequence[str],
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """:func:`update_features` for a stack whose every label id lives in one 2-D plane.
+
+    That is how the inference engine labels stacks and time series (ids unique across planes,
+    one row per id with the plane's index in the ``lead_names`` columns, e.g. ``z``). Rows of
+    ``touched_ids`` are recomputed from the edited ``planes`` only (so a paint stroke costs one
+    plane, not the stack); touched ids no longer found there are dropped. Should the user have
+    given an id pixels in several edited planes, the plane where it is largest is kept.
+
+    Args:
+        df: The stack's features table (``None`` or empty: start from scratch).
+        labels: The edited ``(..., H, W)`` label stack.
+        touched_ids: Label ids whose pixels changed.
+        planes: Leading indices (one tuple of ``labels.ndim - 2`` ints each) of the edited planes.
+        lead_names: Feature-table column per leading axis, e.g. ``("z",)`` or ``("t", "z")``.
+        **kwargs: ``spacing`` (of ``(Y, X)``) and ``classes`` as in :func:`object_features`.
+    """
+    import pandas as pd
+
+    labels = np.asarray(labels)
+    n_lead = labels.ndim - 2
+    if n_lead < 1 or len(lead_names) != n_lead:
+        raise ValueError(
+            f"labels of shape {labels.shape} need {max(n_lead, 0)} lead name(s), got "
+            f"{tuple(lead_names)}; use update_features for 2-D labels."
+        )
+    touched = {int(i) for i in touched_ids if int(i) > 0}
+    fresh = []
+    for plane in sorted({tuple(int(i) for i in p) for p in planes}):
+        if len(plane) != n_lead:
+            raise ValueError(f"plane index {plane} needs {n_lead} entries for shape {labels.shape}.")
+        img = labels[plane]
+        present = touched & {int(v) for v in np.unique(img)}
+        if not present:
+            continue
+        part = object_features(img, label_ids=present, **kwargs)
+        for name, i in zip(lead_names, plane, strict=True):
+            part[name] = i
+        fresh.append(part)
+    columns = [*FEATURE_COLUMNS, *lead_names]
+    if df is None or len(df) == 0:
+        base = _empty_features()
+        for name in lead_names:
+            base[name] = pd.Series(dtype="int64")
+    else:
+        missing = set(columns) - set(df.columns)
+        if missing:
+            raise ValueError(f"df is not a stack features table: missing columns {sorted(missing)}.")
+        base = df[~df["label"].isin(touched)]
+    if fresh:
+        new = pd.concat(fresh, ignore_index=True)
+        new = new.sort_values("area_px", ascending=False, kind="stable")
+        fresh = [new.drop_duplicates("label")]
+    parts = [p for p in (base, *fresh) if len(p)]
+    if not parts:
+        return base[columns].reset_index(drop=True)
+    out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].copy()
+    out = out.sort_values("label", kind="stable").reset_index(drop=True)
+    return out[columns]

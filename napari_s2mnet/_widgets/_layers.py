@@ -4,6 +4,7 @@ keyed by name (users rename layers)."""
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ class LabelsInfo:
     made_by_plugin: bool = False
     spacing: tuple[float, ...] = (1.0, 1.0)
     touched: set[int] = field(default_factory=set)
+    planes: set[tuple[int, ...]] = field(default_factory=set)  # edited planes of a stack
     timer: QTimer | None = None
 
     def source_layer(self) -> Any | None:
@@ -51,6 +53,22 @@ def touched_ids(paint_item: Any) -> set[int]:
     return ids
 
 
+def touched_planes(paint_item: Any, shape: tuple[int, ...]) -> set[tuple[int, ...]]:
+    """Leading indices of the 2-D planes of a stack that a napari paint history item changed."""
+    n_lead = len(shape) - 2
+    planes: set[tuple[int, ...]] = set()
+    for atom in (paint_item or []) if n_lead >= 1 else []:
+        keys = tuple(atom[0])[:n_lead]  # slices (mask-based edits) or index arrays (setitem)
+        if all(isinstance(k, slice) for k in keys):
+            ranges = [range(*k.indices(n)) for k, n in zip(keys, shape, strict=False)]
+            planes.update(itertools.product(*ranges))
+        else:  # index arrays: coordinates of single pixels, one plane per distinct prefix
+            lead = np.stack([np.broadcast_to(np.asarray(k), np.shape(keys[-1])).ravel()
+                             for k in keys], axis=1)
+            planes.update(tuple(int(v) for v in row) for row in np.unique(lead, axis=0))
+    return planes
+
+
 def _watch_edits(layer: Any) -> None:
     layer_ref = weakref.ref(layer)
 
@@ -60,7 +78,9 @@ def _watch_edits(layer: Any) -> None:
             return
         inf = _INFO[lyr]
         inf.edited = True
-        inf.touched |= touched_ids(getattr(event, "value", None))
+        item = getattr(event, "value", None)
+        inf.touched |= touched_ids(item)
+        inf.planes |= touched_planes(item, np.shape(lyr.data))
         if inf.timer is None:
             inf.timer = QTimer()
             inf.timer.setSingleShot(True)
@@ -75,18 +95,29 @@ def refresh_features(layer: Any, full: bool = False) -> None:
     """Recompute the morphology features of the touched labels (or all with ``full``)."""
     if layer is None:
         return
-    from napari_s2mnet.morphology import object_features, update_features
+    from napari_s2mnet.morphology import (
+        FEATURE_COLUMNS,
+        object_features,
+        update_features,
+        update_stack_features,
+    )
 
     inf = _INFO.get(layer)
     touched = set() if inf is None else inf.touched
     data = np.asarray(layer.data)
     spacing = inf.spacing if inf is not None else tuple(layer.scale[-2:])
-    if data.ndim != 2:
-        return  # per-slice features of stacks are refreshed by re-segmenting (see docs)
     df = layer.features
-    if full or df is None or len(df) == 0 or "label" not in df:
-        layer.features = object_features(data, spacing=spacing)
-    elif touched:
-        layer.features = update_features(df, data, sorted(touched), spacing=spacing)
+    if data.ndim == 2:
+        if full or df is None or len(df) == 0 or "label" not in df:
+            layer.features = object_features(data, spacing=spacing)
+        elif touched:
+            layer.features = update_features(df, data, sorted(touched), spacing=spacing)
+    elif touched and inf is not None and inf.planes and df is not None and "label" in df:
+        # Stacks from the engine: one row per id, the plane in the extra (z / t) columns.
+        lead = [c for c in df.columns if c not in FEATURE_COLUMNS]
+        if len(lead) == data.ndim - 2:  # instance stacks (semantic ones are per class)
+            layer.features = update_stack_features(df, data, touched, inf.planes, lead,
+                                                   spacing=spacing)
     if inf is not None:
         inf.touched = set()
+        inf.planes = set()

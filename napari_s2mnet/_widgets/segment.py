@@ -299,6 +299,8 @@ def _layout_of(layer: Image, channel_axis: int | None = None) -> Any:
     from napari_s2mnet.inference import ImageLayout
 
     names = [str(n) for n in getattr(layer, "axis_labels", ()) or ()]
+    if names == [str(i - len(names)) for i in range(len(names))]:
+        names = []  # napari's placeholders ('-3', '-2', '-1'): let the engine say z / t
     if channel_axis is not None and not layer.rgb and channel_axis < len(names):
         del names[channel_axis]
     lead = tuple(names[:-2])  # the engine names only the axes before (Y, X), e.g. ("t", "z")

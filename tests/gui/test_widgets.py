@@ -204,6 +204,17 @@ def test_segment_3d_stack_and_rgb(viewer_with_plugin, qtbot):
     np.testing.assert_allclose(out.scale, (2.0, 0.5, 0.5))
     assert len(out.features) == len(np.unique(out.data)) - 1
 
+    # A correction on one plane refreshes that plane's rows (debounced), not the whole stack.
+    out.visible = True
+    new_id = int(out.data.max()) + 1
+    yy, xx = np.mgrid[10:20, 10:25]
+    zz = np.full(yy.size, 20)
+    out.data_setitem((zz, yy.ravel(), xx.ravel()), new_id)
+    qtbot.waitUntil(lambda: new_id in set(out.features["label"]), timeout=5000)
+    row = out.features.set_index("label").loc[new_id]
+    assert row["z"] == 20 and row["area_px"] == int((out.data == new_id).sum())
+    assert len(out.features) == len(np.unique(out.data)) - 1
+
     rgb = np.random.default_rng(1).integers(0, 255, (96, 80, 3), dtype=np.uint8)
     layer = viewer.add_image(rgb, name="rgb", rgb=True)
     seg.image.value = layer

@@ -389,3 +389,43 @@ def test_update_features_from_nothing_and_errors() -> None:
         M.update_features(pd.DataFrame({"label": [1]}), lab, ids)
     with pytest.raises(TypeError, match="unexpected"):
         M.update_features(None, lab, ids, label_ids=[1])
+
+
+def _stack_features(stack: np.ndarray, spacing=(2.0, 2.0)) -> pd.DataFrame:
+    """The engine's stack table computed independently: per plane, ids unique, a z column."""
+    parts = []
+    for z, plane in enumerate(stack):
+        part = M.object_features(plane, spacing=spacing)
+        part["z"] = z
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True).sort_values("label").reset_index(drop=True)
+
+
+def test_update_stack_features_equals_full_recompute_after_edits() -> None:
+    rng = np.random.default_rng(11)
+    planes = []
+    offset = 0
+    for _ in range(4):  # ids unique across planes, as the inference engine makes them
+        lab = _labels_with_objects(rng, n=8)
+        planes.append(np.where(lab > 0, lab + offset, 0))
+        offset = int(planes[-1].max())
+    stack = np.stack(planes)
+    df = _stack_features(stack)
+    for step in range(8):
+        before = stack.copy()
+        z = int(rng.integers(0, 4))
+        ids = np.unique(stack[z])[1:]
+        if step % 3 == 0:
+            stack[z][stack[z] == rng.choice(ids)] = 0  # delete an object
+        elif step % 3 == 1:
+            r, c = rng.integers(0, stack.shape[1] - 20, 2)
+            stack[z, r : r + 7, c : c + 9] = stack.max() + 1  # a brand-new object
+        else:
+            r, c = rng.integers(0, stack.shape[1] - 20, 2)
+            stack[z, r : r + 12, c : c + 12] = 0  # erase a patch
+        changed = before != stack
+        touched = np.unique(np.concatenate([before[changed], stack[changed]]))
+        df = M.update_stack_features(df, stack, touched, [(z,)], ("z",), spacing=(2.0, 2.0))
+        pd.testing.assert_frame_equal(df, _stack_features(stack), check_dtype=False)
+    with pytest.raises(ValueError, match="lead name"):
+        M.update_stack_features(df, stack, [1], [(0,)], ("t", "z"))
