@@ -284,6 +284,39 @@ class FinetuneControl:
         return self._event.is_set()
 
 
+class _StopNow(Exception):
+    """Raised inside the network by :class:`_Interrupter` when a stop is requested."""
+
+
+class _Interrupter:
+    """Forward pre-hooks on every module and gradient hooks on every parameter that raise
+    :class:`_StopNow` once ``control`` asks to stop, so Stop does not wait for a whole step."""
+
+    def __init__(self, net: nn.Module, control: FinetuneControl | threading.Event) -> None:
+        self.control = control
+        self.handles = [m.register_forward_pre_hook(self._check) for m in net.modules()]
+        self.handles += [p.register_hook(self._check_grad) for p in net.parameters()
+                         if p.requires_grad]
+
+    def _requested(self) -> bool:
+        c = self.control
+        return c.is_set() if isinstance(c, threading.Event) else c.stop_requested
+
+    def _check(self, *_: Any) -> None:
+        if self._requested():
+            raise _StopNow
+
+    def _check_grad(self, grad: torch.Tensor) -> None:
+        if self._requested():
+            raise _StopNow
+
+    def remove(self) -> None:
+        """Detach every hook (the returned model must carry none)."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 # --------------------------------------------------------------------------------------------
 # data preparation
 
@@ -1023,129 +1056,142 @@ def finetune(
     step = 0
     reason = "completed"
     stop_flag = torch.zeros(3, dtype=torch.float64, device=device if ctx.enabled else "cpu")
-    while True:
-        elapsed = time.perf_counter() - t0
-        # One all-reduce per step keeps every rank's decisions identical.
-        want_stop = 0.0
-        if control is not None and (control.is_set() if isinstance(control, threading.Event)
-                                    else control.stop_requested):
-            want_stop = 1.0
-        time_up = config.seconds is not None and elapsed >= config.seconds
-        if total is not None and step >= total:
-            reason = "completed"
-            break
-        if ctx.enabled:
-            stop_flag.zero_()
-            stop_flag[0], stop_flag[1] = want_stop, float(time_up)
-            ctx.all_reduce_sum(stop_flag)
-            want_stop, time_up = float(stop_flag[0]) > 0, float(stop_flag[1]) > 0
-        if want_stop:
-            reason = "cancelled"
-            break
-        if time_up:
-            reason = "time budget"
-            break
-
-        progress = elapsed / config.seconds if config.seconds is not None else 0.0
-        if total is not None and config.seconds is not None:
-            progress = 0.0  # both budgets: the step schedule rules, time only cuts short
-        factor = _lr_factor(progress, step, config.warmup_fraction, total, config.min_lr / config.lr)
-        lr = config.lr * factor * lr_scale
-        run.set_lr(lr)
-
-        x, y = run.batch(step)
-        loss, logits = run.forward_loss(x, y)
-        loss_value = float(loss.detach())
-        # Agree across ranks on the mean loss and on whether this step is bad.
-        bad_local = 0.0 if math.isfinite(loss_value) else 1.0
-        if ctx.enabled:
-            agg = torch.tensor([loss_value if bad_local == 0 else 0.0, bad_local, 1.0],
-                               dtype=torch.float64, device=device)
-            ctx.all_reduce_sum(agg)
-            bad = float(agg[1]) > 0
-            loss_mean = float(agg[0]) / ctx.world_size if not bad else float("nan")
-        else:
-            bad = bad_local > 0
-            loss_mean = loss_value
-        exploding = (not bad and len(good_losses) >= 10
-                     and loss_mean > config.divergence_factor * float(np.median(good_losses)))
-        message = ""
-        grad_norm = float("nan")
-        if not bad and not exploding:
-            run.backward(loss)
-            grad_norm = run.clip_and_step()
-            if not math.isfinite(grad_norm) and not run.amp:
-                bad = True  # non-finite gradients: the weights may already be damaged
-        if exploding:
-            exploding_run += 1
-            if exploding_run >= 3:
-                bad = True
-                message = (f"loss exploded ({loss_mean:.3g} > {config.divergence_factor:g} x the "
-                           "running median for 3 steps)")
-            else:
-                message = f"skipped an outlier step (loss {loss_mean:.3g})"
-        else:
-            exploding_run = 0
-        step += 1
-
-        if bad:
-            recoveries += 1
-            exploding_run = 0
-            what = message or ("non-finite loss" if not math.isfinite(loss_mean)
-                               else "non-finite gradients")
-            if recoveries > config.max_recoveries:
-                run.restore(last_good)
-                reason = "diverged"
-                yield report(step=step, epoch=(step - 1) // config.steps_per_epoch + 1,
-                             total_steps=total, loss=loss_mean, lr=lr,
-                             elapsed=time.perf_counter() - t0, best_val_dice=best_val,
-                             message=f"{what} at step {step}; training diverged after "
-                                     f"{config.max_recoveries} recoveries: stopping and keeping "
-                                     f"the last good state (step {last_good_step}).")
+    # Stop within one layer, not one step: hooks raise _StopNow mid-forward/backward (one
+    # process only: a rank leaving a collective early would hang the others).
+    interrupter = _Interrupter(run.net, control) if control is not None and not ctx.enabled \
+        else None
+    try:
+        while True:
+            elapsed = time.perf_counter() - t0
+            # One all-reduce per step keeps every rank's decisions identical.
+            want_stop = 0.0
+            if control is not None and (control.is_set() if isinstance(control, threading.Event)
+                                        else control.stop_requested):
+                want_stop = 1.0
+            time_up = config.seconds is not None and elapsed >= config.seconds
+            if total is not None and step >= total:
+                reason = "completed"
                 break
-            run.restore(last_good)
-            lr_scale *= 0.5
-            message = (f"{what} at step {step}: restored the last good state (step "
-                       f"{last_good_step}) and halved the learning rate to "
-                       f"{config.lr * lr_scale:.2e}")
-        else:
-            if not exploding:
-                good_losses.append(loss_mean)
-            if step % _SNAPSHOT_EVERY == 0:
-                last_good = run.snapshot()
-                last_good_step = step
+            if ctx.enabled:
+                stop_flag.zero_()
+                stop_flag[0], stop_flag[1] = want_stop, float(time_up)
+                ctx.all_reduce_sum(stop_flag)
+                want_stop, time_up = float(stop_flag[0]) > 0, float(stop_flag[1]) > 0
+            if want_stop:
+                reason = "cancelled"
+                break
+            if time_up:
+                reason = "time budget"
+                break
 
-        train_dice = None
-        if not bad:
-            pred = _predict_classes(logits.float(), run.num_classes, run.threshold)
-            tgt = y[:, 0].round().to(pred.dtype) if run.num_classes == 1 else y
-            train_dice = _dice_from_stats(_dice_stats(pred.long(), tgt.long(), run.num_classes))
+            progress = elapsed / config.seconds if config.seconds is not None else 0.0
+            if total is not None and config.seconds is not None:
+                progress = 0.0  # both budgets: the step schedule rules, time only cuts short
+            factor = _lr_factor(progress, step, config.warmup_fraction, total, config.min_lr / config.lr)
+            lr = config.lr * factor * lr_scale
+            run.set_lr(lr)
 
-        val = None
-        if run.val_tiles and step % val_every == 0 and not bad:
-            val = run.validate()
-            if best_val is None or val > best_val:
-                improved = best_val is None or val >= best_val + config.min_delta
-                best_val, best_step = val, step
-                best_state = {k: v.detach().clone() for k, v in run.net.state_dict().items()}
-                since_best = 0 if improved else since_best + 1
+            x, y = run.batch(step)
+            loss, logits = run.forward_loss(x, y)
+            loss_value = float(loss.detach())
+            # Agree across ranks on the mean loss and on whether this step is bad.
+            bad_local = 0.0 if math.isfinite(loss_value) else 1.0
+            if ctx.enabled:
+                agg = torch.tensor([loss_value if bad_local == 0 else 0.0, bad_local, 1.0],
+                                   dtype=torch.float64, device=device)
+                ctx.all_reduce_sum(agg)
+                bad = float(agg[1]) > 0
+                loss_mean = float(agg[0]) / ctx.world_size if not bad else float("nan")
             else:
-                since_best += 1
-        elapsed = time.perf_counter() - t0
-        est_total = total
-        if est_total is None and config.seconds is not None and elapsed > 0:
-            est_total = max(step, round(step * config.seconds / elapsed))
-        yield report(step=step, epoch=(step - 1) // config.steps_per_epoch + 1,
-                     total_steps=est_total, loss=loss_mean, components=run.components(),
-                     train_dice=train_dice, val_dice=val, best_val_dice=best_val, lr=lr,
-                     elapsed=elapsed, message=message)
-        if val is not None and config.patience is not None and since_best >= config.patience:
-            reason = "early stopping"
-            break
+                bad = bad_local > 0
+                loss_mean = loss_value
+            exploding = (not bad and len(good_losses) >= 10
+                         and loss_mean > config.divergence_factor * float(np.median(good_losses)))
+            message = ""
+            grad_norm = float("nan")
+            if not bad and not exploding:
+                run.backward(loss)
+                grad_norm = run.clip_and_step()
+                if not math.isfinite(grad_norm) and not run.amp:
+                    bad = True  # non-finite gradients: the weights may already be damaged
+            if exploding:
+                exploding_run += 1
+                if exploding_run >= 3:
+                    bad = True
+                    message = (f"loss exploded ({loss_mean:.3g} > {config.divergence_factor:g} x the "
+                               "running median for 3 steps)")
+                else:
+                    message = f"skipped an outlier step (loss {loss_mean:.3g})"
+            else:
+                exploding_run = 0
+            step += 1
+
+            if bad:
+                recoveries += 1
+                exploding_run = 0
+                what = message or ("non-finite loss" if not math.isfinite(loss_mean)
+                                   else "non-finite gradients")
+                if recoveries > config.max_recoveries:
+                    run.restore(last_good)
+                    reason = "diverged"
+                    yield report(step=step, epoch=(step - 1) // config.steps_per_epoch + 1,
+                                 total_steps=total, loss=loss_mean, lr=lr,
+                                 elapsed=time.perf_counter() - t0, best_val_dice=best_val,
+                                 message=f"{what} at step {step}; training diverged after "
+                                         f"{config.max_recoveries} recoveries: stopping and keeping "
+                                         f"the last good state (step {last_good_step}).")
+                    break
+                run.restore(last_good)
+                lr_scale *= 0.5
+                message = (f"{what} at step {step}: restored the last good state (step "
+                           f"{last_good_step}) and halved the learning rate to "
+                           f"{config.lr * lr_scale:.2e}")
+            else:
+                if not exploding:
+                    good_losses.append(loss_mean)
+                if step % _SNAPSHOT_EVERY == 0:
+                    last_good = run.snapshot()
+                    last_good_step = step
+
+            train_dice = None
+            if not bad:
+                pred = _predict_classes(logits.float(), run.num_classes, run.threshold)
+                tgt = y[:, 0].round().to(pred.dtype) if run.num_classes == 1 else y
+                train_dice = _dice_from_stats(_dice_stats(pred.long(), tgt.long(), run.num_classes))
+
+            val = None
+            if run.val_tiles and step % val_every == 0 and not bad:
+                val = run.validate()
+                if best_val is None or val > best_val:
+                    improved = best_val is None or val >= best_val + config.min_delta
+                    best_val, best_step = val, step
+                    best_state = {k: v.detach().clone() for k, v in run.net.state_dict().items()}
+                    since_best = 0 if improved else since_best + 1
+                else:
+                    since_best += 1
+            elapsed = time.perf_counter() - t0
+            est_total = total
+            if est_total is None and config.seconds is not None and elapsed > 0:
+                est_total = max(step, round(step * config.seconds / elapsed))
+            yield report(step=step, epoch=(step - 1) // config.steps_per_epoch + 1,
+                         total_steps=est_total, loss=loss_mean, components=run.components(),
+                         train_dice=train_dice, val_dice=val, best_val_dice=best_val, lr=lr,
+                         elapsed=elapsed, message=message)
+            if val is not None and config.patience is not None and since_best >= config.patience:
+                reason = "early stopping"
+                break
+    except _StopNow:
+        reason = "cancelled"  # mid-step: the optimiser has not applied this step
+        run.opt.zero_grad(set_to_none=True)
+    finally:
+        if interrupter is not None:
+            interrupter.remove()
 
     # Final validation when the last step was not validated (the best state may be the last).
     final_val = None
-    if run.val_tiles and reason not in ("diverged",) and step % val_every != 0 and step > 0:
+    # Not after Stop: the user wants it now, so the best state validated so far is kept.
+    if run.val_tiles and reason not in ("diverged", "cancelled") and step % val_every != 0 \
+            and step > 0:
         val = final_val = run.validate()
         if best_val is None or val > best_val:
             best_val, best_step = val, step

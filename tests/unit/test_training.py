@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import threading
@@ -158,6 +159,51 @@ def test_stop_via_control_returns_best_state(pairs) -> None:  # type: ignore[no-
     # the returned weights are the best state: re-scoring them gives the best Dice exactly
     assert evaluate_dice(result.bundle, val) == pytest.approx(result.best_val_dice, abs=1e-12)
     assert not result.bundle.model.training
+
+
+class _StopAfterPolls(FinetuneControl):
+    """Says "stop" on the ``n``-th poll after being armed: a deterministic mid-step Stop."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.polls, self.armed = n, 0, False
+
+    @property
+    def stop_requested(self) -> bool:
+        if self.armed:
+            self.polls += 1
+        return super().stop_requested or (self.armed and self.polls >= self.n)
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_stop_interrupts_a_step_midway(pairs, where) -> None:  # type: ignore[no-untyped-def]
+    """Stop does not wait for the step: the step in flight is dropped, weights are the last step's."""
+    n_modules = len(list(_tiny().model.modules()))
+    # Once armed, poll 1 is the step-boundary check, the next n_modules polls are forward
+    # pre-hooks, the rest are gradient hooks during backward.
+    control = _StopAfterPolls(3 if where == "forward" else n_modules + 4)
+    cfg = _cfg(epochs=3, steps_per_epoch=1, val_fraction=0.0, seed=3)
+    gen = finetune(pairs, _tiny(), cfg, control=control)
+    while True:
+        try:
+            rep = next(gen)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        if rep.step == 1:
+            control.armed = True  # step 2 is stopped midway
+    assert result.stopped_reason == "cancelled" and result.steps == 1
+    assert control.polls >= control.n  # it really stopped from inside the step
+    _, one_step = _run(finetune(pairs, _tiny(), dataclasses.replace(cfg, epochs=1)))
+    for (name, a), b in zip(result.bundle.model.named_parameters(),
+                            one_step.bundle.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=f"{name} was changed by the interrupted step")
+    # No hook is left on the returned model: it trains and predicts normally.
+    net = result.bundle.model
+    assert all(not m._forward_pre_hooks for m in net.modules())
+    assert all(not p._backward_hooks for p in net.parameters())
+    net.train()
+    net(torch.rand(2, 1, 32, 32)).mean().backward()
 
 
 def test_threading_event_also_stops(pairs) -> None:  # type: ignore[no-untyped-def]
