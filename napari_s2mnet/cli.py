@@ -24,11 +24,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tile-size", type=int, default=None, help="tile side in pixels")
     p.add_argument("--threshold", type=float, default=None, help="probability threshold")
     p.add_argument("--channel-axis", type=int, default=None, help="axis of channels, if any")
+    p.add_argument("--z-context", type=int, default=0,
+                   help="stacks: 2.5-D smoothing over +-N neighbouring slices (default 0: off)")
     p.set_defaults(func=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from napari_s2mnet.inference import predict_paths
+    from napari_s2mnet.inference import InferenceConfig, predict_paths
 
     return predict_paths(
         args.inputs,
@@ -38,6 +40,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         tile_size=args.tile_size,
         threshold=args.threshold,
         channel_axis=args.channel_axis,
+        config=InferenceConfig(z_context=args.z_context),
     )
 
 

@@ -52,6 +52,7 @@ import math
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from itertools import product
@@ -114,6 +115,11 @@ class InferenceConfig:
         compute_features: Compute the morphology features table.
         normalize_per_slice: Stacks / time series: normalise every slice with its own statistics
             instead of the whole stack's (the default keeps empty slices dark).
+        z_context: Stacks: 2.5-D smoothing. Each slice's probabilities are averaged with those of
+            its ``z_context`` neighbours on either side along the last stack axis (z; never
+            across time points) before thresholding, so objects stay consistent from slice to
+            slice. No extra network passes; memory for ``2 * z_context + 1`` probability maps.
+            0 (default): every slice on its own.
     """
 
     tile_size: int | None = None
@@ -131,6 +137,7 @@ class InferenceConfig:
     return_probability: bool = False
     compute_features: bool = True
     normalize_per_slice: bool = False
+    z_context: int = 0
 
     def validate(self) -> None:
         """Raise ``ValueError`` with an actionable message for impossible settings."""
@@ -159,6 +166,11 @@ class InferenceConfig:
             raise ValueError(
                 "split_min_distance must be an integer >= 1 pixel, got "
                 f"{self.split_min_distance!r}."
+            )
+        if not isinstance(self.z_context, int | np.integer) or self.z_context < 0:
+            raise ValueError(
+                f"z_context must be an integer >= 0 slices (0 = no 2.5-D smoothing), got "
+                f"{self.z_context!r}."
             )
         if not isinstance(self.device, str):
             raise TypeError(
@@ -962,15 +974,25 @@ def segment_iter(
         prob_out: np.ndarray | None = None
         unc_out: np.ndarray | None = None
         total_objects = 0
-        for k, idx in enumerate(np.ndindex(*plan.lead)):
-            counter.slice_index = k
-            region = plan.view[idx]
-            t0 = time.perf_counter()
-            slice_stats = stats if stats is not None else stats_for(region, 2)
-            acc = yield from engine.predict(region, plan, slice_stats, counter)
-            t1 = time.perf_counter()
-            timings["predict"] += t1 - t0
+        def predictions() -> Generator[Progress | _Predicted, None, None]:
+            for k, idx in enumerate(np.ndindex(*plan.lead)):
+                counter.slice_index = k
+                region = plan.view[idx]
+                t0 = time.perf_counter()
+                slice_stats = stats if stats is not None else stats_for(region, 2)
+                acc = yield from engine.predict(region, plan, slice_stats, counter)
+                timings["predict"] += time.perf_counter() - t0
+                yield _Predicted(idx, acc)
 
+        stream = predictions()
+        if cfg.z_context and plan.lead:
+            stream = _z_smoothed(stream, int(cfg.z_context), plan.lead)
+        for item in stream:
+            if isinstance(item, Progress):
+                yield item
+                continue
+            idx, acc = item.idx, item.acc
+            t1 = time.perf_counter()
             unc = _entropy(acc) if cfg.uncertainty else None
             if binary:
                 prob = acc[0]
@@ -1040,6 +1062,50 @@ def segment_iter(
         return result
     finally:
         engine.close()
+
+
+@dataclass
+class _Predicted:
+    """The blended class probabilities ``(C, H, W)`` of the slice at leading index ``idx``."""
+
+    idx: tuple[int, ...]
+    acc: np.ndarray
+
+
+def _z_smoothed(
+    stream: Generator[Progress | _Predicted, None, None], n: int, lead: tuple[int, ...]
+) -> Generator[Progress | _Predicted, None, None]:
+    """Average every slice's probabilities over its +-``n`` neighbours along the last lead axis.
+
+    Progress passes through; slices come out in the order they went in, each as soon as its
+    last neighbour has arrived (so at most ``2n + 1`` maps are held). Windows are clipped at the
+    ends of the axis and never cross the other lead axes (time points).
+    """
+    depth = lead[-1]
+    window: dict[int, np.ndarray] = {}  # z -> probabilities of the current z-run
+    pending: deque[tuple[int, ...]] = deque()
+
+    def emit(idx: tuple[int, ...]) -> _Predicted:
+        z = idx[-1]
+        neighbours = [window[j] for j in range(max(0, z - n), min(depth, z + n + 1))]
+        out = np.mean(neighbours, axis=0, dtype=np.float64).astype(np.float32)
+        for j in [j for j in window if j < z - n + 1]:  # no later slice needs these
+            del window[j]
+        return _Predicted(idx, out)
+
+    for item in stream:
+        if isinstance(item, Progress):
+            yield item
+            continue
+        window[item.idx[-1]] = item.acc
+        pending.append(item.idx)
+        # The oldest pending slice is ready when its window's last slice is in.
+        while pending and min(depth - 1, pending[0][-1] + n) <= item.idx[-1]:
+            yield emit(pending.popleft())
+        if not pending:  # only at the end of a z-run (n >= 1): the next time point starts afresh
+            window.clear()
+    while pending:
+        yield emit(pending.popleft())
 
 
 def _assemble(

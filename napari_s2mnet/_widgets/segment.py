@@ -29,6 +29,7 @@ ADVANCED_FIELDS = [
     "split_touching",
     "uncertainty",
     "tta",
+    "z_context",
 ]
 
 
@@ -87,16 +88,20 @@ class SegmentWidget(QWidget):
         self.advanced = dataclass_form(
             InferenceConfig,
             ADVANCED_FIELDS,
-            labels={"tta": "test-time augmentation", "uncertainty": "uncertainty layer"},
+            labels={"tta": "test-time augmentation", "uncertainty": "uncertainty layer",
+                    "z_context": "2.5-D z context"},
             options={"tile_size": {"min": 32, "max": 4096, "step": 32},
                      "overlap": {"min": 0.0, "max": 0.75, "step": 0.025, "decimals": 3},
                      "threshold": {"min": 0.0, "max": 1.0, "step": 0.05},
-                     "min_size": {"min": 0, "max": 100000}},
+                     "min_size": {"min": 0, "max": 100000},
+                     "z_context": {"min": 0, "max": 20}},
             placeholder={"threshold": 0.5, "tile_size": 256},
             tooltips={"threshold": "auto: the model's own threshold",
                       "tile_size": "auto: the crop size the model was trained with (S2M-Net is "
                                    "most accurate at that size)",
-                      "split_touching": "split touching objects with a distance-transform watershed"},
+                      "split_touching": "split touching objects with a distance-transform watershed",
+                      "z_context": "stacks: average each slice's probabilities with N slices "
+                                   "above and below before thresholding (0: off)"},
         )
         self.device_label = QLabel()
         self.model_label = QLabel()

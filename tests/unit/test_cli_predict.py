@@ -137,3 +137,24 @@ def test_clear_errors_exit_two(inputs, tmp_path, model_file, monkeypatch, capsys
     assert _run([inputs / "a_nuclei.tif", "-o", tmp_path / "o", "--model", model_file,
                  "--tile-size", "4"]) == 2
     assert "tile_size" in capsys.readouterr().err
+
+
+def test_z_context_flag_reaches_the_engine(tmp_path, model_file, threshold, dsb2018, capsys):
+    """--z-context N writes what segment_iter(..., z_context=N) returns for the same stack."""
+    img = dsb2018[0][:128, :128]
+    stack = np.stack([img, img[::-1], img[:, ::-1], img])
+    tifffile.imwrite(tmp_path / "stack.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    rc = _run([tmp_path / "stack.tif", "-o", tmp_path / "out", "--model", model_file,
+               "--device", "cpu", "--threshold", threshold, "--z-context", "1"])
+    assert rc == 0
+    bundle = checkpoint.load_model(model_file)
+    cfg = InferenceConfig(device="cpu", threshold=threshold, z_context=1, compute_features=False)
+    expected = run_to_end(segment_iter(stack, bundle, cfg)).labels
+    plain = run_to_end(segment_iter(stack, bundle, InferenceConfig(
+        device="cpu", threshold=threshold, compute_features=False))).labels
+    labels = read_labels(tmp_path / "out" / "stack_labels.tif")
+    assert np.array_equal(labels, expected)
+    assert not np.array_equal(labels > 0, plain > 0)  # the smoothing changed the masks
+    assert _run([tmp_path / "stack.tif", "-o", tmp_path / "o2", "--model", model_file,
+                 "--z-context", "-1"]) == 2
+    assert "z_context" in capsys.readouterr().err

@@ -254,6 +254,45 @@ def test_time_series_4d_and_dtype_growth():
     assert len(np.unique(res.labels)) == sum(counts) + 1
 
 
+def _moving_average_z(prob: np.ndarray, n: int) -> np.ndarray:
+    """Mean over the clipped window z-n..z+n of the last lead axis, computed independently."""
+    out = np.empty_like(prob)
+    depth = prob.shape[-3]
+    for idx in np.ndindex(*prob.shape[:-3]):
+        for z in range(depth):
+            lo, hi = max(0, z - n), min(depth, z + n + 1)
+            out[(*idx, z)] = prob[(*idx, slice(lo, hi))].mean(axis=0)
+    return out
+
+
+@pytest.mark.parametrize(("shape", "n"), [((5,), 1), ((6,), 2), ((2, 4), 1), ((3,), 5)])
+def test_z_context_averages_probabilities_along_z_only(shape, n):
+    """2.5-D smoothing: each slice's probabilities are the mean over its +-n z neighbours, never
+    across time points; labels are thresholded from the smoothed map."""
+    rng = np.random.default_rng(4)
+    data = rng.normal(0.4, 0.2, (*shape, 40, 48)).astype(np.float32)
+    axis_names = ("t", "z")[-len(shape):]
+    layout = ImageLayout(axis_names=axis_names)
+    plain = run_to_end(segment_iter(data, pointwise_bundle(), cpu(return_probability=True,
+                                                                  min_size=0), layout=layout))
+    smooth = run_to_end(segment_iter(data, pointwise_bundle(), cpu(
+        return_probability=True, min_size=0, z_context=n), layout=layout))
+    expected = _moving_average_z(plain.probability, n)
+    np.testing.assert_allclose(smooth.probability, expected, atol=1e-6)
+    assert not np.allclose(smooth.probability, plain.probability)
+    fg = smooth.labels > 0
+    assert np.array_equal(fg, smooth.probability > smooth.threshold)
+    assert smooth.n_tiles == plain.n_tiles  # no extra network passes
+
+
+def test_z_context_is_ignored_for_2d_and_validated(nuclei):
+    a = segment(nuclei, pointwise_bundle(), cpu())[0]
+    b = segment(nuclei, pointwise_bundle(), cpu(z_context=2))[0]
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="z_context"):
+        cpu(z_context=-1).validate()
+
+
 def test_per_slice_normalisation_option():
     # A dim slice and a bright one: stack statistics keep the dim slice empty, per-slice ones don't.
     rng = np.random.default_rng(2)
@@ -456,13 +495,15 @@ def test_auto_tile_size_is_the_models_training_crop(nuclei):
     assert bundle.tile_size == 128
 
 
+@pytest.mark.parametrize("z_context", [0, 1])
 @pytest.mark.parametrize("stop_after", [0, 1, 3])
-def test_closing_the_generator_cancels_cleanly(nuclei, stop_after):
+def test_closing_the_generator_cancels_cleanly(nuclei, stop_after, z_context):
     bundle = pointwise_bundle()
     bundle.model.train()
     bundle.model.conv.eval()  # mixed modes must come back exactly
     weights = bundle.model.conv.weight.detach().clone()
-    gen = segment_iter(np.stack([nuclei] * 2), bundle, cpu(tile_size=64, batch_size=2))
+    gen = segment_iter(np.stack([nuclei] * 2), bundle, cpu(tile_size=64, batch_size=2,
+                                                           z_context=z_context))
     for _ in range(stop_after + 1):
         next(gen)
     gen.close()  # no exception, nothing returned
