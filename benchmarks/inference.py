@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
               " robust to\n  other load). Baseline: the raw network on a batch of 4 tiles in the "
               "same process\n  ('raw cpu/t' = its CPU s per tile); 'vs raw' = raw CPU time of the "
               "tiles / CPU time of the run\n")
-        header = (f"{'size':>6} {'Mpx':>6} {'tile':>4} {'tiles':>5} {'wall s':>7} {'predict':>8} "
+        header = (f"{'size':>6} {'Mpx':>6} {'tile':>4} {'tiles':>5} {'tiles/s':>7} {'wall s':>7} "
+                  f"{'predict':>8} "
                   f"{'post':>6} {'feat':>6} {'cpu s':>7} {'cpu/Mpx':>7} {'raw cpu/t':>9} "
                   f"{'vs raw':>6} {'objects':>7} {'peak RSS':>9} {'growth':>7}")
         print(header)
@@ -264,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
             t = r["timings"]
             mpx = size * size / 1e6
             vs_raw = r["tiles"] * r["raw_cpu_per_tile"] / r["cpu_s"]
-            print(f"{size:>6} {mpx:>6.2f} {r['tile']:>4} {r['tiles']:>5} {r['wall_s']:>7.2f} "
+            tps = r["tiles"] / max(t["predict"], 1e-9)  # tiles through the network per second
+            print(f"{size:>6} {mpx:>6.2f} {r['tile']:>4} {r['tiles']:>5} {tps:>7.1f} "
+                  f"{r['wall_s']:>7.2f} "
                   f"{t['predict']:>8.2f} {t['postprocess']:>6.2f} {t['features']:>6.2f} "
                   f"{r['cpu_s']:>7.2f} {r['cpu_s'] / mpx:>7.2f} {r['raw_cpu_per_tile']:>9.3f} "
                   f"{vs_raw:>6.2f} {r['objects']:>7} {r['peak_rss_gb']:>7.2f}GB "
