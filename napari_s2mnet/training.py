@@ -289,25 +289,21 @@ class _StopNow(Exception):
 
 
 class _Interrupter:
-    """Forward pre-hooks on every module and gradient hooks on every parameter that raise
-    :class:`_StopNow` once ``control`` asks to stop, so Stop does not wait for a whole step."""
+    """Forward pre-hooks on every module that raise :class:`_StopNow` once ``control`` asks to
+    stop, so Stop does not wait for the rest of the forward pass.
+
+    Backward is not interrupted: an exception raised from a gradient hook of S2M-Net in a worker
+    thread (where napari runs the training) makes the process abort at exit with torch 2.13
+    ("terminate called without an active exception"), so a stop during backward waits for it.
+    """
 
     def __init__(self, net: nn.Module, control: FinetuneControl | threading.Event) -> None:
         self.control = control
         self.handles = [m.register_forward_pre_hook(self._check) for m in net.modules()]
-        self.handles += [p.register_hook(self._check_grad) for p in net.parameters()
-                         if p.requires_grad]
-
-    def _requested(self) -> bool:
-        c = self.control
-        return c.is_set() if isinstance(c, threading.Event) else c.stop_requested
 
     def _check(self, *_: Any) -> None:
-        if self._requested():
-            raise _StopNow
-
-    def _check_grad(self, grad: torch.Tensor) -> None:
-        if self._requested():
+        c = self.control
+        if c.is_set() if isinstance(c, threading.Event) else c.stop_requested:
             raise _StopNow
 
     def remove(self) -> None:
@@ -1056,8 +1052,8 @@ def finetune(
     step = 0
     reason = "completed"
     stop_flag = torch.zeros(3, dtype=torch.float64, device=device if ctx.enabled else "cpu")
-    # Stop within one layer, not one step: hooks raise _StopNow mid-forward/backward (one
-    # process only: a rank leaving a collective early would hang the others).
+    # Stop within one layer of the forward pass, not at the end of the step: hooks raise _StopNow
+    # (one process only: a rank leaving a collective early would hang the others).
     interrupter = _Interrupter(run.net, control) if control is not None and not ctx.enabled \
         else None
     try:

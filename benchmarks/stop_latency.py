@@ -1,0 +1,126 @@
+"""How fast Stop ends a fine-tuning run, against the duration of one training step.
+
+Usage::
+
+    python -m benchmarks.stop_latency             # bundled S2M-Net, CPU, about 1 minute
+    python -m benchmarks.stop_latency --crop-size 384 --batch-size 8
+
+What the Fine-tune widget does, without the widget: :func:`napari_s2mnet.training.finetune` runs
+in a worker thread (as napari's thread worker runs it) on the DSB2018 sample from the bundled
+model; after a random delay inside the run the main thread calls
+:meth:`~napari_s2mnet.training.FinetuneControl.stop` and measures the time until the generator has
+returned its result (the best state, ready to use). The baseline, measured in the same process
+first, is the median duration of a full training step (a run of ``--baseline-steps`` steps): what
+Stop would cost on average if it waited for the step in flight to end. Delays are drawn so stops
+land anywhere inside a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import threading
+import time
+
+import numpy as np
+
+from benchmarks.fetch_data import load_dsb2018
+
+
+def step_seconds(pairs, bundle, cfg, n: int) -> list[float]:  # type: ignore[no-untyped-def]
+    """Durations of steps 2..n of an uninterrupted run (step 1 includes warm-up)."""
+    import dataclasses
+
+    from napari_s2mnet.training import finetune
+
+    cfg = dataclasses.replace(cfg, seconds=None, epochs=1, steps_per_epoch=n)
+    times, last = [], None
+    for rep in finetune(pairs, bundle, cfg):
+        now = time.perf_counter()
+        if 1 < rep.step <= n and last is not None and rep.val_dice is None:
+            times.append(now - last)
+        last = now
+    return times
+
+
+def one_stop(pairs, bundle, cfg, delay: float) -> tuple[float, int]:  # type: ignore[no-untyped-def]
+    """(stop latency s, steps done) of one run stopped ``delay`` s after its first step."""
+    from napari_s2mnet.training import FinetuneControl, finetune
+
+    control = FinetuneControl()
+    first_step = threading.Event()
+    done = threading.Event()
+    out: dict[str, object] = {}
+
+    def work() -> None:
+        gen = finetune(pairs, bundle, cfg, control=control)
+        while True:
+            try:
+                rep = next(gen)
+            except StopIteration as stop:
+                out["result"] = stop.value
+                break
+            if rep.step >= 1:
+                first_step.set()
+        done.set()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    first_step.wait()
+    time.sleep(delay)
+    t0 = time.perf_counter()
+    control.stop()
+    done.wait()
+    latency = time.perf_counter() - t0
+    thread.join()
+    return latency, out["result"].steps  # type: ignore[attr-defined]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    import torch
+
+    from napari_s2mnet.checkpoint import load_default_model
+    from napari_s2mnet.training import FinetuneConfig
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--crop-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline-steps", type=int, default=6)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    image, labels = load_dsb2018()
+    bundle = load_default_model("cpu")
+    # Validation split as the widget's default config; stops land in training steps.
+    cfg = FinetuneConfig(seconds=600, crop_size=args.crop_size, batch_size=args.batch_size,
+                         device="cpu", seed=args.seed)
+    rng = np.random.default_rng(args.seed)
+    print(f"# stop latency: torch {torch.__version__}, cpu, threads {args.threads}, "
+          f"{platform.processor() or platform.machine()}; bundled S2M-Net, batch "
+          f"{args.batch_size} x {args.crop_size}^2, {args.runs} runs")
+    steps = step_seconds([(image, labels)], bundle, cfg, args.baseline_steps)
+    step = statistics.median(steps)
+    print(f"# baseline: {len(steps)} uninterrupted steps, median {step:.3f} s", flush=True)
+    lat = []
+    for run in range(args.runs):
+        delay = float(rng.uniform(0.0, 2.0)) * step  # anywhere in the next two steps
+        latency, done = one_stop([(image, labels)], bundle, cfg, delay)
+        lat.append(latency)
+        print(f"# run {run}: stop {delay:.2f} s after step 1 -> returned in {latency:.3f} s "
+              f"({done} steps done)", flush=True)
+    print()
+    print("| measure | median s | max s | / median step |")
+    print("|---|---:|---:|---:|")
+    print(f"| Stop -> result returned | {statistics.median(lat):.3f} | {max(lat):.3f} | "
+          f"{statistics.median(lat) / step:.2f} |")
+    print(f"| one training step (baseline) | {step:.3f} | {max(steps):.3f} | 1.00 |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
