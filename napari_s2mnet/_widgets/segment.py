@@ -129,6 +129,7 @@ class SegmentWidget(QWidget):
         self.device.changed.connect(self._show_device)
         self.image.changed.connect(self._refresh_channel_axes)
         self.session.changed.connect(self._show_model)
+        self.session.changed.connect(self._refresh_channel_axes)
         for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             ev.connect(self._refresh_choices)
         self._refresh_choices()
@@ -164,7 +165,21 @@ class SegmentWidget(QWidget):
         current = self.channel_axis.value
         self.channel_axis.reset_choices()
         values = [v for _, v in self._channel_choices()]
-        self.channel_axis.value = current if current in values else NO_CHANNEL_AXIS
+        if current not in values or current == NO_CHANNEL_AXIS:
+            current = self._suggested_channel_axis(values)
+        self.channel_axis.value = current
+
+    def _suggested_channel_axis(self, values: list[int]) -> int:
+        """The first axis whose length equals a multichannel model's input channels, else none."""
+        layer = self.image.value
+        if layer is None or not self.session.loaded:  # never load a model just to guess
+            return NO_CHANNEL_AXIS
+        n = int(self.session.active().config.in_channels)
+        shape = np.shape(layer.data)
+        for axis in values:
+            if n > 1 and axis != NO_CHANNEL_AXIS and shape[axis] == n:
+                return axis
+        return NO_CHANNEL_AXIS
 
     def _show_device(self, *_: Any) -> None:
         from napari_s2mnet.devices import describe_device, resolve_device

@@ -246,15 +246,15 @@ def test_segment_multichannel_layer_with_channel_axis(viewer_with_plugin, qtbot)
     viewer, seg, _, _ = viewer_with_plugin
     torch.manual_seed(0)
     two = new_model(ModelConfig(arch="unet", in_channels=2, options={"base": 4, "depth": 2}))
-    get_session(viewer).set_active(two, "test")
     data = np.random.default_rng(0).integers(0, 4000, (2, 70, 90), dtype=np.uint16)
     layer = viewer.add_image(data, name="two channels", scale=(1.0, 0.3, 0.4),
                              axis_labels=("c", "y", "x"))
     seg._refresh_choices()
     seg.image.value = layer
     assert list(seg.channel_axis.choices) == [-1, 0]
-    assert seg.channel_axis.value == -1  # 'none' until the user says otherwise
-    seg.channel_axis.value = 0
+    assert seg.channel_axis.value == -1  # a 1-channel model: 'none' (planes)
+    get_session(viewer).set_active(two, "test")
+    assert seg.channel_axis.value == 0  # suggested: the axis as long as the model's inputs
     n_before = len(viewer.layers)
     seg.run()
     _wait_worker(qtbot, seg)
