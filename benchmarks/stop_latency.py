@@ -46,6 +46,7 @@ def step_seconds(pairs, bundle, cfg, n: int) -> list[float]:  # type: ignore[no-
 
 def one_stop(pairs, bundle, cfg, delay: float) -> tuple[float, int]:  # type: ignore[no-untyped-def]
     """(stop latency s, steps done) of one run stopped ``delay`` s after its first step."""
+    from napari_s2mnet.inference import run_to_end
     from napari_s2mnet.training import FinetuneControl, finetune
 
     control = FinetuneControl()
@@ -54,15 +55,11 @@ def one_stop(pairs, bundle, cfg, delay: float) -> tuple[float, int]:  # type: ig
     out: dict[str, object] = {}
 
     def work() -> None:
-        gen = finetune(pairs, bundle, cfg, control=control)
-        while True:
-            try:
-                rep = next(gen)
-            except StopIteration as stop:
-                out["result"] = stop.value
-                break
-            if rep.step >= 1:
+        def on_report(rep: object) -> None:
+            if rep.step >= 1:  # type: ignore[attr-defined]
                 first_step.set()
+
+        out["result"] = run_to_end(finetune(pairs, bundle, cfg, control=control), on_report)
         done.set()
 
     thread = threading.Thread(target=work, daemon=True)

@@ -15,6 +15,7 @@ import torch
 
 from napari_s2mnet import training
 from napari_s2mnet.checkpoint import ModelBundle, load_model, model_hash, new_model
+from napari_s2mnet.inference import run_to_end
 from napari_s2mnet.model.registry import ModelConfig
 from napari_s2mnet.training import (
     FinetuneConfig,
@@ -180,15 +181,10 @@ def test_stop_interrupts_a_step_in_its_forward_pass(pairs) -> None:  # type: ign
     # Once armed, poll 1 is the step-boundary check, the next ones are forward pre-hooks.
     control = _StopAfterPolls(3)
     cfg = _cfg(epochs=3, steps_per_epoch=1, val_fraction=0.0, seed=3)
-    gen = finetune(pairs, _tiny(), cfg, control=control)
-    while True:
-        try:
-            rep = next(gen)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        if rep.step == 1:
-            control.armed = True  # step 2 is stopped midway
+    def arm(rep: TrainReport) -> None:
+        control.armed = control.armed or rep.step == 1  # step 2 is stopped midway
+
+    result = run_to_end(finetune(pairs, _tiny(), cfg, control=control), arm)
     assert result.stopped_reason == "cancelled" and result.steps == 1
     assert control.polls >= control.n  # it really stopped from inside the step
     _, one_step = _run(finetune(pairs, _tiny(), dataclasses.replace(cfg, epochs=1)))
@@ -470,6 +466,7 @@ _STOP_IN_THREAD = """
 import threading, numpy as np, torch
 from napari_s2mnet.checkpoint import new_model
 from napari_s2mnet.model import ModelConfig
+from napari_s2mnet.inference import run_to_end
 from napari_s2mnet.training import FinetuneConfig, FinetuneControl, finetune
 torch.manual_seed(0)
 bundle = new_model(ModelConfig(arch="s2mnet", in_channels=1, options={options!r}))
@@ -488,14 +485,9 @@ out = {{}}
 def work():
     gen = finetune([(img, lab)], bundle, FinetuneConfig(epochs=50, steps_per_epoch=1,
                    crop_size=64, batch_size=2, device="cpu", val_fraction=0.0), control=control)
-    while True:
-        try:
-            rep = next(gen)
-        except StopIteration as stop:
-            out["result"] = stop.value
-            break
-        if rep.step == 2:
-            control.armed = True
+    def arm(rep):
+        control.armed = control.armed or rep.step == 2
+    out["result"] = run_to_end(gen, arm)
 t = threading.Thread(target=work)
 t.start(); t.join()
 print("STOPPED", out["result"].stopped_reason)
