@@ -36,7 +36,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,7 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneControl",
     "FinetuneResult",
+    "ResumeState",
     "TrainReport",
     "evaluate_dice",
     "finetune",
@@ -262,17 +263,49 @@ class FinetuneResult:
     best_step: int = 0
     elapsed: float = 0.0
     message: str = ""
+    resume: ResumeState | None = field(default=None, repr=False)
+
+
+@dataclass(repr=False)
+class ResumeState:
+    """Everything a stopped run needs to continue exactly where it stopped (in memory).
+
+    Held by :attr:`FinetuneResult.resume` after a run ended by Stop or by its time budget; pass
+    it back as ``finetune(..., resume=state)`` with the same pairs. Continuing reproduces the
+    uninterrupted run (same weights on the CPU) when the budget is unchanged; ``epochs`` and
+    ``seconds`` may be raised to train for longer. Not written to disk: it holds the optimiser's
+    moments and two extra copies of the weights.
+    """
+
+    config: FinetuneConfig
+    model_config: dict[str, Any]
+    data_key: str
+    parent: str
+    parent_metadata: dict[str, Any]
+    step: int
+    elapsed: float
+    net: dict[str, Any]
+    optimizer: dict[str, Any]
+    loss: dict[str, Any]
+    scaler: dict[str, Any]
+    rng: Any
+    cuda_rng: Any
+    loop: dict[str, Any]
+    history: list[TrainReport]
 
 
 class FinetuneControl:
     """Cooperative stop for :func:`finetune`: ``stop()`` may be called from any thread.
 
     The run ends at its next step and the generator *returns* a :class:`FinetuneResult` with the
-    best state so far (``stopped_reason="cancelled"``).
+    best state so far (``stopped_reason="cancelled"``). :meth:`stop_now` also hands that result
+    back at once, without waiting for the step in flight (a CPU backward pass can take seconds).
     """
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._make_result: Callable[[], FinetuneResult | None] | None = None
 
     def stop(self) -> None:
         """Ask the run to stop at the next step."""
@@ -282,6 +315,24 @@ class FinetuneControl:
     def stop_requested(self) -> bool:
         """Whether :meth:`stop` was called."""
         return self._event.is_set()
+
+    def stop_now(self) -> FinetuneResult | None:
+        """Ask the run to stop and return, at once, the result it stands to return.
+
+        That is the best validated state so far (or, without validation, the last applied
+        step), built from a snapshot the training loop publishes after each change, so this
+        never waits for the worker thread. ``None`` while the result would be the starting model
+        unchanged (no step applied yet, or no validated improvement). The run itself still
+        finishes its step in flight and returns its own result, which the caller may ignore.
+        """
+        self.stop()
+        with self._lock:
+            make = self._make_result
+        return make() if make is not None else None
+
+    def _publish(self, make: Callable[[], FinetuneResult | None] | None) -> None:
+        with self._lock:
+            self._make_result = make
 
 
 class _StopNow(Exception):
@@ -964,6 +1015,45 @@ def _resolve(device: str) -> torch.device:
     return resolve_device(device)
 
 
+def _data_key(data: _Data) -> str:
+    """Fingerprint of the prepared training and validation data (for :class:`ResumeState`)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for items in (data.train, data.val):
+        h.update(str(len(items)).encode())
+        for it in items:
+            for arr in (it.image, it.target):
+                h.update(f"{arr.dtype}{arr.shape}".encode())
+                h.update(np.ascontiguousarray(arr).data)
+    return h.hexdigest()
+
+
+def _check_resume(state: ResumeState, model: ModelBundle, config: FinetuneConfig | None,
+                  data_key: str) -> FinetuneConfig:
+    """The config to continue with; a clear error when the run cannot be continued as asked."""
+    if not isinstance(state, ResumeState):
+        raise TypeError(f"resume must be a ResumeState (FinetuneResult.resume), "
+                        f"got {type(state).__name__}.")
+    if model.config.to_dict() != state.model_config:
+        raise ValueError("resume: the model's architecture differs from the stopped run's; pass "
+                         "the bundle the run returned (FinetuneResult.bundle).")
+    if config is None:
+        return copy.deepcopy(state.config)
+    budget = ("epochs", "seconds")
+    changed = [f.name for f in fields(FinetuneConfig) if f.name not in budget
+               and getattr(config, f.name) != getattr(state.config, f.name)]
+    if changed:
+        raise ValueError(f"resume: only the budget (epochs, seconds) may change when a run is "
+                         f"continued, but {', '.join(changed)} differ(s); start a new fine-tune "
+                         "from the returned model instead.")
+    if data_key != state.data_key:
+        raise ValueError("resume: the training pairs differ from those of the stopped run "
+                         "(images, labels or validation split changed); start a new fine-tune "
+                         "from the returned model instead.")
+    return copy.deepcopy(config)
+
+
 def finetune(
     pairs: Sequence[Any],
     model: ModelBundle,
@@ -972,6 +1062,7 @@ def finetune(
     control: FinetuneControl | threading.Event | None = None,
     val_pairs: Sequence[Any] | None = None,
     names: Sequence[str] | None = None,
+    resume: ResumeState | None = None,
 ) -> Generator[TrainReport, None, FinetuneResult]:
     """Fine-tune (or train) a copy of ``model`` on (image, labels) pairs.
 
@@ -982,11 +1073,14 @@ def finetune(
             labels of the same spatial shape. Labels: instance ids (binary models) or class ids
             (multi-class models).
         model: The starting model; it is deep-copied and never modified.
-        config: Settings (default :class:`FinetuneConfig`).
+        config: Settings (default :class:`FinetuneConfig`; with ``resume``, the stopped run's).
         control: A :class:`FinetuneControl` (or ``threading.Event``) to stop cooperatively; the
             generator then returns the best state so far with ``stopped_reason="cancelled"``.
         val_pairs: Explicit validation pairs (instead of holding out part of ``pairs``).
         names: Names of the pairs for the model's provenance metadata.
+        resume: :attr:`FinetuneResult.resume` of a run that was stopped or ran out of time:
+            continue it (weights, optimiser, schedule, random streams, best state) instead of
+            starting afresh. Needs the same pairs; ``model`` gives the architecture only.
 
     Yields:
         A :class:`TrainReport` at the start (with the starting model's validation Dice), after
@@ -997,73 +1091,153 @@ def finetune(
 
     Raises:
         ValueError / TypeError: Bad input (shapes, label values, images without objects unless
-            ``allow_empty``, channels that do not fit the model, bad config values).
+            ``allow_empty``, channels that do not fit the model, bad config values, a ``resume``
+            state that does not fit the pairs or the config).
     """
     import torch
 
     from napari_s2mnet import _ddp
     from napari_s2mnet.checkpoint import model_hash
 
-    config = copy.deepcopy(config) if config is not None else FinetuneConfig()
-    config.validate()
     if not isinstance(model, ModelBundle):
         raise TypeError(f"model must be a ModelBundle (see checkpoint.load_model / new_model), "
                         f"got {type(model).__name__}.")
+    config = copy.deepcopy(config if config is not None else
+                           (resume.config if isinstance(resume, ResumeState) else FinetuneConfig()))
+    config.validate()
     device = _resolve(config.device)
     ctx = _ddp.init_from_env(device.type)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
+    if resume is not None and ctx.enabled:
+        raise ValueError("resume is not supported in data-parallel runs; continue on one process "
+                         "or start a new run from the saved model.")
     data = _prepare_data(pairs, model, config, names, val_pairs)
-    parent = model_hash(model)
+    key = _data_key(data) if resume is not None else ""
+    if resume is not None:
+        config = _check_resume(resume, model, config, key)
+    parent = resume.parent if resume is not None else model_hash(model)
+    parent_meta = resume.parent_metadata if resume is not None else model.metadata
     work = ModelBundle(model=copy.deepcopy(model.model), config=copy.deepcopy(model.config),
                        normalization=copy.deepcopy(model.normalization),
                        metadata=copy.deepcopy(model.metadata))
     run = _Run(work, data, config, device, ctx)
 
-    t0 = time.perf_counter()
     total = config.total_steps
     val_every = config.val_every or config.steps_per_epoch
-    history: list[TrainReport] = []
-    good_losses: deque[float] = deque(maxlen=50)
-    lr_scale = 1.0
-    recoveries = 0
-    exploding_run = 0
-    last_good = run.snapshot()
-    last_good_step = 0
+    history: list[TrainReport] = list(resume.history) if resume is not None else []
+    # Loop state that a resumed run takes over (ResumeState.loop).
+    lp: dict[str, Any] = {
+        "lr_scale": 1.0, "recoveries": 0, "exploding_run": 0, "good_losses": [],
+        "last_good_step": 0, "init_val": None, "best_val": None, "best_step": 0,
+        "since_best": 0, "pending_val": False,
+    }
+    if resume is not None:
+        run.net.load_state_dict(resume.net)
+        run.opt.load_state_dict(copy.deepcopy(resume.optimizer))
+        run.loss_fn.load_state_dict(resume.loss)
+        if resume.scaler:
+            run.scaler.load_state_dict(resume.scaler)
+        torch.set_rng_state(resume.rng)
+        if resume.cuda_rng is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(resume.cuda_rng, device)
+        lp.update(copy.deepcopy(resume.loop))
+    good_losses: deque[float] = deque(lp.pop("good_losses"), maxlen=50)
+    last_good = copy.deepcopy(lp.pop("last_good")) if resume is not None else run.snapshot()
+    best_state = (copy.deepcopy(lp.pop("best_state")) if resume is not None else None)
+    step = resume.step if resume is not None else 0
+    t0 = time.perf_counter() - (resume.elapsed if resume is not None else 0.0)
 
     def report(**kw: Any) -> TrainReport:
         r = TrainReport(**kw)
         history.append(r)
         return r
 
-    init_val = run.validate()
-    best_val = init_val
-    best_state = {k: v.detach().clone() for k, v in run.net.state_dict().items()}
-    best_step = 0
-    since_best = 0
-    mode_text = f"data-parallel x{ctx.world_size}, " if ctx.enabled else ""
-    msg = (f"training on {len(data.info)} image(s) with {data.n_objects} objects, "
-           f"{config.budget_text()}, {mode_text}device {device}; {data.split}")
-    if init_val is not None:
-        msg += f"; starting validation Dice {init_val:.3f}"
-    yield report(step=0, epoch=0, total_steps=total, loss=float("nan"), val_dice=init_val,
-                 best_val_dice=best_val, lr=0.0, elapsed=0.0, message=msg)
+    def state_copy() -> dict[str, Any]:
+        return {k: v.detach().clone() for k, v in run.net.state_dict().items()}
 
-    step = 0
+    publishing = isinstance(control, FinetuneControl) and not ctx.enabled
+
+    def publish(state: dict[str, Any], at_step: int) -> None:
+        """Let :meth:`FinetuneControl.stop_now` hand ``state`` out without waiting for us."""
+        if not publishing:
+            return
+        snap = (state, at_step, lp["best_val"], lp["init_val"], time.perf_counter() - t0, step)
+
+        def make() -> FinetuneResult:
+            weights, best_step, best_val, init_val, elapsed, steps = snap
+            net = copy.deepcopy(model.model)  # the caller's model: never touched by this run
+            net.load_state_dict(weights)
+            net.to(device).eval()
+            bundle = ModelBundle(model=net, config=copy.deepcopy(model.config),
+                                 normalization=copy.deepcopy(model.normalization),
+                                 metadata=_result_metadata(parent_meta, parent, config, data,
+                                                           steps, best_step, best_val, init_val,
+                                                           "cancelled", elapsed, device, ctx))
+            summary = _summary("cancelled", steps, best_val, init_val, best_step, elapsed, data)
+            return FinetuneResult(bundle=bundle, history=list(history), best_val_dice=best_val,
+                                  stopped_reason="cancelled", initial_val_dice=init_val,
+                                  steps=steps, best_step=best_step, elapsed=elapsed,
+                                  message=summary)
+
+        control._publish(make)  # type: ignore[union-attr]
+
+    def stop_asked() -> bool:
+        if control is None:
+            return False
+        return control.is_set() if isinstance(control, threading.Event) else control.stop_requested
+
+    def validate_and_track() -> float | None:
+        """Validate at ``step``; keep the best state; count validations without improvement."""
+        nonlocal best_state
+        lp["pending_val"] = True
+        val = run.validate()
+        lp["pending_val"] = False
+        if lp["best_val"] is None or val > lp["best_val"]:
+            improved = lp["best_val"] is None or val >= lp["best_val"] + config.min_delta
+            lp["best_val"], lp["best_step"] = val, step
+            best_state = state_copy()
+            lp["since_best"] = 0 if improved else lp["since_best"] + 1
+            publish(best_state, step)
+        else:
+            lp["since_best"] += 1
+        return val
+
     reason = "completed"
     stop_flag = torch.zeros(3, dtype=torch.float64, device=device if ctx.enabled else "cpu")
     # Stop within one layer of the forward pass, not at the end of the step: hooks raise _StopNow
     # (one process only: a rank leaving a collective early would hang the others).
     interrupter = _Interrupter(run.net, control) if control is not None and not ctx.enabled \
         else None
+    rng_at_step = torch.get_rng_state()
+    cuda_rng_at_step = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    buffers_at_step: dict[str, Any] = {}
+    in_step = False
     try:
+        if resume is None:
+            lp["init_val"] = lp["best_val"] = run.validate()
+            best_state = state_copy()
+            mode_text = f"data-parallel x{ctx.world_size}, " if ctx.enabled else ""
+            msg = (f"training on {len(data.info)} image(s) with {data.n_objects} objects, "
+                   f"{config.budget_text()}, {mode_text}device {device}; {data.split}")
+            if lp["init_val"] is not None:
+                msg += f"; starting validation Dice {lp['init_val']:.3f}"
+        else:
+            msg = f"resuming at step {step} ({config.budget_text()}, device {device})"
+            if lp["pending_val"]:  # the stopped run was interrupted in this validation
+                validate_and_track()
+        yield report(step=step, epoch=0 if step == 0 else (step - 1) // config.steps_per_epoch + 1,
+                     total_steps=total, loss=float("nan"), val_dice=lp["init_val"],
+                     best_val_dice=lp["best_val"], lr=0.0, elapsed=time.perf_counter() - t0,
+                     message=msg)
         while True:
             elapsed = time.perf_counter() - t0
+            # Where a resumed run picks up: random streams and buffers as of this step's start.
+            rng_at_step = torch.get_rng_state()
+            if device.type == "cuda":
+                cuda_rng_at_step = torch.cuda.get_rng_state(device)
             # One all-reduce per step keeps every rank's decisions identical.
-            want_stop = 0.0
-            if control is not None and (control.is_set() if isinstance(control, threading.Event)
-                                        else control.stop_requested):
-                want_stop = 1.0
+            want_stop = 1.0 if stop_asked() else 0.0
             time_up = config.seconds is not None and elapsed >= config.seconds
             if total is not None and step >= total:
                 reason = "completed"
@@ -1084,9 +1258,13 @@ def finetune(
             if total is not None and config.seconds is not None:
                 progress = 0.0  # both budgets: the step schedule rules, time only cuts short
             factor = _lr_factor(progress, step, config.warmup_fraction, total, config.min_lr / config.lr)
-            lr = config.lr * factor * lr_scale
+            lr = config.lr * factor * lp["lr_scale"]
             run.set_lr(lr)
 
+            if interrupter is not None:  # a stop inside the forward pass must not leave
+                # BatchNorm statistics of a step that never happened
+                buffers_at_step = {k: b.detach().clone() for k, b in run.net.named_buffers()}
+            in_step = True
             x, y = run.batch(step)
             loss, logits = run.forward_loss(x, y)
             loss_value = float(loss.detach())
@@ -1111,43 +1289,48 @@ def finetune(
                 if not math.isfinite(grad_norm) and not run.amp:
                     bad = True  # non-finite gradients: the weights may already be damaged
             if exploding:
-                exploding_run += 1
-                if exploding_run >= 3:
+                lp["exploding_run"] += 1
+                if lp["exploding_run"] >= 3:
                     bad = True
                     message = (f"loss exploded ({loss_mean:.3g} > {config.divergence_factor:g} x the "
                                "running median for 3 steps)")
                 else:
                     message = f"skipped an outlier step (loss {loss_mean:.3g})"
             else:
-                exploding_run = 0
+                lp["exploding_run"] = 0
             step += 1
+            in_step = False
 
             if bad:
-                recoveries += 1
-                exploding_run = 0
+                lp["recoveries"] += 1
+                lp["exploding_run"] = 0
                 what = message or ("non-finite loss" if not math.isfinite(loss_mean)
                                    else "non-finite gradients")
-                if recoveries > config.max_recoveries:
+                if lp["recoveries"] > config.max_recoveries:
                     run.restore(last_good)
                     reason = "diverged"
                     yield report(step=step, epoch=(step - 1) // config.steps_per_epoch + 1,
                                  total_steps=total, loss=loss_mean, lr=lr,
-                                 elapsed=time.perf_counter() - t0, best_val_dice=best_val,
+                                 elapsed=time.perf_counter() - t0, best_val_dice=lp["best_val"],
                                  message=f"{what} at step {step}; training diverged after "
                                          f"{config.max_recoveries} recoveries: stopping and keeping "
-                                         f"the last good state (step {last_good_step}).")
+                                         f"the last good state (step {lp['last_good_step']}).")
                     break
                 run.restore(last_good)
-                lr_scale *= 0.5
+                lp["lr_scale"] *= 0.5
                 message = (f"{what} at step {step}: restored the last good state (step "
-                           f"{last_good_step}) and halved the learning rate to "
-                           f"{config.lr * lr_scale:.2e}")
+                           f"{lp['last_good_step']}) and halved the learning rate to "
+                           f"{config.lr * lp['lr_scale']:.2e}")
+                if not run.val_tiles:
+                    publish(state_copy(), lp["last_good_step"])
             else:
                 if not exploding:
                     good_losses.append(loss_mean)
+                    if not run.val_tiles:  # without validation the result is the last state
+                        publish(state_copy(), step)
                 if step % _SNAPSHOT_EVERY == 0:
                     last_good = run.snapshot()
-                    last_good_step = step
+                    lp["last_good_step"] = step
 
             train_dice = None
             if not bad:
@@ -1157,32 +1340,47 @@ def finetune(
 
             val = None
             if run.val_tiles and step % val_every == 0 and not bad:
-                val = run.validate()
-                if best_val is None or val > best_val:
-                    improved = best_val is None or val >= best_val + config.min_delta
-                    best_val, best_step = val, step
-                    best_state = {k: v.detach().clone() for k, v in run.net.state_dict().items()}
-                    since_best = 0 if improved else since_best + 1
-                else:
-                    since_best += 1
+                val = validate_and_track()
             elapsed = time.perf_counter() - t0
             est_total = total
             if est_total is None and config.seconds is not None and elapsed > 0:
                 est_total = max(step, round(step * config.seconds / elapsed))
             yield report(step=step, epoch=(step - 1) // config.steps_per_epoch + 1,
                          total_steps=est_total, loss=loss_mean, components=run.components(),
-                         train_dice=train_dice, val_dice=val, best_val_dice=best_val, lr=lr,
+                         train_dice=train_dice, val_dice=val, best_val_dice=lp["best_val"], lr=lr,
                          elapsed=elapsed, message=message)
-            if val is not None and config.patience is not None and since_best >= config.patience:
+            if val is not None and config.patience is not None and \
+                    lp["since_best"] >= config.patience:
                 reason = "early stopping"
                 break
     except _StopNow:
         reason = "cancelled"  # mid-step: the optimiser has not applied this step
         run.opt.zero_grad(set_to_none=True)
+        if in_step and buffers_at_step:
+            for name, buf in run.net.named_buffers():
+                buf.copy_(buffers_at_step[name])
     finally:
         if interrupter is not None:
             interrupter.remove()
+        if publishing:
+            control._publish(None)  # type: ignore[union-attr]
 
+    if best_state is None:  # stopped during the first validation
+        best_state = state_copy()
+    resumable = None
+    if reason in ("cancelled", "time budget") and step > 0 and not ctx.enabled:
+        loop = {**lp, "good_losses": list(good_losses), "last_good": last_good,
+                "best_state": best_state}
+        resumable = ResumeState(
+            config=copy.deepcopy(config), model_config=model.config.to_dict(),
+            data_key=key or _data_key(data), parent=parent, parent_metadata=parent_meta,
+            step=step, elapsed=time.perf_counter() - t0, net=state_copy(),
+            optimizer=copy.deepcopy(run.opt.state_dict()),
+            loss={k: v.detach().clone() for k, v in run.loss_fn.state_dict().items()},
+            scaler=copy.deepcopy(run.scaler.state_dict()), rng=rng_at_step,
+            cuda_rng=cuda_rng_at_step, loop=copy.deepcopy(loop), history=list(history))
+
+    best_val, best_step, init_val = lp["best_val"], lp["best_step"], lp["init_val"]
     # Final validation when the last step was not validated (the best state may be the last).
     final_val = None
     # Not after Stop: the user wants it now, so the best state validated so far is kept.
@@ -1191,11 +1389,11 @@ def finetune(
         val = final_val = run.validate()
         if best_val is None or val > best_val:
             best_val, best_step = val, step
-            best_state = {k: v.detach().clone() for k, v in run.net.state_dict().items()}
+            best_state = state_copy()
     if run.val_tiles:
         run.net.load_state_dict(best_state)
     elif reason == "diverged":
-        best_step = last_good_step
+        best_step = lp["last_good_step"]
     else:
         best_step = step
     if run.net is not work.model:  # SyncBatchNorm was swapped in: hand back the plain modules
@@ -1208,7 +1406,7 @@ def finetune(
     elapsed = time.perf_counter() - t0
 
     work.model = run.net
-    work.metadata = _result_metadata(model.metadata, parent, config, data, step, best_step,
+    work.metadata = _result_metadata(parent_meta, parent, config, data, step, best_step,
                                      best_val, init_val, reason, elapsed, device, ctx)
     summary = _summary(reason, step, best_val, init_val, best_step, elapsed, data)
     yield report(step=step, epoch=max(0, (step - 1) // config.steps_per_epoch + 1),
@@ -1216,7 +1414,8 @@ def finetune(
                  lr=0.0, elapsed=elapsed, message=summary)
     return FinetuneResult(bundle=work, history=history, best_val_dice=best_val,
                           stopped_reason=reason, initial_val_dice=init_val, steps=step,
-                          best_step=best_step, elapsed=elapsed, message=summary)
+                          best_step=best_step, elapsed=elapsed, message=summary,
+                          resume=resumable)
 
 
 def _summary(reason: str, steps: int, best: float | None, init: float | None, best_step: int,

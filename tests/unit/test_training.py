@@ -430,6 +430,140 @@ def test_result_metadata_and_resume(pairs, tmp_path: Path) -> None:  # type: ign
     assert second.bundle.metadata["name"] == meta["name"]
 
 
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Parameters *and* buffers (BatchNorm statistics) equal, bit for bit."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=0, msg=name)
+
+
+def _small_s2m() -> ModelBundle:
+    torch.manual_seed(0)  # S2M-Net has dropout: a resumed run must continue its random stream
+    return new_model(ModelConfig(arch="s2mnet", in_channels=1, num_classes=1, options=SMALL_S2M))
+
+
+def test_resume_after_stop_continues_the_run_exactly(pairs) -> None:  # type: ignore[no-untyped-def]
+    start = _small_s2m()
+    cfg = _cfg(epochs=4, steps_per_epoch=2, loss="masl", seed=3, crop_size=64)
+    val = [_discs(10)]
+    _, whole = _run(finetune(pairs, start, cfg, val_pairs=val))
+    assert whole.resume is None  # a completed run has nothing to continue
+
+    control = FinetuneControl()
+    gen = finetune(pairs, start, cfg, control=control, val_pairs=val)
+    for rep in gen:
+        if rep.step == 3:
+            control.stop()
+            break
+    _, stopped = _run(gen)
+    assert stopped.stopped_reason == "cancelled" and stopped.steps == 3
+    assert stopped.resume is not None and stopped.resume.step == 3
+    reports, resumed = _run(finetune(pairs, stopped.bundle, val_pairs=val, resume=stopped.resume))
+    assert reports[0].message.startswith("resuming at step 3")
+    assert resumed.stopped_reason == "completed" and resumed.steps == whole.steps == 8
+    assert (resumed.best_step, resumed.best_val_dice) == (whole.best_step, whole.best_val_dice)
+    _same_weights(resumed.bundle.model, whole.bundle.model)
+    # the loss (MASL, with its learnable weights and the dropout stream) of every later step
+    loss_of = {r.step: r.loss for r in whole.history if r.step > 0 and math.isfinite(r.loss)}
+    later = [r for r in resumed.history if r.step > 3 and math.isfinite(r.loss)]
+    assert len(later) == 5 and all(r.loss == loss_of[r.step] for r in later)
+    # provenance as for one run: one history entry, parent = the starting model
+    (entry,) = resumed.bundle.metadata["history"]
+    assert entry["steps"] == 8 and resumed.bundle.metadata["parent"] == model_hash(start)
+
+
+def test_resume_after_a_stop_inside_the_forward_pass(pairs) -> None:  # type: ignore[no-untyped-def]
+    start = _small_s2m()
+    cfg = _cfg(epochs=5, steps_per_epoch=1, val_fraction=0.0, seed=1, crop_size=64)
+    control = _StopAfterPolls(30)  # the step-boundary poll, then forward pre-hooks: past BN layers
+
+    def arm(rep: TrainReport) -> None:
+        control.armed = control.armed or rep.step == 2
+
+    stopped = run_to_end(finetune(pairs, start, cfg, control=control), arm)
+    assert stopped.stopped_reason == "cancelled" and stopped.steps == 2
+    # the dropped step left no trace, not even in the BatchNorm running statistics
+    _, two = _run(finetune(pairs, start, dataclasses.replace(cfg, epochs=2)))
+    _same_weights(stopped.bundle.model, two.bundle.model)
+    resumed = run_to_end(finetune(pairs, stopped.bundle, resume=stopped.resume))
+    _, whole = _run(finetune(pairs, start, cfg))
+    assert resumed.steps == 5
+    _same_weights(resumed.bundle.model, whole.bundle.model)
+
+
+def test_resume_with_a_longer_time_budget(pairs) -> None:  # type: ignore[no-untyped-def]
+    cfg = _cfg(epochs=None, seconds=0.5, val_fraction=0.0)
+    _, first = _run(finetune(pairs, _tiny(), cfg))
+    assert first.stopped_reason == "time budget" and first.resume is not None
+    more = dataclasses.replace(cfg, seconds=first.elapsed + 1.0)
+    _, second = _run(finetune(pairs, first.bundle, more, resume=first.resume))
+    assert second.stopped_reason == "time budget" and second.steps > first.steps
+
+
+def test_resume_refuses_other_data_or_settings(pairs) -> None:  # type: ignore[no-untyped-def]
+    control = FinetuneControl()
+    stopped = run_to_end(finetune(pairs, _tiny(), _cfg(epochs=5), control=control),
+                         lambda r: control.stop() if r.step == 1 else None)
+    bundle, state = stopped.bundle, stopped.resume
+    assert state is not None
+    with pytest.raises(ValueError, match="training pairs differ"):
+        next(finetune(pairs[:2], bundle, resume=state))
+    with pytest.raises(ValueError, match=r"only the budget.*lr"):
+        next(finetune(pairs, bundle, _cfg(epochs=5, lr=1e-2), resume=state))
+    with pytest.raises(ValueError, match="architecture differs"):
+        next(finetune(pairs, _tiny(in_channels=2), resume=state))
+    with pytest.raises(TypeError, match="ResumeState"):
+        next(finetune(pairs, bundle, resume={"step": 1}))  # type: ignore[arg-type]
+
+
+def _train_with_blocked_backward(pairs, monkeypatch, block_call: int):  # type: ignore[no-untyped-def]
+    """Start ``train`` in a thread whose ``block_call``-th backward pass waits for a release."""
+    in_backward, release = threading.Event(), threading.Event()
+    real_backward = training._Run.backward
+    calls = itertools.count(1)
+
+    def slow_backward(self, loss):  # type: ignore[no-untyped-def]
+        if next(calls) == block_call:  # a backward pass that takes "seconds"
+            in_backward.set()
+            assert release.wait(30)
+        real_backward(self, loss)
+
+    monkeypatch.setattr(training._Run, "backward", slow_backward)
+    cfg = _cfg(epochs=5, steps_per_epoch=1, val_fraction=0.0)
+    control = FinetuneControl()
+    out: dict[str, FinetuneResult] = {}
+    worker = threading.Thread(
+        target=lambda: out.setdefault("r", train(pairs, _tiny(), cfg, control=control)))
+    worker.start()
+    assert in_backward.wait(30)
+    return control, worker, release, out, cfg
+
+
+@pytest.mark.parametrize("block_call", [1, 3])
+def test_stop_now_does_not_wait_for_the_step_in_flight(pairs, monkeypatch: pytest.MonkeyPatch, block_call: int) -> None:  # type: ignore[no-untyped-def]
+    """A backward pass can take seconds on a CPU: stop_now hands the result out meanwhile."""
+    control, worker, release, out, cfg = _train_with_blocked_backward(pairs, monkeypatch,
+                                                                       block_call)
+    try:
+        now = control.stop_now()
+        alive = worker.is_alive()  # stop_now returned while the worker is inside its step
+    finally:
+        release.set()
+        worker.join(30)
+    assert alive
+    late = out["r"]  # the worker finishes the step in flight, then stops
+    assert late.stopped_reason == "cancelled" and late.steps == block_call
+    if block_call == 1:
+        assert now is None  # no step applied yet: the starting model stays
+        return
+    assert now is not None and now.stopped_reason == "cancelled" and now.steps == 2
+    _, two = _run(finetune(pairs, _tiny(), dataclasses.replace(cfg, epochs=2)))
+    _same_weights(now.bundle.model, two.bundle.model)
+    assert not now.bundle.model.training
+    assert now.bundle.metadata["history"][-1]["steps"] == 2
+
+
 # ------------------------------------------------------------------------------------------
 # command line
 
