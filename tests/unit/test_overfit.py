@@ -34,12 +34,8 @@ def _recalibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
 
 
 @pytest.mark.slow
-def test_s2mnet_masl_overfits_one_real_image() -> None:
-    fetch_data = pytest.importorskip("benchmarks.fetch_data")
-    try:
-        img, mask = fetch_data.dsb2018_quadrants()[0]
-    except Exception as exc:  # no network and no cached copy
-        pytest.skip(f"DSB2018 data unavailable: {exc}")
+def test_s2mnet_masl_overfits_one_real_image(dsb2018_quadrants) -> None:  # type: ignore[no-untyped-def]
+    img, mask = dsb2018_quadrants[0]
     torch.manual_seed(0)
     x = torch.from_numpy(normalize(img, NormalizationConfig(), channel_axis=None))[None, None]
     y = torch.from_numpy((mask > 0).astype(np.float32))[None, None]

@@ -111,13 +111,9 @@ def test_lr_schedule_warmup_then_cosine() -> None:
 
 
 @pytest.mark.slow
-def test_finetuning_raises_heldout_dice_on_real_nuclei() -> None:
+def test_finetuning_raises_heldout_dice_on_real_nuclei(dsb2018_quadrants) -> None:  # type: ignore[no-untyped-def]
     """Train on 3 DSB2018 quadrants (manual ground truth), score the 4th, never seen."""
-    fetch = pytest.importorskip("benchmarks.fetch_data")
-    try:
-        quads = fetch.dsb2018_quadrants()
-    except Exception as exc:  # pragma: no cover - no network and no cache
-        pytest.skip(f"DSB2018 data not available: {exc}")
+    quads = dsb2018_quadrants
     torch.manual_seed(0)
     start = new_model(ModelConfig(arch="s2mnet", in_channels=1, options=SMALL_S2M))
     hash0 = model_hash(start)
