@@ -291,6 +291,85 @@ def test_repeated_failures_stop_as_diverged(pairs, monkeypatch: pytest.MonkeyPat
     assert model_hash(result.bundle) == model_hash(bundle)
 
 
+class _ScaleAt(_NaNAt):
+    """Like :class:`_NaNAt`, but multiplies the loss by ``factor`` (an exploding loss)."""
+
+    def __init__(self, start: int, count: int, factor: float) -> None:
+        super().__init__(start, count)
+        self.factor = factor
+
+    def __call__(self, name, num_classes, options):  # type: ignore[no-untyped-def]
+        inner = self.real(name, num_classes, options)
+        outer = self
+
+        class Scaled(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, logits, target):  # type: ignore[no-untyped-def]
+                outer.calls += 1
+                value = self.inner(logits, target)
+                if outer.start <= outer.calls < outer.start + outer.count:
+                    return value * outer.factor
+                return value
+
+        return Scaled()
+
+
+def test_outlier_steps_are_skipped_and_an_exploding_loss_restores(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    cfg = _cfg(epochs=3, steps_per_epoch=10, val_fraction=0.0)
+    # one outlier (x1000 at step 15): skipped, nothing restored
+    monkeypatch.setattr(training, "_make_loss", _ScaleAt(start=15, count=1, factor=1e3))
+    reports, result = _run(finetune(pairs, _tiny(), cfg))
+    msgs = {r.step: r.message for r in reports if r.message and 0 < r.step < result.steps}
+    assert list(msgs) == [15] and "skipped an outlier" in msgs[15]
+    # three in a row (steps 15-17): the third restores the last good state and halves the lr
+    monkeypatch.setattr(training, "_make_loss", _ScaleAt(start=15, count=3, factor=1e3))
+    reports, result = _run(finetune(pairs, _tiny(), cfg))
+    msgs = {r.step: r.message for r in reports if r.message and 0 < r.step < result.steps}
+    assert [k for k, m in msgs.items() if "skipped" in m] == [15, 16]
+    assert "loss exploded" in msgs[17] and "restored the last good state (step 10)" in msgs[17]
+    assert result.stopped_reason == "completed"
+
+
+def test_non_finite_gradients_restore_the_last_good_state(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    real_backward = training._Run.backward
+    calls = itertools.count(1)
+
+    def poisoned_backward(self, loss):  # type: ignore[no-untyped-def]
+        real_backward(self, loss)
+        if next(calls) == 12:
+            next(self.net.parameters()).grad.fill_(float("inf"))
+
+    monkeypatch.setattr(training._Run, "backward", poisoned_backward)
+    reports, result = _run(finetune(pairs, _tiny(), _cfg(epochs=2, steps_per_epoch=10,
+                                                          val_fraction=0.0)))
+    (warn,) = [r for r in reports if "restored" in r.message]
+    assert warn.step == 12 and "non-finite gradients" in warn.message
+    assert all(torch.isfinite(v).all() for v in result.bundle.model.state_dict().values()
+               if v.is_floating_point())
+
+
+def test_early_stopping_keeps_the_best_state(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Scripted validation scores: gains below ``min_delta`` count as no improvement, yet the
+    best-scoring state is the one returned."""
+    scores = iter([0.5, 0.6, 0.7, 0.705, 0.65, 0.9])  # start, then steps 1, 2, 3, 4 (, 5)
+    monkeypatch.setattr(training._Run, "validate", lambda self: next(scores))
+    cfg = _cfg(epochs=10, steps_per_epoch=1, patience=2, min_delta=0.01)
+    _, result = _run(finetune(pairs, _tiny(), cfg, val_pairs=[_discs(11)]))
+    assert result.stopped_reason == "early stopping"
+    assert result.steps == 4  # 0.705 (< 0.7 + min_delta) and 0.65: two without improvement
+    assert (result.best_step, result.best_val_dice) == (3, 0.705)
+    # the same schedule without validation, stopped after step 3: the same weights
+    control = FinetuneControl()
+    three = run_to_end(finetune(pairs, _tiny(), dataclasses.replace(cfg, val_fraction=0.0),
+                                control=control),
+                       lambda r: control.stop() if r.step == 3 else None)
+    assert three.steps == 3
+    _same_weights(result.bundle.model, three.bundle.model)
+
+
 def test_poisoned_image_is_rejected() -> None:
     img, lab = _discs(0)
     img[5, 5] = np.nan
