@@ -4,7 +4,8 @@ Most tests use a *pointwise* network (a 1x1 convolution with fixed weights: a sh
 the normalised intensity). Its output at a pixel depends on that pixel only, so the correct
 result of the whole pipeline can be computed independently with numpy/scikit-image, and tiling
 must not change it at all. Real networks (a small U-Net and S2M-Net) check the tile path against
-a direct forward pass.
+a direct forward pass, and a U-Net with a 44 px receptive field checks that blended tiles leave
+no seams.
 """
 
 from __future__ import annotations
@@ -338,6 +339,53 @@ def test_one_tile_equals_a_direct_forward_pass(arch, nuclei):
     with torch.no_grad():
         direct = torch.sigmoid(bundle.model(x))[0, 0].numpy()
     assert np.abs(res.probability - direct).max() < 1e-3
+
+
+def _calibrated_unet(image: np.ndarray) -> ModelBundle:
+    """A random 3-level U-Net whose probabilities span ``(0, 1)`` on ``image``.
+
+    A freshly initialised net's logits are almost constant (std ~1e-3), so any tiling would agree
+    to 1e-5. Rescaling the last 1x1 convolution to logit std 3 (and mean 0) makes the probability
+    map structured and the test sensitive, without changing the net's receptive field.
+    """
+    torch.manual_seed(0)
+    bundle = new_model(ModelConfig(arch="unet", in_channels=1, options={"base": 4, "depth": 3}))
+    net = bundle.model.eval()
+    x = torch.from_numpy(normalize(image, bundle.normalization, None))[None, None]
+    with torch.no_grad():
+        logits = net(x)
+        scale = 3.0 / float(logits.std())
+        net.classifier.weight.mul_(scale)
+        net.classifier.bias.mul_(scale)
+        net.classifier.bias.sub_(float(net(x).mean()))
+    return bundle
+
+
+def test_tiling_has_no_seams_with_a_real_network(nuclei):
+    img = nuclei[:, :256]
+    bundle = _calibrated_unet(img)
+    # Receptive field of the 3-level U-Net: 44 px (one output pixel's gradient reaches 22 px
+    # either side); 99.98 % of it lies within 16 px. 128 px tiles overlapping by 0.375 -> 48 px.
+    tile, overlap = 128, 0.375
+    one = run_to_end(segment_iter(img, bundle, cpu(tile_size=256, return_probability=True)))
+    tiled = run_to_end(
+        segment_iter(img, bundle, cpu(tile_size=tile, overlap=overlap, return_probability=True))
+    )
+    assert one.probability.min() < 0.01 and one.probability.max() > 0.99  # a structured map
+
+    err = np.abs(tiled.probability - one.probability)
+    assert err.max() < 0.01  # small everywhere ...
+
+    # ... and no worse on the tile borders: a seam is a band of larger error along the lines
+    # where a tile starts or ends inside the image (its zero padding replaces real context).
+    g = inference._grid(img.shape, tile, overlap, bundle.model.stride)
+    assert one.n_tiles == 1 and tiled.n_tiles == g.n_tiles >= 4 and g.starts_y == g.starts_x
+    lines = [*g.starts_y[1:], *(s + g.tile_y for s in g.starts_y[:-1])]
+    dist = np.abs(np.arange(img.shape[0])[:, None] - np.array(lines)[None]).min(axis=1)
+    near = (dist[:, None] <= 2) | (dist[None, :] <= 2)
+    assert 0.02 < near.mean() < 0.5
+    assert err[near].max() <= 1.5 * err[~near].max()
+    assert err[near].mean() < 1e-3
 
 
 def test_tiles_are_stride_aligned_and_cover_the_image():
