@@ -6,7 +6,9 @@ The network returns **logits**; losses and inference apply sigmoid / softmax.
 
 The default binary 3-channel model has 4,752,136 trainable parameters (the reference code's
 structure counts 4,768,920; the difference is the paper's ``d = 16`` spatial bottleneck and the
-half-plane spectral filter, see :class:`~napari_s2mnet.model.blocks.SpectralFilter`).
+half-plane spectral filter, see :class:`~napari_s2mnet.model.blocks.SpectralFilter`). The
+reference structure itself is ``spectral_mode="resize", spatial_bottleneck=False,
+spectral_k=(32, 32, 32, 22, 11)``: exactly 4,768,920.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class S2MNetOptions:
         expansion: MRF-SE expansion factor E.
         kernel_sizes: MRF-SE depthwise kernel sizes.
         K: Spectral crop size (the K x K lowest frequencies; ``min(K, H, W)`` at run time).
+        spectral_k: Per stage: the spectral filter side, overriding ``K`` (``None``: ``K`` at every
+            stage). The reference code builds its filters with ``min(K, H, W)`` at its training
+            size, so its 352 x 352 model is ``(32, 32, 32, 22, 11)`` (stage maps 176 .. 11):
+            with ``spectral_mode="resize"`` and ``spatial_bottleneck=False`` that gives the
+            spec's analytic parameter count of the code, 4,768,920.
         d: Bottleneck width of the SSTM spatial branch (paper form).
         sstm_use_spatial: Per stage: enable the content-gated spatial branch (code: stages 3-5).
         sstm_use_spectral: Per stage: enable the spectral branch (all stages).
@@ -66,6 +73,7 @@ class S2MNetOptions:
     expansion: int = 6
     kernel_sizes: tuple[int, ...] = (3, 5, 7)
     K: int = 32
+    spectral_k: tuple[int, ...] | None = None
     d: int = 16
     sstm_use_spatial: tuple[bool, ...] = (False, False, True, True, True)
     sstm_use_spectral: tuple[bool, ...] = (True, True, True, True, True)
@@ -89,6 +97,16 @@ class S2MNetOptions:
             if len(value) != n:
                 raise ValueError(
                     f"{name} has {len(value)} entries but widths has {n}; give one flag per stage."
+                )
+        if self.spectral_k is not None:
+            if len(self.spectral_k) != n:
+                raise ValueError(
+                    f"spectral_k has {len(self.spectral_k)} entries but widths has {n}; give one "
+                    "filter side per stage (or None for K at every stage)."
+                )
+            if any(int(k) != k or k < 1 for k in self.spectral_k):
+                raise ValueError(
+                    f"spectral_k must hold integers >= 1, got {tuple(self.spectral_k)}."
                 )
         if any(w < 1 for w in (*self.widths, self.stem, *self.head_widths)):
             raise ValueError("All widths must be positive integers.")
@@ -128,7 +146,7 @@ class EncoderStage(nn.Module):
         self.mrf = MRFSEBlock(out_channels, opts.expansion, opts.kernel_sizes, opts.dropout, **bn)
         self.sstm = SSTM(
             out_channels,
-            k=opts.K,
+            k=opts.K if opts.spectral_k is None else int(opts.spectral_k[stage]),
             d=opts.d,
             use_spectral=opts.sstm_use_spectral[stage],
             use_spatial=opts.sstm_use_spatial[stage],

@@ -66,6 +66,54 @@ def test_code_parity_flags_change_the_count_as_derived() -> None:
     assert full - base == sum(c * c - 2 * c * 16 - 16 for c in widths)
 
 
+#: The reference code's filter sides at its 352^2 training size: min(32, 176/88/44/22/11).
+CODE_K = (32, 32, 32, 22, 11)
+
+
+def test_reference_structure_counts_the_spec_analytic_4768920() -> None:
+    parity = {"spectral_mode": "resize", "spatial_bottleneck": False}
+    without = count_parameters(S2MNet(options=S2MNetOptions(**parity)))
+    model = S2MNet(options=S2MNetOptions(**parity, spectral_k=CODE_K))
+    assert count_parameters(model) == 4_768_920  # methods.md §1.6
+    assert without == 4_927_704  # K = 32 everywhere: + 80 (32^2 - 22^2) + 128 (32^2 - 11^2)
+    shapes = [tuple(e.sstm.spectral.weight.shape) for e in model.encoders]
+    assert shapes == [(c, k, k) for c, k in zip(S2MNetOptions().widths, CODE_K, strict=True)]
+    # At the training size every stage's map is at least its filter: no filter resizing.
+    x = torch.rand(1, 3, 352, 352)
+    sizes: list[int] = []
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        sizes.append(inputs[0].shape[-1])
+
+    handles = [e.sstm.spectral.register_forward_hook(record) for e in model.encoders]
+    with torch.no_grad():
+        assert model.eval()(x).shape == (1, 1, 352, 352)
+    for h in handles:
+        h.remove()
+    assert [min(32, s) for s in sizes] == list(CODE_K)
+
+
+def test_spectral_k_is_per_stage_and_defaults_to_k() -> None:
+    default = S2MNet(options=S2MNetOptions(**SMALL))
+    same = S2MNet(options=S2MNetOptions(**SMALL, spectral_k=(32,) * 5))
+    assert {k: v.shape for k, v in default.state_dict().items()} == {
+        k: v.shape for k, v in same.state_dict().items()
+    }
+    # crop mode stores the half plane: (C, k, k//2 + 1)
+    small = S2MNet(options=S2MNetOptions(**SMALL, spectral_k=(8, 8, 6, 5, 3)))
+    shapes = [tuple(e.sstm.spectral.weight.shape) for e in small.encoders]
+    assert shapes == [(8, 8, 5), (8, 8, 5), (16, 6, 4), (16, 5, 3), (16, 3, 2)]
+    config = ModelConfig(options={**SMALL, "spectral_k": [8, 8, 6, 5, 3]})  # JSON gives lists
+    back = ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert resolve_options(back).spectral_k == (8, 8, 6, 5, 3)
+    with torch.no_grad():
+        assert build_model(back).eval()(torch.rand(1, 3, 50, 70)).shape == (1, 1, 50, 70)
+    with pytest.raises(ValueError, match="one filter side per stage"):
+        S2MNetOptions(spectral_k=(32, 32))
+    with pytest.raises(ValueError, match="integers >= 1"):
+        S2MNetOptions(spectral_k=(32, 32, 32, 0, 11))
+
+
 # --------------------------------------------------------------------------------------------
 # Shapes, channels, classes, bad input
 # --------------------------------------------------------------------------------------------
@@ -463,6 +511,7 @@ def test_unet_gradients_reach_all_parameters() -> None:
         {"sstm_use_spatial": (False,) * 5, "sstm_use_spectral": (False,) * 5},
         {"sstm_use_spatial": (True,) * 5, "sstm_use_spectral": (False,) * 5},
         {"K": 8, "d": 4, "dropout": 0.0},
+        {"spectral_k": (8, 8, 6, 5, 3), "spectral_mode": "resize"},
     ],
 )
 def test_every_flag_variant_builds_trains_and_runs(variant: dict) -> None:
