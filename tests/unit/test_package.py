@@ -19,6 +19,7 @@ EXPECTED_WIDGETS = {"Segment", "Fine-tune", "Export"}
 # Printed by a subprocess: the plugin's contributions as napari's plugin manager sees them.
 DISCOVER = r"""
 import json, napari_s2mnet
+from importlib.metadata import distribution
 from npe2 import PluginManager
 pm = PluginManager.instance()
 pm.discover()
@@ -26,6 +27,8 @@ mf = pm.get_manifest("napari-s2mnet")
 import importlib.resources as r
 print(json.dumps({
     "file": str(napari_s2mnet.__file__),
+    # PEP 610: how the installer got the package ({"dir_info": {"editable": true}} for -e).
+    "direct_url": json.loads(distribution("napari-s2mnet").read_text("direct_url.json") or "null"),
     "widgets": [w.display_name for w in mf.contributions.widgets or []],
     "writers": sorted(e for w in mf.contributions.writers or [] for e in w.filename_extensions),
     "samples": [s.key for s in mf.contributions.sample_data or []],
@@ -73,9 +76,14 @@ def test_npe2_validate():
 
 
 def test_manifest_found_in_editable_install():
-    out = _run([PY, "-c", DISCOVER], cwd="/")
+    out = _run([PY, "-c", DISCOVER], cwd="/")  # cwd "/": the repo is not on sys.path by accident
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout.strip().splitlines()[-1])
+    # Editable: the installer recorded it so, pointing at this checkout, and the import is the
+    # checkout's source (a plain install would import a copy from site-packages).
+    assert info["direct_url"]["dir_info"].get("editable") is True, info["direct_url"]
+    assert info["direct_url"]["url"] == REPO.as_uri()
+    assert Path(info["file"]).resolve().is_relative_to(REPO / "napari_s2mnet")
     assert EXPECTED_WIDGETS <= set(info["widgets"])
     assert {".tif", ".png", ".npy", ".csv"} <= set(info["writers"])
     assert info["samples"] == ["dsb2018_nuclei"]
@@ -109,6 +117,7 @@ def test_wheel_ships_manifest_and_resources_in_fresh_venv(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert str(venv) in info["file"], "imported the repo copy instead of the installed wheel"
+    assert not ((info["direct_url"] or {}).get("dir_info") or {}).get("editable")
     assert EXPECTED_WIDGETS <= set(info["widgets"])
     assert info["sample_exists"]
     shutil.rmtree(venv, ignore_errors=True)
