@@ -5,6 +5,7 @@ Usage::
     python -m benchmarks.inference --quick          # 256^2 .. 1024^2 and the 8192^2 check skipped
     python -m benchmarks.inference                  # 512^2 .. 4096^2 + 8192^2 uint16 (CPU ~20 min)
     python -m benchmarks.inference --arch unet      # the U-Net baseline instead of S2M-Net
+    python -m benchmarks.inference --bundled        # the bundled default model (4.75M parameters)
 
 What it does:
 
@@ -209,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default="s2mnet", help="architecture (s2mnet, unet, dssau)")
     p.add_argument("--width", choices=["small", "full"], default="small",
                    help="small network (default, CPU friendly) or the architecture's defaults")
+    p.add_argument("--bundled", action="store_true",
+                   help="segment with the bundled default model (no training; --arch/--width "
+                        "are ignored)")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides to time")
     p.add_argument("--big", type=int, default=8192, help="side of the peak-RSS check (0: skip)")
     p.add_argument("--train-steps", type=int, default=None, help="brief training steps")
@@ -239,13 +243,22 @@ def main(argv: list[str] | None = None) -> int:
           f"  torch {torch.__version__}  threads {torch.get_num_threads()}"
           f"  OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / "bench.safetensors"
-        info = make_model(args.arch, args.width, steps, args.seed, model, args.tile)
-        print(f"model: {info['arch']} {info['options'] or '(default options)'}  "
-              f"{info['params']:,} params  stride {info['stride']}  trained {info['steps']} steps "
-              f"({info['train_s']:.0f} s, loss {info['loss']:.3f})  threshold "
-              f"{info['threshold']:.3f}  DSB2018 Dice {info['dice']:.2f}, "
-              f"{info['objects']} objects")
+        if args.bundled:
+            from napari_s2mnet.checkpoint import default_model_path, load_model
+            from napari_s2mnet.model import count_parameters
+
+            model = default_model_path()
+            bundle = load_model(model)
+            print(f"model: the bundled default ({model.name}), "
+                  f"{count_parameters(bundle.model):,} params, tile {bundle.tile_size}")
+        else:
+            model = Path(tmp) / "bench.safetensors"
+            info = make_model(args.arch, args.width, steps, args.seed, model, args.tile)
+            print(f"model: {info['arch']} {info['options'] or '(default options)'}  "
+                  f"{info['params']:,} params  stride {info['stride']}  trained {info['steps']} "
+                  f"steps ({info['train_s']:.0f} s, loss {info['loss']:.3f})  threshold "
+                  f"{info['threshold']:.3f}  DSB2018 Dice {info['dice']:.2f}, "
+                  f"{info['objects']} objects")
         print(f"inference: InferenceConfig defaults (tile {args.tile} = the model's own, overlap "
               f"{InferenceConfig().overlap}, batch {InferenceConfig().batch_size})")
         print("times: wall seconds per stage; 'cpu s' = CPU seconds of the whole run (all threads;"
