@@ -24,6 +24,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tile-size", type=int, default=None, help="tile side in pixels")
     p.add_argument("--threshold", type=float, default=None, help="probability threshold")
     p.add_argument("--channel-axis", type=int, default=None, help="axis of channels, if any")
+    p.add_argument("--channels", type=int, nargs="+", default=None,
+                   help="channels that feed the model, in order (e.g. --channels 2 for the "
+                        "third channel and a 1-channel model); default: all")
     p.add_argument("--z-context", type=int, default=0,
                    help="stacks: 2.5-D smoothing over +-N neighbouring slices (default 0: off)")
     p.set_defaults(func=_run_predict)
@@ -40,6 +43,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         tile_size=args.tile_size,
         threshold=args.threshold,
         channel_axis=args.channel_axis,
+        channels=args.channels,
         config=InferenceConfig(z_context=args.z_context),
     )
 

@@ -188,11 +188,16 @@ class ImageLayout:
             ``channel_axis = -1``. Alpha is dropped.
         axis_names: Names of the leading axes before ``(Y, X)`` (e.g. ``("t", "z")``), used as
             feature-table columns; default ``("z",)`` for one and ``("t", "z")`` for two.
+        channels: Which image channels feed the model, in the model's input order (indices
+            along the channel / colour axis, e.g. ``(2,)`` for the nuclear stain of a 3-channel
+            image and a 1-channel model). ``None``: all of them, mapped automatically (equal
+            counts as they are, RGB averaged to gray for a 1-channel model, gray repeated).
     """
 
     channel_axis: int | None = None
     rgb: bool = False
     axis_names: tuple[str, ...] | None = None
+    channels: tuple[int, ...] | None = None
 
 
 def guess_layout(
@@ -394,12 +399,16 @@ def _plan(arr: np.ndarray, layout: ImageLayout, in_channels: int, notes: list[st
     select: Callable[[np.ndarray], np.ndarray] = _identity
     post: Callable[[np.ndarray], np.ndarray] = _identity
     c_eff = c_img
-    if layout.rgb and c_img == 4:
+    rgb = layout.rgb
+    if layout.channels is not None:
+        picked = _check_channels(layout.channels, c_img, arr.shape, ax)
+        select, c_eff, rgb = _Take(picked), len(picked), False  # explicit: no colour rules
+    elif layout.rgb and c_img == 4:
         select, c_eff = _drop_alpha, 3
         notes.append("The alpha channel of the RGBA image is ignored.")
     if c_eff == c_model:
         pass
-    elif c_model == 1 and layout.rgb:
+    elif c_model == 1 and rgb:
         post = _channel_mean
         notes.append("RGB image converted to gray (mean of the normalised channels) for a "
                      "1-channel model.")
@@ -408,17 +417,45 @@ def _plan(arr: np.ndarray, layout: ImageLayout, in_channels: int, notes: list[st
         notes.append(f"Gray image replicated to the model's {c_model} input channels.")
     else:
         where = "colour axis" if layout.rgb else f"channel axis {ax}"
+        what = f"{c_eff} selected" if layout.channels is not None else f"{c_eff}"
         raise ValueError(
-            f"The model expects {c_model} input channel(s) but the image has {c_eff} "
+            f"The model expects {c_model} input channel(s) but the image has {what} "
             f"(shape {arr.shape}, {where}). Choose a model trained on {c_eff}-channel images, "
-            f"select {c_model} channel(s) of the image first, or check the channel axis "
-            "(None = no channels)."
+            f"pick {c_model} channel(s) with ImageLayout(channels=...) (CLI: --channels), or "
+            "check the channel axis (None = no channels)."
         )
     return _Plan(view, lead, names, select, post, layout)
 
 
+def _check_channels(channels: Sequence[int], c_img: int, shape: tuple[int, ...],
+                    ax: int | None) -> tuple[int, ...]:
+    """Validated channel indices (negative allowed) for an image with ``c_img`` channels."""
+    if ax is None:
+        raise ValueError(f"channels={tuple(channels)} needs a channel axis, but the image of shape "
+                         f"{shape} has none; set channel_axis (or rgb) as well.")
+    picked = []
+    for c in channels:
+        if not isinstance(c, int | np.integer) or isinstance(c, bool) or not -c_img <= c < c_img:
+            raise ValueError(f"channels={tuple(channels)}: {c!r} is not a channel of the image "
+                             f"(shape {shape}, {c_img} channels on axis {ax}; valid 0..{c_img - 1}).")
+        picked.append(int(c) % c_img)
+    if not picked:
+        raise ValueError("channels=() selects nothing; pass None for all channels.")
+    return tuple(picked)
+
+
 def _identity(x: np.ndarray) -> np.ndarray:
     return x
+
+
+@dataclass(frozen=True)
+class _Take:
+    """Select channels (last axis) in the given order."""
+
+    index: tuple[int, ...]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return x[..., list(self.index)]
 
 
 def _drop_alpha(x: np.ndarray) -> np.ndarray:
@@ -1270,6 +1307,7 @@ def predict_paths(
     tile_size: int | None = None,
     threshold: float | None = None,
     channel_axis: int | None = None,
+    channels: Sequence[int] | None = None,
     config: InferenceConfig | None = None,
     stream: Any = None,
 ) -> int:
@@ -1286,6 +1324,7 @@ def predict_paths(
         threshold: Probability threshold (default: the model's).
         channel_axis: Axis holding channels, if any (RGB(A) files and TIFFs whose axes name a
             ``C`` axis are recognised by themselves).
+        channels: Channels that feed the model, in order (see :attr:`ImageLayout.channels`).
         config: Base settings (the arguments above override it).
         stream: Where the progress line goes (default ``sys.stderr``).
 
@@ -1335,6 +1374,8 @@ def predict_paths(
                 layout = ImageLayout(channel_axis=img.axes.index("C"))
             else:  # colour as the file declares it, else napari's guess
                 layout = guess_layout(img.data.shape, rgb=True if img.rgb else None)
+            if channels is not None:
+                layout = dataclasses.replace(layout, channels=tuple(channels))
             spacing = img.spacing
             n_plain = img.data.ndim - (layout.channel_axis is not None)
             if spacing is not None and len(spacing) != n_plain:

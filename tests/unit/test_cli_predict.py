@@ -158,3 +158,22 @@ def test_z_context_flag_reaches_the_engine(tmp_path, model_file, threshold, dsb2
     assert _run([tmp_path / "stack.tif", "-o", tmp_path / "o2", "--model", model_file,
                  "--z-context", "-1"]) == 2
     assert "z_context" in capsys.readouterr().err
+
+
+def test_channels_flag_picks_the_model_input(tmp_path, dsb2018, model_file, threshold):
+    image = dsb2018[0]
+    noise = np.random.default_rng(0).integers(0, int(image.max()), image.shape).astype(image.dtype)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "three").mkdir()
+    tifffile.imwrite(tmp_path / "one" / "x.tif", image)
+    tifffile.imwrite(tmp_path / "three" / "x.tif", np.stack([noise, noise[::-1], image]),
+                     photometric="minisblack")
+    common = ["--model", model_file, "--device", "cpu", "--threshold", threshold]
+    assert _run([tmp_path / "one", "-o", tmp_path / "out1", *common]) == 0
+    assert _run([tmp_path / "three", "-o", tmp_path / "out3", *common,
+                 "--channel-axis", "0", "--channels", "2"]) == 0
+    one, three = (read_labels(tmp_path / d / "x_labels.tif") for d in ("out1", "out3"))
+    assert one.max() > 10 and np.array_equal(one, three)
+    # without --channels a 1-channel model refuses 3 channels (logged, file skipped)
+    assert _run([tmp_path / "three", "-o", tmp_path / "out4", *common,
+                 "--channel-axis", "0"]) == 1

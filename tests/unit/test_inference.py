@@ -222,6 +222,45 @@ def test_channel_mismatch_is_a_clear_error(nuclei):
         segment(two, pointwise_bundle(), cpu(), layout=ImageLayout(channel_axis=0))
 
 
+def test_channels_pick_and_order_the_model_inputs(nuclei):
+    noise = np.random.default_rng(0).integers(0, 4000, nuclei.shape).astype(nuclei.dtype)
+    three = np.stack([noise, noise[::-1], nuclei])  # the nuclear stain is channel 2
+    ref, _ = segment(nuclei, pointwise_bundle(), cpu())
+    for channels in ((2,), (-1,)):
+        lab, _ = segment(three, pointwise_bundle(), cpu(),
+                         layout=ImageLayout(channel_axis=0, channels=channels))
+        assert np.array_equal(lab, ref)
+    # order follows the model's inputs: (2, 0) on a 2-channel model == the stacked pair
+    pair = np.stack([nuclei, noise], axis=-1)
+    a, _ = segment(three, pointwise_bundle(in_channels=2), cpu(),
+                   layout=ImageLayout(channel_axis=0, channels=(2, 0)))
+    b, _ = segment(pair, pointwise_bundle(in_channels=2), cpu(), layout=ImageLayout(channel_axis=-1))
+    assert np.array_equal(a, b)
+    # one channel of an RGB image (no gray conversion)
+    rgb = np.stack([noise, nuclei, noise], axis=-1)
+    c, _ = segment(rgb, pointwise_bundle(), cpu(), layout=ImageLayout(rgb=True, channels=(1,)))
+    assert np.array_equal(c, ref)
+    with pytest.raises(ValueError, match=r"3 is not a channel.*valid 0\.\.2"):
+        segment(three, pointwise_bundle(), cpu(), layout=ImageLayout(channel_axis=0, channels=(3,)))
+    with pytest.raises(ValueError, match="needs a channel axis"):
+        segment(nuclei, pointwise_bundle(), cpu(), layout=ImageLayout(channels=(0,)))
+    with pytest.raises(ValueError, match=r"has 2 selected.*channels=\.\.\."):
+        segment(three, pointwise_bundle(), cpu(),
+                layout=ImageLayout(channel_axis=0, channels=(0, 2)))
+
+
+def test_training_uses_the_same_channel_selection(nuclei):
+    from napari_s2mnet.training import _normalized_planes
+
+    noise = np.random.default_rng(1).integers(0, 4000, nuclei.shape).astype(nuclei.dtype)
+    three = np.stack([noise, nuclei, noise])
+    labels = (nuclei > nuclei.mean()).astype(np.uint16)
+    planes, _ = _normalized_planes(three, labels, ImageLayout(channel_axis=0, channels=(1,)),
+                                   pointwise_bundle(), "x")
+    direct, _ = _normalized_planes(nuclei, labels, ImageLayout(), pointwise_bundle(), "x")
+    np.testing.assert_array_equal(planes, direct)
+
+
 # --------------------------------------------------------------------------------------------
 # stacks and time series
 
