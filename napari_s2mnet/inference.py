@@ -383,6 +383,11 @@ def _plan(arr: np.ndarray, layout: ImageLayout, in_channels: int, notes: list[st
             "channels."
         )
     lead = tuple(view.shape[:-3])
+    if ax is None and lead and min(view.shape[-3:-1]) <= 8:
+        short = int(np.argmin(view.shape[-3:-1])) + len(lead)
+        notes.append(f"Axis {short} of shape {arr.shape} has only {arr.shape[short]} pixels and is "
+                     "read as a spatial axis (slices along the leading axes); if it holds "
+                     f"channels, set channel_axis={short}.")
     names = layout.axis_names
     if names is None:
         names = {0: (), 1: ("z",), 2: ("t", "z")}[len(lead)]

@@ -249,6 +249,15 @@ def test_channels_pick_and_order_the_model_inputs(nuclei):
                 layout=ImageLayout(channel_axis=0, channels=(0, 2)))
 
 
+def test_a_short_last_axis_read_as_space_is_pointed_out(nuclei):
+    img = np.stack([nuclei[:64, :64]] * 5, axis=-1)  # (64, 64, 5): channels, or 64 slices?
+    res = run_to_end(segment_iter(img, pointwise_bundle(), cpu()))
+    assert res.labels.shape == img.shape
+    assert any("set channel_axis=2" in m for m in res.messages)
+    plain = run_to_end(segment_iter(np.stack([nuclei] * 3), pointwise_bundle(), cpu()))
+    assert not any("channel_axis" in m for m in plain.messages)
+
+
 def test_training_uses_the_same_channel_selection(nuclei):
     from napari_s2mnet.training import _normalized_planes
 
