@@ -236,11 +236,12 @@ def test_early_stopping(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type
 # guards
 
 
-class _NaNAt:
-    """Wraps a loss; returns NaN from call ``start`` on (``count`` times)."""
+class _LossTimesAt:
+    """Wraps a loss; multiplies it by ``factor`` (NaN by default) from call ``start`` on
+    (``count`` times)."""
 
-    def __init__(self, start: int, count: int) -> None:
-        self.start, self.count, self.calls = start, count, 0
+    def __init__(self, start: int, count: int, factor: float = float("nan")) -> None:
+        self.start, self.count, self.calls, self.factor = start, count, 0, factor
         self.real = training._make_loss
 
     def __call__(self, name, num_classes, options):  # type: ignore[no-untyped-def]
@@ -256,14 +257,14 @@ class _NaNAt:
                 outer.calls += 1
                 value = self.inner(logits, target)
                 if outer.start <= outer.calls < outer.start + outer.count:
-                    return value * float("nan")
+                    return value * outer.factor
                 return value
 
         return Poisoned()
 
 
 def test_nan_guard_restores_and_halves_lr(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(training, "_make_loss", _NaNAt(start=13, count=1))
+    monkeypatch.setattr(training, "_make_loss", _LossTimesAt(start=13, count=1))
     cfg = _cfg(epochs=2, steps_per_epoch=10, val_fraction=0.0, warmup_fraction=0.0)
     reports, result = _run(finetune(pairs, _tiny(), cfg))
     warn = [r for r in reports if "restored" in r.message]
@@ -281,7 +282,7 @@ def test_nan_guard_restores_and_halves_lr(pairs, monkeypatch: pytest.MonkeyPatch
 
 def test_repeated_failures_stop_as_diverged(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     bundle = _tiny()
-    monkeypatch.setattr(training, "_make_loss", _NaNAt(start=4, count=10**6))
+    monkeypatch.setattr(training, "_make_loss", _LossTimesAt(start=4, count=10**6))
     reports, result = _run(finetune(pairs, bundle, _cfg(epochs=5, val_fraction=0.0,
                                                         max_recoveries=2)))
     assert result.stopped_reason == "diverged"
@@ -291,41 +292,15 @@ def test_repeated_failures_stop_as_diverged(pairs, monkeypatch: pytest.MonkeyPat
     assert model_hash(result.bundle) == model_hash(bundle)
 
 
-class _ScaleAt(_NaNAt):
-    """Like :class:`_NaNAt`, but multiplies the loss by ``factor`` (an exploding loss)."""
-
-    def __init__(self, start: int, count: int, factor: float) -> None:
-        super().__init__(start, count)
-        self.factor = factor
-
-    def __call__(self, name, num_classes, options):  # type: ignore[no-untyped-def]
-        inner = self.real(name, num_classes, options)
-        outer = self
-
-        class Scaled(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, logits, target):  # type: ignore[no-untyped-def]
-                outer.calls += 1
-                value = self.inner(logits, target)
-                if outer.start <= outer.calls < outer.start + outer.count:
-                    return value * outer.factor
-                return value
-
-        return Scaled()
-
-
 def test_outlier_steps_are_skipped_and_an_exploding_loss_restores(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     cfg = _cfg(epochs=3, steps_per_epoch=10, val_fraction=0.0)
     # one outlier (x1000 at step 15): skipped, nothing restored
-    monkeypatch.setattr(training, "_make_loss", _ScaleAt(start=15, count=1, factor=1e3))
+    monkeypatch.setattr(training, "_make_loss", _LossTimesAt(start=15, count=1, factor=1e3))
     reports, result = _run(finetune(pairs, _tiny(), cfg))
     msgs = {r.step: r.message for r in reports if r.message and 0 < r.step < result.steps}
     assert list(msgs) == [15] and "skipped an outlier" in msgs[15]
     # three in a row (steps 15-17): the third restores the last good state and halves the lr
-    monkeypatch.setattr(training, "_make_loss", _ScaleAt(start=15, count=3, factor=1e3))
+    monkeypatch.setattr(training, "_make_loss", _LossTimesAt(start=15, count=3, factor=1e3))
     reports, result = _run(finetune(pairs, _tiny(), cfg))
     msgs = {r.step: r.message for r in reports if r.message and 0 < r.step < result.steps}
     assert [k for k, m in msgs.items() if "skipped" in m] == [15, 16]
