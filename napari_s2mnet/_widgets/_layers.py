@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,63 @@ def info(layer: Any) -> LabelsInfo:
         _INFO[layer] = LabelsInfo()
         _watch_edits(layer)
     return _INFO[layer]
+
+
+class LayerWatcher:
+    """Calls ``on_change()`` when a layer is inserted, removed or renamed.
+
+    magicgui's combo boxes match choices by name, and napari's layer list says nothing on a
+    rename, so pickers need each layer's ``events.name``: connected on insert, disconnected on
+    remove. ``per_layer`` maps further layer event names (e.g. ``"paint"``) to callbacks that are
+    connected the same way, on the layers that have that event. Keep the watcher referenced:
+    napari's emitters hold bound methods weakly.
+    """
+
+    def __init__(self, layers: Any, on_change: Callable[[], None],
+                 per_layer: dict[str, Callable[[Any], None]] | None = None) -> None:
+        self._on_change = on_change
+        self._per_layer: dict[str, Callable[[Any], None]] = {"name": self._changed,
+                                                               **(per_layer or {})}
+        layers.events.inserted.connect(self._inserted)
+        layers.events.removed.connect(self._removed)
+        for layer in layers:
+            self._connect(layer, True)
+
+    def _connect(self, layer: Any, connect: bool) -> None:
+        for name, callback in self._per_layer.items():
+            emitter = getattr(layer.events, name, None)
+            if emitter is None:
+                continue
+            if connect:
+                emitter.connect(callback)
+            else:
+                emitter.disconnect(callback)
+
+    def _inserted(self, event: Any) -> None:
+        self._connect(event.value, True)
+        self._on_change()
+
+    def _removed(self, event: Any) -> None:
+        self._connect(event.value, False)
+        self._on_change()
+
+    def _changed(self, *_: Any) -> None:
+        self._on_change()
+
+
+def refresh_layer_combo(combo: Any) -> None:
+    """Re-read a layer combo box's choices, keeping its current layer by identity.
+
+    magicgui keys the items by name, so after a rename it would drop the current item and select
+    another layer; the previous layer object is put back when it is still a choice.
+    """
+    current = combo.value
+    with combo.changed.blocked():
+        combo.reset_choices()
+        if current is not None and any(c is current for c in combo.choices):
+            combo.value = current
+    if combo.value is not current:
+        combo.changed.emit(combo.value)
 
 
 def touched_ids(paint_item: Any) -> set[int]:

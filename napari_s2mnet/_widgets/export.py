@@ -44,8 +44,8 @@ class ExportWidget(QWidget):
         self.all_layers.changed.connect(self._toggle_mode)
         self.export_button.changed.connect(lambda: self.export())
         self.features_button.changed.connect(self.compute_features)
-        for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            ev.connect(lambda *_: self.labels.reset_choices())
+        self._layer_watch = _layers.LayerWatcher(
+            napari_viewer.layers, lambda: _layers.refresh_layer_combo(self.labels))
         self.labels.reset_choices()
 
     def _labels_layers(self, *_: Any) -> list[tuple[str, Labels]]:

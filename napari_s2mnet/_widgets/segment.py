@@ -130,8 +130,7 @@ class SegmentWidget(QWidget):
         self.image.changed.connect(self._refresh_channel_axes)
         self.session.changed.connect(self._show_model)
         self.session.changed.connect(self._refresh_channel_axes)
-        for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            ev.connect(self._refresh_choices)
+        self._layer_watch = _layers.LayerWatcher(napari_viewer.layers, self._refresh_choices)
         self._refresh_choices()
         self._show_device()
         self._show_model()
@@ -142,8 +141,8 @@ class SegmentWidget(QWidget):
 
     def _refresh_choices(self, *_: Any) -> None:
         current = self.image.value
-        self.image.reset_choices()
-        if current is None and self.image.choices:
+        _layers.refresh_layer_combo(self.image)  # keeps the layer object, whatever its name
+        if current is None and self.image.value is None and self.image.choices:
             active = self.viewer.layers.selection.active
             self.image.value = active if isinstance(active, Image) else self.image.choices[-1]
         self._refresh_channel_axes()
@@ -276,17 +275,15 @@ class SegmentWidget(QWidget):
         self.cancel_button.enabled = False
 
     def _errored(self, exc: BaseException) -> None:
-        from napari.utils.notifications import show_error
-
+        # start_worker already shows the error as a napari notification (with its traceback).
         self.status.setText(f"Failed: {exc}")
-        show_error(f"S2M-Net segmentation failed: {exc}")
 
     def _add_result(self, layer_ref: weakref.ref, result: Any) -> None:
         image = layer_ref()
         if image is None:
             self.status.setText("The image layer was removed while segmenting; result discarded.")
             return
-        labels = result.labels
+        labels = paintable_labels(result.labels)
         nd = labels.ndim
         meta = _spatial_meta(image, nd, drop_axis=self._result_drop_axis)
         previous = self._last_result.get(id(image))
@@ -312,6 +309,16 @@ class SegmentWidget(QWidget):
         messages = "; ".join(getattr(result, "messages", []) or [])
         device = getattr(result, "device", "")
         self.status.setText(f"Done: {n} objects in {out.name!r} ({device}). {messages}".strip())
+
+
+def paintable_labels(labels: np.ndarray) -> np.ndarray:
+    """``labels`` in at least ``uint16``.
+
+    The core returns the smallest dtype (uint8 below 256 objects, right for export), but napari
+    refuses to paint a label the dtype cannot hold, and users add objects while correcting.
+    """
+    dtype = np.promote_types(labels.dtype, np.uint16)
+    return labels if dtype == labels.dtype else labels.astype(dtype)
 
 
 def _layout_of(layer: Image, channel_axis: int | None = None) -> Any:
