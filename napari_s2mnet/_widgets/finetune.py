@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, PushButton
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QFileDialog,
     QLabel,
@@ -27,8 +28,11 @@ from napari_s2mnet._widgets import _layers
 from napari_s2mnet._widgets._form import dataclass_form, form_values
 from napari_s2mnet._widgets._plot import LossPlot
 from napari_s2mnet._widgets._session import get_session
-from napari_s2mnet.training import FinetuneConfig
+from napari_s2mnet.training import DEFAULT_EPOCHS, FinetuneConfig
 
+# A widget choice, not a config default: the value offered when the user switches the budget to
+# seconds (FinetuneConfig has no time budget by default; its default is DEFAULT_EPOCHS epochs).
+SECONDS_SUGGESTION = 60.0
 ADVANCED_FIELDS = ["loss", "lr", "batch_size", "crop_size", "val_fraction", "seed", "allow_empty"]
 
 
@@ -67,13 +71,20 @@ class FinetuneWidget(QWidget):
         self.worker: Any = None
         self.control: Any = None
         self.last_result: Any = None
+        self._stopped_early = False  # Stop already settled this run's model (stop_now)
+        self._final_status = ""  # the status to show once the interrupted step has finished
+        self._steps_seen = 0
+        # Check marks the user set, per labels layer; the others follow "edited".
+        self._user_checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._listed_edited: weakref.WeakSet = weakref.WeakSet()
 
         self.pairs = QListWidget()
         self.pairs.setMinimumHeight(70)
         self.refresh_pairs = PushButton(text="Refresh list")
         defaults = FinetuneConfig()
+        by_time = defaults.seconds is not None and defaults.epochs is None
         self.budget_mode = ComboBox(label="budget", choices=["seconds", "epochs"],
-                                    value="epochs" if defaults.epochs is not None else "seconds")
+                                    value="seconds" if by_time else "epochs")
         self.budget_value = FloatSpinBox(label="amount", min=1, max=100000, step=1,
                                          value=_budget_default(defaults, self.budget_mode.value))
         self.advanced = dataclass_form(
@@ -121,24 +132,55 @@ class FinetuneWidget(QWidget):
         self.revert_button.changed.connect(self.revert)
         self.save_button.changed.connect(lambda: self.save_model())
         self.session.changed.connect(self._show_model)
-        for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            ev.connect(self.update_pairs)
+        self.pairs.itemChanged.connect(self._item_changed)
+        # Rebuild after a paint stroke once _layers has marked the layer edited (its handler
+        # may run after ours), and once per burst of strokes.
+        self._edit_timer = QTimer(self)
+        self._edit_timer.setSingleShot(True)
+        self._edit_timer.setInterval(0)
+        self._edit_timer.timeout.connect(self._check_edited)
+        self._layer_watch = _layers.LayerWatcher(napari_viewer.layers, self.update_pairs,
+                                                 per_layer={"paint": self._on_paint})
         self.update_pairs()
         self._show_model()
 
     # -- pairs ---------------------------------------------------------------------------------
     def update_pairs(self, *_: Any) -> None:
-        """Re-list the (image, labels) pairs, keeping the user's check marks."""
-        previous = {id(p[1]): item.checkState() for p, item in self._items()}
-        self.pairs.clear()
-        self._pair_objs: list[tuple[Image, Labels]] = []
-        for img, lab, edited in candidate_pairs(self.viewer):
-            item = QListWidgetItem(f"{img.name}  ↔  {lab.name}" + ("  (edited)" if edited else ""))
-            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-            default = Qt.CheckState.Checked if edited else Qt.CheckState.Unchecked
-            item.setCheckState(previous.get(id(lab), default))
-            self.pairs.addItem(item)
-            self._pair_objs.append((img, lab))
+        """Re-list the (image, labels) pairs: the user's check marks stay, the rest follow edits."""
+        self.pairs.blockSignals(True)  # only the user's clicks count as choices
+        try:
+            self.pairs.clear()
+            self._pair_objs: list[tuple[Image, Labels]] = []
+            self._listed_edited = weakref.WeakSet(
+                lyr for lyr in self.viewer.layers
+                if isinstance(lyr, Labels) and _layers.info(lyr).edited)
+            for img, lab, edited in candidate_pairs(self.viewer):
+                item = QListWidgetItem(f"{img.name}  ↔  {lab.name}"
+                                       + ("  (edited)" if edited else ""))
+                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+                checked = self._user_checks.get(lab, edited)
+                item.setCheckState(Qt.CheckState.Checked if checked else Qt.CheckState.Unchecked)
+                self.pairs.addItem(item)
+                self._pair_objs.append((img, lab))
+        finally:
+            self.pairs.blockSignals(False)
+
+    def _item_changed(self, item: QListWidgetItem) -> None:
+        row = self.pairs.row(item)
+        if 0 <= row < len(self._pair_objs):
+            self._user_checks[self._pair_objs[row][1]] = \
+                item.checkState() == Qt.CheckState.Checked
+
+    def _on_paint(self, *_: Any) -> None:
+        self._edit_timer.start()
+
+    def _check_edited(self) -> None:
+        """Re-list when a labels layer became edited since the list was built."""
+        for lyr in self.viewer.layers:
+            if isinstance(lyr, Labels) and lyr not in self._listed_edited \
+                    and _layers.info(lyr).edited:
+                self.update_pairs()
+                return
 
     def _items(self) -> list[tuple[tuple[Image, Labels], QListWidgetItem]]:
         objs = getattr(self, "_pair_objs", [])
@@ -185,6 +227,7 @@ class FinetuneWidget(QWidget):
         data = [(np.asarray(img.data), np.asarray(lab.data)) for img, lab in pairs]
         names = [f"{img.name} / {lab.name}" for img, lab in pairs]
         self.control = FinetuneControl()
+        self._stopped_early, self._final_status, self._steps_seen = False, "", 0
         self.plot.clear()
         self.progress.setValue(0)
         self.status.setText(f"Fine-tuning on {len(pairs)} pair(s)...")
@@ -195,20 +238,43 @@ class FinetuneWidget(QWidget):
             on_yield=self._report,
             on_return=self._done,
             on_finish=self._finished,
-            on_error=lambda exc: (self.status.setText(f"Failed: {exc}"),
-                                  show_error(f"Fine-tuning failed: {exc}")),
+            on_error=self._errored,
+            on_cancel=self.stop,  # the activity dock's Cancel does what Stop does
         )
-        self.worker.aborted.connect(
-            lambda: self.status.setText("Cancelled: the previous model is still active."))
+        self.worker.aborted.connect(self._aborted)
         return self.worker
 
     def stop(self) -> None:
-        """Finish at the next step, keeping the best state so far."""
-        if self.control is not None:
-            self.control.stop()
+        """Stop now, keeping the best state so far.
+
+        The core hands that state out at once (``FinetuneControl.stop_now``); the step in
+        flight (a CPU backward pass can take seconds) finishes in the background, and Run
+        stays disabled until it has.
+        """
+        control = self.control
+        if control is None or self._stopped_early:
+            return
+        self.stop_button.enabled = False
+        stop_now = getattr(control, "stop_now", None)
+        if stop_now is None:  # an older core: the run returns its result after this step
+            control.stop()
             self.status.setText("Stopping after the current step...")
+            return
+        result = stop_now()
+        self._stopped_early = True  # from here on the worker's reports and result are ignored
+        if result is not None:
+            text = self._adopt(result)
+        elif self._steps_seen == 0:
+            text = "Stopped before any step: the previous model stays active."
+        else:
+            text = "Stopped with no improvement: the starting model is kept."
+        self._final_status = text
+        self.status.setText(f"{text} Finishing the interrupted step...")
 
     def _report(self, report: Any) -> None:
+        if self._stopped_early:
+            return  # the interrupted step: not the model the user now has
+        self._steps_seen = max(self._steps_seen, int(report.step))
         total = max(int(getattr(report, "total_steps", 0) or 0), 1)
         self.progress.setMaximum(total)
         self.progress.setValue(min(int(report.step), total))
@@ -218,20 +284,46 @@ class FinetuneWidget(QWidget):
             self.status.setText(str(report.message))
 
     def _done(self, result: Any) -> None:
+        if self._stopped_early:
+            return  # Stop already settled the model; this late result would add it twice
+        self.status.setText(self._adopt(result))
+
+    def _adopt(self, result: Any) -> str:
+        """Make a run's result the active model unless it is the starting model; status text."""
         self.last_result = result
-        self.session.set_active(result.bundle, "fine-tuned in this session")
+        reason = str(result.stopped_reason)
+        verb = "Stopped" if reason == "cancelled" else "Done"
         best = getattr(result, "best_val_dice", None)
         best_txt = f", best validation Dice {best:.3f}" if best is not None and math.isfinite(best) \
             else ""
-        self.status.setText(f"Done ({result.stopped_reason}{best_txt}). The fine-tuned model is "
-                            "now active for Segment; Revert restores the previous one.")
+        if int(getattr(result, "best_step", 0)) == 0:
+            # The returned state is the starting model: do not claim a fine-tuned one.
+            show_info("S2M-Net fine-tuning: no improvement; the starting model is kept.")
+            return f"{verb} ({reason}{best_txt}): no improvement: the starting model is kept."
+        self.session.set_active(result.bundle, "fine-tuned in this session")
+        self.revert_button.enabled = self.session.can_revert
         show_info("S2M-Net fine-tuning finished; the new model is active.")
+        return (f"{verb} ({reason}, state of step {result.best_step}{best_txt}). The fine-tuned "
+                "model is now active for Segment; Revert restores the previous one.")
+
+    def _errored(self, exc: BaseException) -> None:
+        # start_worker already shows the error as a napari notification.
+        if self._stopped_early:
+            self._final_status += f" (The interrupted step then failed: {exc})"
+        else:
+            self.status.setText(f"Failed: {exc}")
+
+    def _aborted(self) -> None:
+        if not self._stopped_early:
+            self.status.setText("Cancelled: the previous model is still active.")
 
     def _finished(self) -> None:
         self.worker = None
         self.control = None
         self.run_button.enabled, self.stop_button.enabled = True, False
         self.revert_button.enabled = self.session.can_revert
+        if self._stopped_early:
+            self.status.setText(self._final_status)
 
     # -- model management ----------------------------------------------------------------------
     def revert(self) -> None:
@@ -267,6 +359,7 @@ class FinetuneWidget(QWidget):
 
 
 def _budget_default(cfg: FinetuneConfig, mode: str) -> float:
+    """The budget the config implies for ``mode`` (``SECONDS_SUGGESTION`` for seconds if none)."""
     if mode == "epochs":
-        return float(cfg.epochs if cfg.epochs is not None else 10)
-    return float(cfg.seconds if cfg.seconds is not None else 60)
+        return float(cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS)
+    return float(cfg.seconds if cfg.seconds is not None else SECONDS_SUGGESTION)
