@@ -27,6 +27,13 @@ def test_widget_defaults_equal_config_defaults(viewer_with_plugin):
     ft_defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
     for w in ft.advanced:
         assert w.value == ft_defaults[w.name], w.name
+    # The budget too: the widget's whole config is the config default (30 epochs when neither
+    # epochs nor seconds is set), not a widget-only "60 seconds".
+    cfg = ft.config()
+    assert ft.budget_mode.value == "epochs"
+    assert cfg.total_steps == FinetuneConfig().total_steps
+    assert cfg.seconds == FinetuneConfig().seconds
+    assert dataclasses.replace(cfg, epochs=None) == FinetuneConfig()
 
 
 def test_segment_adds_labels_with_features_and_scale(viewer_with_plugin, qtbot):
@@ -34,9 +41,8 @@ def test_segment_adds_labels_with_features_and_scale(viewer_with_plugin, qtbot):
     image = viewer.layers["nuclei"]
     image.scale = (0.5, 0.25)
     image.translate = (10.0, 5.0)
-    image.name = "renamed nuclei"  # the picker follows layer objects, not names
-    seg._refresh_choices()
     seg.image.value = image
+    image.name = "renamed nuclei"  # the picker follows layer objects, not names
     n_before = len(viewer.layers)
     worker = seg.run()
     assert worker is not None
@@ -195,7 +201,6 @@ def test_segment_3d_stack_and_rgb(viewer_with_plugin, qtbot):
     viewer, seg, _, _ = viewer_with_plugin
     stack, _ = load_nuclei3d()
     layer = viewer.add_image(stack, name="stack", scale=(2.0, 0.5, 0.5))
-    seg._refresh_choices()
     seg.image.value = layer
     seg.run()
     _wait_worker(qtbot, seg)
@@ -249,7 +254,6 @@ def test_segment_multichannel_layer_with_channel_axis(viewer_with_plugin, qtbot)
     data = np.random.default_rng(0).integers(0, 4000, (2, 70, 90), dtype=np.uint16)
     layer = viewer.add_image(data, name="two channels", scale=(1.0, 0.3, 0.4),
                              axis_labels=("c", "y", "x"))
-    seg._refresh_choices()
     seg.image.value = layer
     assert list(seg.channel_axis.choices) == [-1, 0]
     assert seg.channel_axis.value == -1  # a 1-channel model: 'none' (planes)
