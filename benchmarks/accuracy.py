@@ -4,7 +4,19 @@ Usage::
 
     python -m benchmarks.accuracy --quick          # fold 3 only, 60 s per run (~6 min on a CPU)
     python -m benchmarks.accuracy                  # all 4 folds, 120 s per run
-    python -m benchmarks.accuracy --folds 0 3 --seeds 0 1 --seconds 300 --device cuda
+    python -m benchmarks.accuracy --folds 0 3 --n-seeds 2 --seconds 300 --device cuda
+    python -m benchmarks.accuracy --smp --cellpose      # with both peers (see below)
+    python -m benchmarks.accuracy --cellpose --models   # only the Cellpose 3 peer
+
+The peers need torchvision, which the CPU torch wheel of the project's set-up cannot load; they
+run in an environment of their own (the project without napari, torch with a matching
+torchvision; on x86-64 Linux with Python 3.11 these lie on this project's machines)::
+
+    python3 -m venv .venv-peers
+    .venv-peers/bin/pip install torch==2.14.1 torchvision==0.29.1 segmentation-models-pytorch \
+        'cellpose>=3,<4' numpy scipy scikit-image tifffile imageio safetensors pandas
+    .venv-peers/bin/pip install --no-deps -e .
+    OMP_NUM_THREADS=1 .venv-peers/bin/python -m benchmarks.accuracy --threads 1 --smp --cellpose
 
 Protocol (identical for every model):
 
@@ -16,7 +28,11 @@ Protocol (identical for every model):
   S2M-Net + MASL, S2M-Net + Dice/BCE, S2M-Net + MASL + SCC, the U-Net baseline of equal
   parameters + Dice/BCE and DSSAU-Net (``tiny`` preset) + Dice/BCE; S2M-Net and the U-Net use
   BatchNorm momentum 0.1 (DSSAU-Net has no such option and keeps PyTorch's 0.1 default);
-  a segmentation-models-pytorch U-Net is added only when that package is importable;
+  with ``--smp`` (segmentation-models-pytorch importable), its U-Net with a ResNet34 encoder
+  (24.4M parameters, no pretrained weights) + Dice/BCE, trained and scored by the same code;
+  with ``--cellpose`` (Cellpose 3 importable), Cellpose's own network (6.6M parameters) trained from
+  scratch with Cellpose's own ``train_seg`` and defaults (AdamW lr 5e-3 with its warm-up, 224-px
+  crops, flows), as many epochs of one batch as fit in the budget (see :func:`run_cellpose`);
 * training: :func:`napari_s2mnet.training.train` with a fixed wall-clock budget per run
   (``--seconds``), Adam with warm-up + cosine decay, lr 1e-3, batch 4, crops of ``--crop-size``
   pixels with augmentation, no early stopping;
@@ -37,6 +53,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -94,15 +111,140 @@ def boundary_f1(pred: np.ndarray, gt: np.ndarray, tol: float = BOUNDARY_TOLERANC
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
-def smp_status() -> str | None:
-    """``None`` when segmentation-models-pytorch imports, else why not (never installed here)."""
+def _import_status(module: str, install: str) -> str | None:
+    """``None`` when ``module`` imports, else why the peer that needs it is skipped."""
+    import importlib
+
     try:
-        import segmentation_models_pytorch  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
-        return "not installed"
+        return f"not installed ({install})"
     except Exception as exc:  # e.g. a torchvision wheel built for another torch
         return f"installed but fails to import ({type(exc).__name__}: {exc})"
     return None
+
+
+def smp_status() -> str | None:
+    """``None`` when segmentation-models-pytorch imports, else why it is skipped."""
+    return _import_status("segmentation_models_pytorch", "pip install segmentation-models-pytorch")
+
+
+SMP_VARIANT = Variant("smp U-Net ResNet34 (no pretraining) + Dice/BCE", "smp_unet", "dicebce")
+
+
+@dataclass
+class SmpUnetOptions:
+    """Options of the segmentation-models-pytorch peer (registered only by this benchmark)."""
+
+    encoder: str = "resnet34"
+
+
+def register_smp_unet() -> None:
+    """Register ``smp.Unet`` (random init) as architecture ``"smp_unet"``.
+
+    Going through the registry means the peer is trained and scored by exactly the same code as
+    the project's own models (``training.train``, ``inference.segment``); the wrapper only adds
+    the registry contract (``stride``, any input size by padding and cropping back).
+    """
+    import segmentation_models_pytorch as smp
+    import torch
+    from torch import nn
+
+    from napari_s2mnet.model import ModelConfig, register_model
+    from napari_s2mnet.model.blocks import crop_padding, pad_to_multiple
+
+    class SmpUnet(nn.Module):
+        stride = 32
+
+        def __init__(self, in_channels: int, num_classes: int, encoder: str) -> None:
+            super().__init__()
+            self.net = smp.Unet(encoder, encoder_weights=None, in_channels=in_channels,
+                                classes=num_classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x, pads = pad_to_multiple(x, self.stride)
+            return crop_padding(self.net(x), pads)
+
+    @register_model("smp_unet", SmpUnetOptions, "segmentation-models-pytorch U-Net (peer)")
+    def _build(config: ModelConfig, options: SmpUnetOptions) -> nn.Module:
+        return SmpUnet(config.in_channels, config.num_classes, options.encoder)
+
+
+def cellpose_status() -> str | None:
+    """``None`` when Cellpose 3 imports (the peer trained from scratch), else why it is skipped."""
+    status = _import_status("cellpose.train", "pip install 'cellpose>=3,<4'")
+    if status is not None:
+        return status
+    import cellpose
+
+    version = getattr(cellpose, "__version__", None) or _dist_version("cellpose")
+    if not str(version).startswith("3."):
+        return f"version {version} installed; this script drives the Cellpose 3 training API"
+    return None
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+CELLPOSE_LABEL = "Cellpose 3 (from scratch)"
+
+
+def run_cellpose(fold: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Cellpose 3's own network and training (``train_seg``, its defaults) from a random init.
+
+    ``train_seg`` has epochs, not a time budget: the seconds per epoch are measured on a
+    throw-away copy first (2 and 6 epochs, set-up cost separated), then the run gets as many
+    epochs as fit in ``--seconds``. One epoch = one batch of ``--batch-size`` crops (224 px,
+    Cellpose's size), so its steps compare with the other rows'. Segmentation: Cellpose's
+    ``eval`` with the diameter learned from the training masks.
+    """
+    import copy
+    import logging
+    import tempfile
+
+    import torch
+    from cellpose import models, train
+
+    logging.getLogger("cellpose").setLevel(logging.WARNING)
+    quads = dsb2018_quadrants()
+    imgs = [q[0].astype(np.float32) for i, q in enumerate(quads) if i != fold]
+    labs = [q[1].astype(np.int32) for i, q in enumerate(quads) if i != fold]
+    test_img, test_gt = quads[fold]
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - Cellpose's augmentation uses numpy's global state
+    model = models.CellposeModel(gpu=False, pretrained_model=False, model_type=None)
+    n_params = sum(p.numel() for p in model.net.parameters())  # eval() may convert to oneDNN
+    kw = {"train_data": imgs, "train_labels": labs, "channels": [0, 0],
+          "batch_size": args.batch_size, "nimg_per_epoch": args.batch_size,
+          "min_train_masks": 1}
+    with tempfile.TemporaryDirectory() as tmp:
+        timings = {}
+        for n in (2, 6):
+            probe = copy.deepcopy(model.net)
+            t0 = time.perf_counter()
+            train.train_seg(probe, n_epochs=n, save_path=tmp, **kw)
+            timings[n] = time.perf_counter() - t0
+        per_epoch = max(1e-3, (timings[6] - timings[2]) / 4)
+        setup = max(0.0, timings[2] - 2 * per_epoch)
+        epochs = max(2, int((args.seconds - setup) / per_epoch))
+        t0 = time.perf_counter()
+        train.train_seg(model.net, n_epochs=epochs, save_path=tmp, **kw)
+        elapsed = time.perf_counter() - t0
+    model.diam_labels = float(model.net.diam_labels.item())
+    model.net.eval()
+    t0 = time.perf_counter()
+    masks = model.eval(test_img.astype(np.float32), channels=[0, 0], diameter=None)[0]
+    infer_s = time.perf_counter() - t0
+    d, iou = dice_iou(masks, test_gt)
+    return {"dice": d, "iou": iou, "bf1": boundary_f1(masks, test_gt),
+            "params": n_params, "seconds": elapsed,
+            "steps": epochs, "infer_s": infer_s, "stopped": "epochs fitted to the budget"}
 
 
 def run_one(variant: Variant, fold: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -159,8 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--models", nargs="+", default=None,
-                   help="subset of variants by index (0..4), e.g. --models 0 3")
+    p.add_argument("--smp", action="store_true",
+                   help="add segmentation-models-pytorch's U-Net ResNet34, random init (needs "
+                        "segmentation-models-pytorch and a torchvision matching torch)")
+    p.add_argument("--cellpose", action="store_true",
+                   help="add Cellpose 3 trained from scratch (needs cellpose>=3,<4 importable)")
+    p.add_argument("--models", type=int, nargs="*", default=None,
+                   help="subset of variants by index (0..4), e.g. --models 0 3; the flag "
+                        "alone runs none of them (only the peers asked for)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.folds = args.folds or ([3] if args.quick else [0, 1, 2, 3])
@@ -178,28 +326,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# DSB2018 quadrant folds {args.folds} (train 3, test the held-out one), seeds {seeds}"
           f", {args.seconds:g} s per run, crop {args.crop_size}, batch {args.batch_size}, "
           f"lr {args.lr:g}, val_fraction 0, random init, 1 input channel")
-    smp = smp_status()
+    smp = smp_status() if args.smp else "not requested (--smp)"
+    print(f"# segmentation-models-pytorch peer: {'included' if smp is None else 'skipped: ' + smp}")
     if smp is None:
-        print("# segmentation-models-pytorch: importable, but no peer is wired in this script")
-    else:
-        print(f"# segmentation-models-pytorch peer: skipped: {smp}")
+        register_smp_unet()
+        variants.append(SMP_VARIANT)
 
-    runs: dict[str, list[dict[str, Any]]] = {v.label: [] for v in variants}
+    cellpose = cellpose_status() if args.cellpose else "not requested (--cellpose)"
+    print(f"# Cellpose peer: {'included' if cellpose is None else 'skipped: ' + cellpose}")
+    rows: list[tuple[str, str]] = [(v.label, v.loss) for v in variants]
+    if cellpose is None:
+        rows.append((CELLPOSE_LABEL, "Cellpose's"))
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in rows}
     for fold in args.folds:
         for seed in seeds:
-            for v in variants:
-                r = run_one(v, fold, seed, args)
-                runs[v.label].append(r)
-                print(f"# fold {fold} seed {seed} {v.label}: Dice {r['dice']:.3f} IoU "
+            jobs = [(v.label, partial(run_one, v, fold, seed, args)) for v in variants]
+            if cellpose is None:
+                jobs.append((CELLPOSE_LABEL, partial(run_cellpose, fold, seed, args)))
+            for label, job in jobs:
+                r = job()
+                runs[label].append(r)
+                print(f"# fold {fold} seed {seed} {label}: Dice {r['dice']:.3f} IoU "
                       f"{r['iou']:.3f} BF1 {r['bf1']:.3f} steps {r['steps']} "
                       f"({r['seconds']:.0f} s, {r['stopped']})", flush=True)
 
     print()
     print("| model | loss | params | held-out Dice | IoU | boundary F1 (2 px) | train s | steps |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for v in variants:
-        rs = runs[v.label]
-        print(f"| {v.label} | {v.loss} | {rs[0]['params']:,} | "
+    for label, loss in rows:
+        rs = runs[label]
+        print(f"| {label} | {loss} | {rs[0]['params']:,} | "
               f"{_ms([r['dice'] for r in rs], '.3f')} | {_ms([r['iou'] for r in rs], '.3f')} | "
               f"{_ms([r['bf1'] for r in rs], '.3f')} | {_ms([r['seconds'] for r in rs], '.0f')} | "
               f"{_ms([float(r['steps']) for r in rs], '.0f')} |")
