@@ -2,17 +2,23 @@
 
 Usage::
 
-    python -m benchmarks.stop_latency             # bundled S2M-Net, CPU, about 1 minute
+    python -m benchmarks.stop_latency             # bundled S2M-Net, CPU, about 2 minutes
     python -m benchmarks.stop_latency --crop-size 384 --batch-size 8
 
 What the Fine-tune widget does, without the widget: :func:`napari_s2mnet.training.finetune` runs
 in a worker thread (as napari's thread worker runs it) on the DSB2018 sample from the bundled
-model; after a random delay inside the run the main thread calls
-:meth:`~napari_s2mnet.training.FinetuneControl.stop` and measures the time until the generator has
-returned its result (the best state, ready to use). The baseline, measured in the same process
-first, is the median duration of a full training step (a run of ``--baseline-steps`` steps): what
-Stop would cost on average if it waited for the step in flight to end. Delays are drawn so stops
-land anywhere inside a step.
+model; after a random delay from the start of the run (anywhere from data preparation to the
+third step) the main thread calls :meth:`~napari_s2mnet.training.FinetuneControl.stop_now`, as
+the widget's Stop does, and measures
+
+* the time until ``stop_now`` returned: the model the user gets (the best state so far, or
+  ``None`` = the previous model stays), usable at once;
+* the time until the worker itself has returned (it finishes the step in flight; a backward pass
+  cannot be interrupted).
+
+The baseline, measured in the same process first, is the median duration of a full training step
+(a run of ``--baseline-steps`` steps): what Stop would cost on average if it waited for the step
+in flight to end.
 """
 
 from __future__ import annotations
@@ -44,34 +50,29 @@ def step_seconds(pairs, bundle, cfg, n: int) -> list[float]:  # type: ignore[no-
     return times
 
 
-def one_stop(pairs, bundle, cfg, delay: float) -> tuple[float, int]:  # type: ignore[no-untyped-def]
-    """(stop latency s, steps done) of one run stopped ``delay`` s after its first step."""
+def one_stop(pairs, bundle, cfg, delay: float) -> tuple[float, bool, float, int]:  # type: ignore[no-untyped-def]
+    """One run stopped ``delay`` s after its start: (stop_now s, got a model, worker s, steps)."""
     from napari_s2mnet.inference import run_to_end
     from napari_s2mnet.training import FinetuneControl, finetune
 
     control = FinetuneControl()
-    first_step = threading.Event()
     done = threading.Event()
     out: dict[str, object] = {}
 
     def work() -> None:
-        def on_report(rep: object) -> None:
-            if rep.step >= 1:  # type: ignore[attr-defined]
-                first_step.set()
-
-        out["result"] = run_to_end(finetune(pairs, bundle, cfg, control=control), on_report)
+        out["result"] = run_to_end(finetune(pairs, bundle, cfg, control=control))
         done.set()
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    first_step.wait()
     time.sleep(delay)
     t0 = time.perf_counter()
-    control.stop()
+    result = control.stop_now()
+    now = time.perf_counter() - t0
     done.wait()
-    latency = time.perf_counter() - t0
+    returned = time.perf_counter() - t0
     thread.join()
-    return latency, out["result"].steps  # type: ignore[attr-defined]
+    return now, result is not None, returned, out["result"].steps  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
     image, labels = load_dsb2018()
     bundle = load_default_model("cpu")
-    # Validation split as the widget's default config; stops land in training steps.
+    # No validation split: every applied step is then the run's result, so stop_now has a model
+    # to hand out from the first step on (with validation it returns None until the first
+    # validated improvement, and the previous model stays: also immediate).
     cfg = FinetuneConfig(seconds=600, crop_size=args.crop_size, batch_size=args.batch_size,
-                         device="cpu", seed=args.seed)
+                         device="cpu", seed=args.seed, val_fraction=0.0)
     rng = np.random.default_rng(args.seed)
     print(f"# stop latency: torch {torch.__version__}, cpu, threads {args.threads}, "
           f"{platform.processor() or platform.machine()}; bundled S2M-Net, batch "
@@ -103,18 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     steps = step_seconds([(image, labels)], bundle, cfg, args.baseline_steps)
     step = statistics.median(steps)
     print(f"# baseline: {len(steps)} uninterrupted steps, median {step:.3f} s", flush=True)
-    lat = []
+    now, returned = [], []
     for run in range(args.runs):
-        delay = float(rng.uniform(0.0, 2.0)) * step  # anywhere in the next two steps
-        latency, done = one_stop([(image, labels)], bundle, cfg, delay)
-        lat.append(latency)
-        print(f"# run {run}: stop {delay:.2f} s after step 1 -> returned in {latency:.3f} s "
-              f"({done} steps done)", flush=True)
+        delay = float(rng.uniform(0.0, 3.0)) * step  # from data preparation to the third step
+        t_now, got, t_ret, done = one_stop([(image, labels)], bundle, cfg, delay)
+        now.append(t_now)
+        returned.append(t_ret)
+        what = "best state so far" if got else "None: previous model kept"
+        print(f"# run {run}: stop {delay:.2f} s after the start -> stop_now {t_now:.3f} s "
+              f"({what}), worker returned after {t_ret:.3f} s ({done} steps done)", flush=True)
     print()
     print("| measure | median s | max s | / median step |")
     print("|---|---:|---:|---:|")
-    print(f"| Stop -> result returned | {statistics.median(lat):.3f} | {max(lat):.3f} | "
-          f"{statistics.median(lat) / step:.2f} |")
+    print(f"| Stop (stop_now) -> usable model | {statistics.median(now):.3f} | {max(now):.3f} | "
+          f"{statistics.median(now) / step:.3f} |")
+    print(f"| Stop -> worker returned | {statistics.median(returned):.3f} | {max(returned):.3f} | "
+          f"{statistics.median(returned) / step:.2f} |")
     print(f"| one training step (baseline) | {step:.3f} | {max(steps):.3f} | 1.00 |")
     return 0
 
