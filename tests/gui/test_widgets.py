@@ -173,13 +173,27 @@ def test_export_and_reread(viewer_with_plugin, tmp_path):
         assert written, fmt
         np.testing.assert_array_equal(read_labels(written[0]), gt.data)
     import pandas as pd
+    import tifffile
 
+    from napari_s2mnet._widgets.export import _safe
+
+    with tifffile.TiffFile(tmp_path / "gt.tif") as tif:  # what Fiji reads: ImageJ, pixel size
+        assert tif.is_imagej and tif.pages[0].dtype == np.uint8  # 125 labels fit in uint8
+        num, den = tif.pages[0].tags["XResolution"].value
+        assert num / den == pytest.approx(1 / 0.3)
     df = pd.read_csv(tmp_path / "gt_features.csv")
-    assert len(df) == len(gt.features)
-    # folder mode
+    expected = gt.features.reset_index(drop=True)
+    pd.testing.assert_frame_equal(df[expected.columns], expected, check_dtype=False)
+    # folder mode: every labels layer, each file re-read identically
     ex.all_layers.value = True
+    ex.fmt.value = "TIFF (Fiji)"
     written = ex.export(tmp_path / "all")
-    assert any(p.suffix == ".npy" for p in written)
+    labels_layers = [lyr for lyr in viewer.layers if lyr._type_string == "labels"]
+    tiffs = sorted(p for p in written if p.suffix == ".tif")
+    assert len(tiffs) == len(labels_layers) >= 1
+    for layer in labels_layers:
+        (path,) = [p for p in tiffs if p.stem == _safe(layer.name)]
+        np.testing.assert_array_equal(read_labels(path), layer.data)
 
 
 def test_screenshot_of_whole_window(viewer_with_plugin, qtbot, tmp_path):
