@@ -33,6 +33,12 @@ def run_demo(screenshot: Path | None = None) -> int:
         if screenshot is None:
             return
         def grab() -> None:
+            from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+            # The picture shows the result: whole image in view, no start-up toasts over it.
+            viewer.reset_view()
+            for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+                toast.close()
             viewer.screenshot(str(screenshot), canvas_only=False)
             print(f"[demo] saved window screenshot to {screenshot}")
             viewer.close()
