@@ -255,12 +255,7 @@ class FinetuneWidget(QWidget):
         if control is None or self._stopped_early:
             return
         self.stop_button.enabled = False
-        stop_now = getattr(control, "stop_now", None)
-        if stop_now is None:  # an older core: the run returns its result after this step
-            control.stop()
-            self.status.setText("Stopping after the current step...")
-            return
-        result = stop_now()
+        result = control.stop_now()
         self._stopped_early = True  # from here on the worker's reports and result are ignored
         if result is not None:
             text = self._adopt(result)
