@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from napari_s2mnet._widgets._session import get_session
 from napari_s2mnet.inference import InferenceConfig
 
 NO_CHANNEL_AXIS = -1  # the channel-axis picker's "none" (ComboBox data must not be None)
+ALL_CHANNELS = -1  # the model-input picker's "all": channels mapped automatically
 ADVANCED_FIELDS = [
     "tile_size",
     "overlap",
@@ -73,6 +75,11 @@ class SegmentWidget(QWidget):
             label="channel axis", choices=self._channel_choices, value=NO_CHANNEL_AXIS,
             tooltip="for a multichannel layer (not RGB): the axis that holds the model's input "
                     "channels; 'none' segments every plane of a stack on its own")
+        self.input_channel = ComboBox(
+            label="model input", choices=self._input_choices, value=ALL_CHANNELS,
+            tooltip="which channel feeds the model (e.g. the nuclear stain for a 1-channel "
+                    "model); 'all' passes every channel (RGB is averaged to gray for a "
+                    "1-channel model)")
         self.model_file = FileEdit(label="model file", mode="r", filter="*.safetensors")
         self.load_model = PushButton(text="Load model file")
         self.new_arch = ComboBox(label="new model", choices=_architectures(), value="s2mnet",
@@ -82,7 +89,8 @@ class SegmentWidget(QWidget):
         self.device = ComboBox(label="device", choices=available_devices(), value="auto")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.controls = Container(widgets=[self.image, self.channel_axis, self.model_file,
+        self.controls = Container(widgets=[self.image, self.channel_axis, self.input_channel,
+                                           self.model_file,
                                            self.load_model,
                                            self.new_arch, self.new_button, self.device])
         self.advanced = dataclass_form(
@@ -128,6 +136,7 @@ class SegmentWidget(QWidget):
         self.new_button.changed.connect(self.start_new_model)
         self.device.changed.connect(self._show_device)
         self.image.changed.connect(self._refresh_channel_axes)
+        self.channel_axis.changed.connect(self._refresh_input_channels)
         self.session.changed.connect(self._show_model)
         self.session.changed.connect(self._refresh_channel_axes)
         self._layer_watch = _layers.LayerWatcher(napari_viewer.layers, self._refresh_choices)
@@ -167,6 +176,27 @@ class SegmentWidget(QWidget):
         if current not in values or current == NO_CHANNEL_AXIS:
             current = self._suggested_channel_axis(values)
         self.channel_axis.value = current
+        self._refresh_input_channels()
+
+    def _input_choices(self, *_: Any) -> list[tuple[str, int]]:
+        """'all' plus each channel of the chosen channel axis (or colour of an RGB layer)."""
+        choices = [("all", ALL_CHANNELS)]
+        layer = self.image.value if hasattr(self, "image") else None
+        if layer is None:
+            return choices
+        if layer.rgb:
+            return choices + [(name, i) for i, name in enumerate(("red", "green", "blue"))]
+        axis = self._chosen_channel_axis() if hasattr(self, "channel_axis") else None
+        if axis is None:
+            return choices
+        return choices + [(f"channel {i}", i) for i in range(np.shape(layer.data)[axis])]
+
+    def _refresh_input_channels(self, *_: Any) -> None:
+        current = self.input_channel.value
+        self.input_channel.reset_choices()
+        values = [v for _, v in self._input_choices()]
+        self.input_channel.value = current if current in values else ALL_CHANNELS
+        self.input_channel.enabled = len(values) > 1
 
     def _suggested_channel_axis(self, values: list[int]) -> int:
         """The first axis whose length equals a multichannel model's input channels, else none."""
@@ -237,6 +267,8 @@ class SegmentWidget(QWidget):
             return None
         channel_axis = self._chosen_channel_axis()
         layout = _layout_of(layer, channel_axis)
+        if self.input_channel.value not in (None, ALL_CHANNELS):
+            layout = dataclasses.replace(layout, channels=(int(self.input_channel.value),))
         # The engine wants one pixel size per non-channel axis (napari has none for RGB).
         spacing = tuple(float(s) for i, s in enumerate(layer.scale) if i != channel_axis)
         data = np.asarray(layer.data)

@@ -281,3 +281,25 @@ def test_segment_multichannel_layer_with_channel_axis(viewer_with_plugin, qtbot)
     assert out.data.shape == (70, 90)  # channels consumed, not segmented as 2 slices
     np.testing.assert_allclose(out.scale, (0.3, 0.4))
     assert tuple(out.axis_labels) == ("y", "x")
+
+
+def test_segment_one_channel_of_a_multichannel_layer(viewer_with_plugin, qtbot):
+    """'model input' feeds one chosen channel to the (1-channel) bundled model."""
+    viewer, seg, _, _ = viewer_with_plugin
+    nuclei = viewer.layers["nuclei"]
+    seg.image.value = nuclei
+    seg.run()
+    _wait_worker(qtbot, seg)
+    reference = np.asarray(viewer.layers[-1].data)
+    noise = np.random.default_rng(0).integers(0, 4000, nuclei.data.shape).astype(nuclei.data.dtype)
+    layer = viewer.add_image(np.stack([noise, nuclei.data]), name="stain + nuclei")
+    seg.image.value = layer
+    assert not seg.input_channel.enabled  # no channel axis yet: nothing to choose
+    seg.channel_axis.value = 0
+    assert list(seg.input_channel.choices) == [-1, 0, 1] and seg.input_channel.enabled
+    seg.input_channel.value = 1
+    seg.run()
+    _wait_worker(qtbot, seg)
+    out = viewer.layers[-1]
+    assert out.name == "stain + nuclei S2M-Net", seg.status.text()
+    np.testing.assert_array_equal(np.asarray(out.data), reference)
