@@ -21,6 +21,14 @@ def _session(viewer):
     return get_session(viewer)
 
 
+def _segment_sample(viewer, seg, qtbot):  # type: ignore[no-untyped-def]
+    """Click Run on the sample nuclei image, as a user; the new labels layer."""
+    seg.image.value = viewer.layers["nuclei"]
+    seg.run_button.native.click()
+    _wait_worker(qtbot, seg)
+    return viewer.layers[-1]
+
+
 def test_runtime_error_in_the_model_resets_segment(viewer_with_plugin, qtbot, monkeypatch):
     """superqt drops RuntimeErrors from a generator; the widget must still recover and say why."""
     viewer, seg, _, _ = viewer_with_plugin
@@ -211,10 +219,7 @@ def test_painting_checks_the_pair_in_finetune(viewer_with_plugin, qtbot):
     viewer, seg, ft, _ = viewer_with_plugin
     gt = viewer.layers["nuclei ground truth"]
     ft.set_checked(gt, True)  # a user choice that a rebuild must keep
-    seg.image.value = viewer.layers["nuclei"]
-    seg.run_button.native.click()
-    _wait_worker(qtbot, seg)
-    out = viewer.layers[-1]
+    out = _segment_sample(viewer, seg, qtbot)
     assert not any(lab is out for _, lab in ft.selected_pairs())
     out.visible = True
     out.data_setitem((np.array([5, 5, 6]), np.array([5, 6, 5])), 7)
@@ -224,10 +229,7 @@ def test_painting_checks_the_pair_in_finetune(viewer_with_plugin, qtbot):
 
 def test_painting_a_label_above_255_on_a_result(viewer_with_plugin, qtbot):
     viewer, seg, _, _ = viewer_with_plugin
-    seg.image.value = viewer.layers["nuclei"]
-    seg.run_button.native.click()
-    _wait_worker(qtbot, seg)
-    out = viewer.layers[-1]
+    out = _segment_sample(viewer, seg, qtbot)
     assert out.data.dtype.itemsize >= 2
     out.visible = True
     yy, xx = np.mgrid[10:20, 10:20]
@@ -241,10 +243,7 @@ def test_features_table_shows_morphology(viewer_with_plugin, qtbot):
     from qtpy.QtCore import Qt
 
     viewer, seg, _, _ = viewer_with_plugin
-    seg.image.value = viewer.layers["nuclei"]
-    seg.run_button.native.click()
-    _wait_worker(qtbot, seg)
-    out = viewer.layers[-1]
+    out = _segment_sample(viewer, seg, qtbot)
     _, table = viewer.window.add_plugin_dock_widget("napari", "Features table widget")
     viewer.layers.selection.active = out
     model = table.table.model()
