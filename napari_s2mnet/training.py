@@ -1143,8 +1143,9 @@ def finetune(
             torch.cuda.set_rng_state(resume.cuda_rng, device)
         lp.update(copy.deepcopy(resume.loop))
     good_losses: deque[float] = deque(lp.pop("good_losses"), maxlen=50)
-    last_good = copy.deepcopy(lp.pop("last_good")) if resume is not None else run.snapshot()
-    best_state = (copy.deepcopy(lp.pop("best_state")) if resume is not None else None)
+    # (lp holds a deep copy of resume.loop: the state can be resumed again.)
+    last_good = lp.pop("last_good") if resume is not None else run.snapshot()
+    best_state = lp.pop("best_state") if resume is not None else None
     step = resume.step if resume is not None else 0
     t0 = time.perf_counter() - (resume.elapsed if resume is not None else 0.0)
 
@@ -1369,6 +1370,8 @@ def finetune(
         best_state = state_copy()
     resumable = None
     if reason in ("cancelled", "time budget") and step > 0 and not ctx.enabled:
+        # Not copied: nothing below mutates these (the snapshots and the best state are fresh
+        # copies), and a resumed run deep-copies them in turn.
         loop = {**lp, "good_losses": list(good_losses), "last_good": last_good,
                 "best_state": best_state}
         resumable = ResumeState(
@@ -1378,7 +1381,7 @@ def finetune(
             optimizer=copy.deepcopy(run.opt.state_dict()),
             loss={k: v.detach().clone() for k, v in run.loss_fn.state_dict().items()},
             scaler=copy.deepcopy(run.scaler.state_dict()), rng=rng_at_step,
-            cuda_rng=cuda_rng_at_step, loop=copy.deepcopy(loop), history=list(history))
+            cuda_rng=cuda_rng_at_step, loop=loop, history=list(history))
 
     best_val, best_step, init_val = lp["best_val"], lp["best_step"], lp["init_val"]
     # Final validation when the last step was not validated (the best state may be the last).
