@@ -71,6 +71,8 @@ class FinetuneWidget(QWidget):
         self.worker: Any = None
         self.control: Any = None
         self.last_result: Any = None
+        self._resume: Any = None  # ResumeState of the last run that stopped or ran out of time
+        self._resume_pairs: list[tuple[Image, Labels]] = []
         self._stopped_early = False  # Stop already settled this run's model (stop_now)
         self._final_status = ""  # the status to show once the interrupted step has finished
         self._steps_seen = 0
@@ -98,6 +100,10 @@ class FinetuneWidget(QWidget):
         )
         self.run_button = PushButton(text="Fine-tune")
         self.stop_button = PushButton(text="Stop (keep best)", enabled=False)
+        self.continue_button = PushButton(
+            text="Continue", enabled=False,
+            tooltip="continue the last stopped or timed-out run where it ended, for the budget "
+                    "above (same pairs and settings)")
         self.revert_button = PushButton(text="Revert model", enabled=False)
         self.save_button = PushButton(text="Save model...")
         self.progress = QProgressBar()
@@ -115,7 +121,8 @@ class FinetuneWidget(QWidget):
         layout.addWidget(self.refresh_pairs.native)
         layout.addWidget(Container(widgets=[self.budget_mode, self.budget_value]).native)
         layout.addWidget(collapsible)
-        layout.addWidget(Container(widgets=[self.run_button, self.stop_button],
+        layout.addWidget(Container(widgets=[self.run_button, self.stop_button,
+                                            self.continue_button],
                                    layout="horizontal", labels=False).native)
         layout.addWidget(self.progress)
         layout.addWidget(self.plot)
@@ -127,7 +134,8 @@ class FinetuneWidget(QWidget):
         self.refresh_pairs.changed.connect(self.update_pairs)
         self.budget_mode.changed.connect(
             lambda mode: setattr(self.budget_value, "value", _budget_default(FinetuneConfig(), mode)))
-        self.run_button.changed.connect(self.run)
+        self.run_button.changed.connect(lambda: self.run())
+        self.continue_button.changed.connect(lambda: self.run(resume=True))
         self.stop_button.changed.connect(self.stop)
         self.revert_button.changed.connect(self.revert)
         self.save_button.changed.connect(lambda: self.save_model())
@@ -206,15 +214,23 @@ class FinetuneWidget(QWidget):
             values.update(epochs=int(self.budget_value.value), seconds=None)
         return FinetuneConfig(**values)
 
-    def run(self) -> Any:
-        """Start fine-tuning on the checked pairs; returns the worker."""
+    def run(self, resume: bool = False) -> Any:
+        """Start fine-tuning on the checked pairs; returns the worker.
+
+        ``resume=True`` continues the last run that was stopped or ran out of time, on its own
+        pairs and settings, for the budget now in the widget (counted from where it ended).
+        """
         from napari_s2mnet._workers import start_worker
         from napari_s2mnet.training import FinetuneControl, finetune
 
         if self.worker is not None:
             show_warning("Fine-tuning is already running.")
             return None
-        pairs = self.selected_pairs()
+        state = self._resume if resume else None
+        if resume and state is None:
+            show_warning("There is no stopped or timed-out run to continue.")
+            return None
+        pairs = list(self._resume_pairs) if state is not None else self.selected_pairs()
         if not pairs:
             show_warning("Check at least one (image, labels) pair. Segment an image and correct "
                          "its labels with napari's paint tools first.")
@@ -226,14 +242,22 @@ class FinetuneWidget(QWidget):
             return None
         data = [(np.asarray(img.data), np.asarray(lab.data)) for img, lab in pairs]
         names = [f"{img.name} / {lab.name}" for img, lab in pairs]
+        if state is not None:
+            config = _continued(state, self.budget_mode.value, float(self.budget_value.value))
+            self.status.setText(f"Continuing from step {state.step} ({config.budget_text()})...")
+        else:
+            config = self.config()
+            self.plot.clear()
+            self.progress.setValue(0)
+            self.status.setText(f"Fine-tuning on {len(pairs)} pair(s)...")
         self.control = FinetuneControl()
         self._stopped_early, self._final_status, self._steps_seen = False, "", 0
-        self.plot.clear()
-        self.progress.setValue(0)
-        self.status.setText(f"Fine-tuning on {len(pairs)} pair(s)...")
+        self._resume_pairs = pairs
+        self._resume = None
         self.run_button.enabled, self.stop_button.enabled = False, True
+        self.continue_button.enabled = False
         self.worker = start_worker(
-            finetune, data, model, self.config(), control=self.control, names=names,
+            finetune, data, model, config, control=self.control, names=names, resume=state,
             desc="S2M-Net fine-tune",
             on_yield=self._report,
             on_return=self._done,
@@ -279,6 +303,7 @@ class FinetuneWidget(QWidget):
             self.status.setText(str(report.message))
 
     def _done(self, result: Any) -> None:
+        self._resume = getattr(result, "resume", None)  # also after Stop: the run's own end
         if self._stopped_early:
             return  # Stop already settled the model; this late result would add it twice
         self.status.setText(self._adopt(result))
@@ -316,6 +341,7 @@ class FinetuneWidget(QWidget):
         self.worker = None
         self.control = None
         self.run_button.enabled, self.stop_button.enabled = True, False
+        self.continue_button.enabled = self._resume is not None
         self.revert_button.enabled = self.session.can_revert
         if self._stopped_early:
             self.status.setText(self._final_status)
@@ -351,6 +377,17 @@ class FinetuneWidget(QWidget):
     def _show_model(self, *_: Any) -> None:
         self.model_label.setText(self.session.describe())
         self.revert_button.enabled = self.session.can_revert
+
+
+def _continued(state: Any, mode: str, amount: float) -> FinetuneConfig:
+    """The stopped run's config with its budget raised by ``amount`` seconds or epochs."""
+    import dataclasses
+
+    cfg = state.config
+    if mode == "seconds":
+        return dataclasses.replace(cfg, seconds=state.elapsed + amount, epochs=None)
+    done = math.ceil(state.step / cfg.steps_per_epoch)
+    return dataclasses.replace(cfg, epochs=done + max(1, int(amount)), seconds=None)
 
 
 def _budget_default(cfg: FinetuneConfig, mode: str) -> float:

@@ -252,3 +252,28 @@ def test_features_table_shows_morphology(viewer_with_plugin, qtbot):
     for col in ("compactness", "tubularity", "irregularity", "scale", "area"):
         assert col in headers, headers
     assert model.rowCount() == len(out.features) > 0
+
+
+def test_continue_resumes_a_timed_out_run(viewer_with_plugin, qtbot):
+    """Continue picks the run up where its time budget ended (one run in the model's history)."""
+    viewer, _, ft, _ = viewer_with_plugin
+    _finetune_on_gt(viewer, ft, crop=64, batch=2)
+    ft.budget_value.value = 3
+    assert not ft.continue_button.enabled
+    ft.run_button.native.click()
+    _wait_worker(qtbot, ft)
+    first = ft.last_result
+    assert first.stopped_reason == "time budget" and first.steps > 0, ft.status.text()
+    assert ft.continue_button.enabled
+    points = ft.plot.n_points
+    ft.continue_button.native.click()
+    assert "Continuing from step" in ft.status.text()
+    _wait_worker(qtbot, ft)
+    second = ft.last_result
+    assert second is not first and second.steps > first.steps, ft.status.text()
+    assert second.elapsed >= 3 + 3 - 0.5  # the budget counts from where the run ended
+    history = second.bundle.metadata["history"]
+    assert len(history) == len(first.bundle.metadata["history"])  # the same run, continued
+    assert history[-1]["steps"] == second.steps
+    assert ft.plot.n_points > points  # the plot kept its points and grew
+    assert ft.plot.steps[points] == first.steps + 1  # ... from where the first part ended
