@@ -353,6 +353,51 @@ def test_poisoned_image_is_rejected() -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# crop sampling and augmentation
+
+
+def _sampler(target: np.ndarray, **cfg):  # type: ignore[no-untyped-def]
+    """A crop sampler over one plane whose image *is* its target (so alignment is visible)."""
+    item = training._Item(image=target[None, None].astype(np.float32), target=target[None],
+                          fg=training._fg_index(target[None]), name="t")
+    data = training._Data(train=[item], val=[], split="", info=[], n_objects=1)
+    return training._Sampler(data, FinetuneConfig(crop_size=32, **cfg))
+
+
+def test_augmented_crops_keep_image_and_labels_aligned() -> None:
+    rng = np.random.default_rng(0)
+    target = (rng.random((80, 96)) > 0.7).astype(np.uint8)  # no symmetry to hide a flip
+    exact = _sampler(target, intensity_jitter=0.0, scale_jitter=0.0)
+    kinds = set()
+    for step in range(40):
+        img, tgt = exact.crop(step, 0)
+        np.testing.assert_array_equal(img[0], tgt)  # rot90 / flip applied to both alike
+        kinds.add(img[0].tobytes())
+    assert len(kinds) > 30  # really random crops, not one window
+    # zoomed crops: bilinear image vs nearest labels agree but for edge pixels (on discs; a
+    # misaligned pair would agree on ~60%)
+    discs = (_discs(3, size=160, n=12)[1] > 0).astype(np.uint8)
+    zoomed = _sampler(discs, intensity_jitter=0.0, scale_jitter=0.5)
+    agree = []
+    for step in range(20):
+        img, tgt = zoomed.crop(step, 0)
+        assert img.shape == (1, 32, 32) and tgt.shape == (32, 32)
+        agree.append(((img[0] > 0.5) == (tgt > 0)).mean())
+    assert min(agree) > 0.9
+
+
+def test_crops_are_weighted_toward_labelled_pixels() -> None:
+    target = np.zeros((400, 400), np.uint8)
+    target[300:330, 50:80] = 1  # 0.56% of the image
+    share = {}
+    for fraction in (0.0, 0.8):
+        sampler = _sampler(target, foreground_fraction=fraction)
+        share[fraction] = float(np.mean([sampler.crop(k, 0)[1].mean() for k in range(200)]))
+    assert share[0.0] < 0.03
+    assert share[0.8] > 10 * share[0.0]
+
+
+# ------------------------------------------------------------------------------------------
 # determinism, data checks, layouts
 
 
