@@ -133,7 +133,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from napari_s2mnet._demo import run_demo
+    from napari_s2mnet._qt._demo import run_demo
 
     return run_demo(screenshot=args.screenshot)
 

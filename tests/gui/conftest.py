@@ -22,7 +22,7 @@ def tiny_model():
 @pytest.fixture
 def viewer_with_plugin(make_napari_viewer, tiny_model):
     """A viewer with the sample image open, all three widgets docked and a tiny active model."""
-    from napari_s2mnet._widgets._session import get_session
+    from napari_s2mnet._qt._session import get_session
 
     viewer = make_napari_viewer(show=True)
     viewer.open_sample("napari-s2mnet", "dsb2018_nuclei")

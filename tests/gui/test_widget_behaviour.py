@@ -16,7 +16,7 @@ def _wait_worker(qtbot, widget, timeout=60_000):
 
 
 def _session(viewer):
-    from napari_s2mnet._widgets._session import get_session
+    from napari_s2mnet._qt._session import get_session
 
     return get_session(viewer)
 

@@ -102,7 +102,7 @@ def test_paint_refreshes_features(viewer_with_plugin, qtbot):
     viewer, _, _, _ = viewer_with_plugin
     gt = viewer.layers["nuclei ground truth"]
     gt.visible = True  # users paint on visible layers (napari does not slice hidden ones)
-    from napari_s2mnet._widgets import _layers
+    from napari_s2mnet._qt import _layers
 
     _layers.refresh_features(gt, full=True)
     n0 = len(gt.features)
@@ -118,7 +118,7 @@ def test_paint_refreshes_features(viewer_with_plugin, qtbot):
 
 def test_finetune_updates_plot_and_model_and_stops(viewer_with_plugin, qtbot):
     viewer, seg, ft, _ = viewer_with_plugin
-    from napari_s2mnet._widgets._session import get_session
+    from napari_s2mnet._qt._session import get_session
 
     session = get_session(viewer)
     gt = viewer.layers["nuclei ground truth"]
@@ -160,7 +160,7 @@ def test_finetune_updates_plot_and_model_and_stops(viewer_with_plugin, qtbot):
 
 def test_export_and_reread(viewer_with_plugin, tmp_path):
     viewer, _, _, ex = viewer_with_plugin
-    from napari_s2mnet._widgets import _layers
+    from napari_s2mnet._qt import _layers
     from napari_s2mnet.io import read_labels
 
     gt = viewer.layers["nuclei ground truth"]
@@ -175,7 +175,7 @@ def test_export_and_reread(viewer_with_plugin, tmp_path):
     import pandas as pd
     import tifffile
 
-    from napari_s2mnet._widgets.export import _safe
+    from napari_s2mnet._qt.export import _safe
 
     with tifffile.TiffFile(tmp_path / "gt.tif") as tif:  # what Fiji reads: ImageJ, pixel size
         assert tif.is_imagej and tif.pages[0].dtype == np.uint8  # 125 labels fit in uint8
@@ -244,7 +244,7 @@ def test_segment_3d_stack_and_rgb(viewer_with_plugin, qtbot):
 
 def test_model_picker_lists_all_architectures(viewer_with_plugin):
     viewer, seg, _, _ = viewer_with_plugin
-    from napari_s2mnet._widgets._session import get_session
+    from napari_s2mnet._qt._session import get_session
 
     archs = {c for c in seg.new_arch.choices}
     assert {"s2mnet", "unet", "dssau"} <= archs
@@ -258,7 +258,7 @@ def test_segment_multichannel_layer_with_channel_axis(viewer_with_plugin, qtbot)
     """A (C, Y, X) layer with the channel axis chosen goes to a 2-channel model as channels."""
     import torch
 
-    from napari_s2mnet._widgets._session import get_session
+    from napari_s2mnet._qt._session import get_session
     from napari_s2mnet.checkpoint import new_model
     from napari_s2mnet.model import ModelConfig
 

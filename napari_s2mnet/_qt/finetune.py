@@ -24,10 +24,10 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
-from napari_s2mnet._widgets import _layers
-from napari_s2mnet._widgets._form import dataclass_form, form_values
-from napari_s2mnet._widgets._plot import LossPlot
-from napari_s2mnet._widgets._session import get_session
+from napari_s2mnet._qt import _layers
+from napari_s2mnet._qt._form import dataclass_form, form_values
+from napari_s2mnet._qt._plot import LossPlot
+from napari_s2mnet._qt._session import get_session
 from napari_s2mnet.training import DEFAULT_EPOCHS, FinetuneConfig
 
 # A widget choice, not a config default: the value offered when the user switches the budget to
@@ -220,7 +220,7 @@ class FinetuneWidget(QWidget):
         ``resume=True`` continues the last run that was stopped or ran out of time, on its own
         pairs and settings, for the budget now in the widget (counted from where it ended).
         """
-        from napari_s2mnet._workers import start_worker
+        from napari_s2mnet._qt._workers import start_worker
         from napari_s2mnet.training import FinetuneControl, finetune
 
         if self.worker is not None:

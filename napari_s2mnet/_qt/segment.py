@@ -15,9 +15,9 @@ from napari.utils.notifications import show_info, show_warning
 from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
-from napari_s2mnet._widgets import _layers
-from napari_s2mnet._widgets._form import dataclass_form, form_values
-from napari_s2mnet._widgets._session import get_session
+from napari_s2mnet._qt import _layers
+from napari_s2mnet._qt._form import dataclass_form, form_values
+from napari_s2mnet._qt._session import get_session
 from napari_s2mnet.inference import InferenceConfig
 
 NO_CHANNEL_AXIS = -1  # the channel-axis picker's "none" (ComboBox data must not be None)
@@ -250,7 +250,7 @@ class SegmentWidget(QWidget):
 
     def run(self) -> Any:
         """Start segmentation of the selected image layer; returns the worker."""
-        from napari_s2mnet._workers import start_worker
+        from napari_s2mnet._qt._workers import start_worker
         from napari_s2mnet.inference import segment_iter
 
         layer = self.image.value

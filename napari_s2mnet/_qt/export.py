@@ -12,7 +12,7 @@ from napari.layers import Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 
-from napari_s2mnet._widgets import _layers
+from napari_s2mnet._qt import _layers
 
 FORMATS = {"TIFF (Fiji)": ".tif", "PNG": ".png", "NumPy": ".npy"}
 
