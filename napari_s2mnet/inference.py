@@ -55,11 +55,22 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from itertools import product
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from napari_s2mnet.layout import (
+    ImageLayout,
+    ImagePlan,
+    check_array,
+    check_finite,
+    check_spacing,
+    guess_layout,
+    plan_image,
+    resolve_layout,
+)
+from napari_s2mnet.tiling import ROW_BLOCK, Grid, blend_iter, grid, pad_to, round_up
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -82,7 +93,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_ROW_BLOCK = 512  # rows per block in full-image passes (bounds temporaries)
+_ROW_BLOCK = ROW_BLOCK
+
+# Old private names, kept while training.py and the tests move to napari_s2mnet.layout / tiling.
+_check_array = check_array
+_resolve_layout = resolve_layout
+_plan = plan_image
+_check_finite = check_finite
+_check_spacing = check_spacing
+_grid = grid
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,61 +197,6 @@ class InferenceConfig:
             )
 
 
-@dataclass
-class ImageLayout:
-    """How the axes of an image array are to be read.
-
-    Attributes:
-        channel_axis: Axis holding channels (any position, negative allowed), or ``None``.
-        rgb: The last axis holds RGB or RGBA colour (as napari's ``layer.rgb``); implies
-            ``channel_axis = -1``. Alpha is dropped.
-        axis_names: Names of the leading axes before ``(Y, X)`` (e.g. ``("t", "z")``), used as
-            feature-table columns; default ``("z",)`` for one and ``("t", "z")`` for two.
-        channels: Which image channels feed the model, in the model's input order (indices
-            along the channel / colour axis, e.g. ``(2,)`` for the nuclear stain of a 3-channel
-            image and a 1-channel model). ``None``: all of them, mapped automatically (equal
-            counts as they are, RGB averaged to gray for a 1-channel model, gray repeated).
-    """
-
-    channel_axis: int | None = None
-    rgb: bool = False
-    axis_names: tuple[str, ...] | None = None
-    channels: tuple[int, ...] | None = None
-
-
-def guess_layout(
-    shape: Sequence[int], dtype: Any = None, rgb: bool | None = None, *, min_side: int = 30
-) -> ImageLayout:
-    """Guess the layout of an image array as napari does.
-
-    The last axis is RGB(A) when it has 3 or 4 entries and the two axes before it are longer than
-    ``min_side`` (napari's rule); ``rgb`` overrides the guess (pass ``layer.rgb``). Other channel
-    axes cannot be told apart from a short stack, so they are never guessed: set
-    :attr:`ImageLayout.channel_axis` yourself.
-
-    Args:
-        shape: Array shape.
-        dtype: Array dtype (accepted for API symmetry; the guess does not depend on it).
-        rgb: Force (``True``) or forbid (``False``) reading the last axis as colour.
-        min_side: Minimum length of the two axes before a colour axis.
-    """
-    del dtype  # napari's guess ignores the dtype too; kept for callers that have it
-    shape = tuple(int(s) for s in shape)
-    if rgb is None:
-        rgb = (
-            len(shape) > 2
-            and shape[-1] in (3, 4)
-            and all(s > min_side for s in shape[-3:-1])
-        )
-    if rgb:
-        if len(shape) < 3 or shape[-1] not in (3, 4):
-            raise ValueError(
-                f"An RGB(A) image needs a last axis of length 3 or 4; got shape {shape}."
-            )
-        return ImageLayout(channel_axis=len(shape) - 1, rgb=True)
-    return ImageLayout()
-
-
 @dataclass(frozen=True)
 class Progress:
     """One progress report of :func:`segment_iter`.
@@ -295,227 +259,6 @@ class SegmentationResult:
 # Input checks and planning
 
 
-@dataclass
-class _Plan:
-    """A validated image with its channel handling, ready to be cut into tiles."""
-
-    view: np.ndarray  # (*lead, Y, X, C_img), a view of the input (no copy)
-    lead: tuple[int, ...]  # leading (slice) shape
-    lead_names: tuple[str, ...]
-    select: Callable[[np.ndarray], np.ndarray]  # (..., C_img) -> (..., C) before normalising
-    post: Callable[[np.ndarray], np.ndarray]  # normalised (..., C) -> (..., C_model)
-    layout: ImageLayout
-
-    @property
-    def spatial(self) -> tuple[int, int]:
-        return self.view.shape[-3], self.view.shape[-2]
-
-    @property
-    def n_slices(self) -> int:
-        return int(np.prod(self.lead, dtype=np.int64))
-
-
-def _check_array(image: Any) -> np.ndarray:
-    if image is None:
-        raise TypeError("image is None; pass a numpy array (e.g. layer.data).")
-    try:
-        arr = np.asarray(image)
-    except Exception as exc:  # ragged lists, strange objects
-        raise TypeError(f"Cannot read the image as an array: {exc}") from exc
-    if arr.dtype.kind not in "biuf":
-        raise TypeError(
-            f"Unsupported image dtype {arr.dtype}; use bool, integer or floating point pixels."
-        )
-    if arr.size == 0:
-        raise ValueError(f"The image is empty (shape {arr.shape}); nothing to segment.")
-    if arr.ndim < 2:
-        raise ValueError(
-            f"The image must have at least 2 dimensions (Y, X); got shape {arr.shape}."
-        )
-    return arr
-
-
-def _resolve_layout(arr: np.ndarray, layout: ImageLayout | None) -> ImageLayout:
-    if layout is None:
-        return guess_layout(arr.shape, arr.dtype)
-    if not isinstance(layout, ImageLayout):
-        raise TypeError(f"layout must be an ImageLayout, got {type(layout).__name__}.")
-    ndim = arr.ndim
-    ax = layout.channel_axis
-    if layout.rgb:
-        if arr.shape[-1] not in (3, 4) or ndim < 3:
-            raise ValueError(
-                f"The layout says RGB but the last axis has length {arr.shape[-1]} (shape "
-                f"{arr.shape}); RGB(A) images end with an axis of 3 or 4. Set rgb=False."
-            )
-        if ax is not None and ax % ndim != ndim - 1:
-            raise ValueError(
-                f"RGB images have their colour on the last axis; channel_axis={ax} contradicts "
-                "rgb=True. Use one or the other."
-            )
-        return dataclasses.replace(layout, channel_axis=ndim - 1)
-    if ax is not None:
-        if not isinstance(ax, int | np.integer) or not -ndim <= ax < ndim:
-            raise ValueError(
-                f"channel_axis={ax!r} is not an axis of an image with shape {arr.shape} "
-                f"(valid: {-ndim}..{ndim - 1}, or None)."
-            )
-        ax = int(ax) % ndim
-        if ax >= ndim - 2 and ndim - 1 < 2:
-            raise ValueError(f"An image of shape {arr.shape} has no room for a channel axis.")
-        return dataclasses.replace(layout, channel_axis=ax)
-    return layout
-
-
-def _plan(arr: np.ndarray, layout: ImageLayout, in_channels: int, notes: list[str]) -> _Plan:
-    ax = layout.channel_axis
-    view = np.moveaxis(arr, ax, -1) if ax is not None else arr[..., None]
-    n_plain = view.ndim - 1
-    if n_plain < 2:
-        raise ValueError(
-            f"After taking axis {ax} as channels, shape {arr.shape} has fewer than 2 spatial axes."
-        )
-    if n_plain > 4:
-        raise ValueError(
-            f"{n_plain}-D image data (shape {arr.shape}, channel axis {ax}) is not supported: "
-            "use (Y, X), (Z or T, Y, X) or (T, Z, Y, X), each with an optional channel axis. "
-            "Select a sub-volume first (e.g. image[0]) or set the channel axis if one axis holds "
-            "channels."
-        )
-    lead = tuple(view.shape[:-3])
-    if ax is None and lead and min(view.shape[-3:-1]) <= 8:
-        short = int(np.argmin(view.shape[-3:-1])) + len(lead)
-        notes.append(f"Axis {short} of shape {arr.shape} has only {arr.shape[short]} pixels and is "
-                     "read as a spatial axis (slices along the leading axes); if it holds "
-                     f"channels, set channel_axis={short}.")
-    names = layout.axis_names
-    if names is None:
-        names = {0: (), 1: ("z",), 2: ("t", "z")}[len(lead)]
-    names = tuple(str(n) for n in names)
-    if len(names) != len(lead):
-        raise ValueError(
-            f"axis_names {names} must name the {len(lead)} leading axes of shape {arr.shape}."
-        )
-
-    # Channel mapping, the same rule as training (napari_s2mnet.training._channel_mode): the
-    # channels are normalised first, then averaged (RGB -> 1-channel model) or replicated.
-    c_img = view.shape[-1]
-    c_model = int(in_channels)
-    select: Callable[[np.ndarray], np.ndarray] = _identity
-    post: Callable[[np.ndarray], np.ndarray] = _identity
-    c_eff = c_img
-    rgb = layout.rgb
-    if layout.channels is not None:
-        picked = _check_channels(layout.channels, c_img, arr.shape, ax)
-        select, c_eff, rgb = _Take(picked), len(picked), False  # explicit: no colour rules
-    elif layout.rgb and c_img == 4:
-        select, c_eff = _drop_alpha, 3
-        notes.append("The alpha channel of the RGBA image is ignored.")
-    if c_eff == c_model:
-        pass
-    elif c_model == 1 and rgb:
-        post = _channel_mean
-        notes.append("RGB image converted to gray (mean of the normalised channels) for a "
-                     "1-channel model.")
-    elif c_eff == 1 and c_model > 1:
-        post = _Repeat(c_model)
-        notes.append(f"Gray image replicated to the model's {c_model} input channels.")
-    else:
-        where = "colour axis" if layout.rgb else f"channel axis {ax}"
-        what = f"{c_eff} selected" if layout.channels is not None else f"{c_eff}"
-        raise ValueError(
-            f"The model expects {c_model} input channel(s) but the image has {what} "
-            f"(shape {arr.shape}, {where}). Choose a model trained on {c_eff}-channel images, "
-            f"pick {c_model} channel(s) with ImageLayout(channels=...) (CLI: --channels), or "
-            "check the channel axis (None = no channels)."
-        )
-    return _Plan(view, lead, names, select, post, layout)
-
-
-def _check_channels(channels: Sequence[int], c_img: int, shape: tuple[int, ...],
-                    ax: int | None) -> tuple[int, ...]:
-    """Validated channel indices (negative allowed) for an image with ``c_img`` channels."""
-    if ax is None:
-        raise ValueError(f"channels={tuple(channels)} needs a channel axis, but the image of shape "
-                         f"{shape} has none; set channel_axis (or rgb) as well.")
-    picked = []
-    for c in channels:
-        if not isinstance(c, int | np.integer) or isinstance(c, bool) or not -c_img <= c < c_img:
-            raise ValueError(f"channels={tuple(channels)}: {c!r} is not a channel of the image "
-                             f"(shape {shape}, {c_img} channels on axis {ax}; valid 0..{c_img - 1}).")
-        picked.append(int(c) % c_img)
-    if not picked:
-        raise ValueError("channels=() selects nothing; pass None for all channels.")
-    return tuple(picked)
-
-
-def _identity(x: np.ndarray) -> np.ndarray:
-    return x
-
-
-@dataclass(frozen=True)
-class _Take:
-    """Select channels (last axis) in the given order."""
-
-    index: tuple[int, ...]
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return x[..., list(self.index)]
-
-
-def _drop_alpha(x: np.ndarray) -> np.ndarray:
-    return x[..., :3]
-
-
-def _channel_mean(x: np.ndarray) -> np.ndarray:
-    return x.mean(axis=-1, keepdims=True, dtype=np.float32)
-
-
-@dataclass(frozen=True)
-class _Repeat:
-    times: int
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return np.repeat(x, self.times, axis=-1)
-
-
-def _check_finite(plan: _Plan) -> None:
-    if plan.view.dtype.kind != "f":
-        return
-    for idx in np.ndindex(*plan.lead):
-        sl = plan.view[idx]
-        finite = np.isfinite(sl)
-        if not finite.all():
-            bad = int(finite.size - np.count_nonzero(finite))
-            where = f" in slice {idx}" if idx else ""
-            raise ValueError(
-                f"The image contains {bad} NaN/Inf value(s){where}. Replace them before "
-                "segmenting, e.g. image = numpy.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)."
-            )
-
-
-def _check_spacing(spacing: Any, arr: np.ndarray, plan: _Plan) -> tuple[float, ...]:
-    n = len(plan.lead) + 2
-    if spacing is None:
-        return (1.0,) * n
-    try:
-        values = [float(s) for s in spacing]
-    except TypeError:
-        raise TypeError(f"spacing must be a sequence of numbers, got {spacing!r}.") from None
-    if len(values) == arr.ndim and plan.layout.channel_axis is not None and arr.ndim == n + 1:
-        values.pop(plan.layout.channel_axis)  # a scale that includes the channel axis
-    if len(values) == 2 and n > 2:
-        values = [1.0] * (n - 2) + values
-    if len(values) != n:
-        raise ValueError(
-            f"spacing needs one value per non-channel axis ({n} for shape {arr.shape}) or just "
-            f"(dy, dx); got {tuple(spacing)}."
-        )
-    if not all(np.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"spacing values must be positive and finite, got {tuple(spacing)}.")
-    return tuple(values)
-
-
 def _resolve_model(model: Any) -> ModelBundle:
     from napari_s2mnet import checkpoint
 
@@ -534,63 +277,6 @@ def _resolve_model(model: Any) -> ModelBundle:
 
 # --------------------------------------------------------------------------------------------
 # Tiling
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _tile_starts(size: int, tile: int, step: int, stride: int) -> list[int]:
-    """Tile starts along one axis: multiples of ``stride``, covering ``0 .. size``."""
-    if size <= tile:
-        return [0]
-    last = _round_up(size - tile, stride)  # reaches past the end by < stride
-    starts = list(range(0, last, step))
-    starts.append(last)
-    return starts
-
-
-def _window(n: int) -> np.ndarray:
-    """Hann window ``sin^2(pi (i + 0.5) / n)``: smooth, peaked in the middle, > 0 everywhere."""
-    return (np.sin(np.pi * (np.arange(n) + 0.5) / n) ** 2).astype(np.float64)
-
-
-@dataclass(frozen=True)
-class _Grid:
-    tile_y: int
-    tile_x: int
-    starts_y: list[int]
-    starts_x: list[int]
-
-    @property
-    def n_tiles(self) -> int:
-        return len(self.starts_y) * len(self.starts_x)
-
-
-def _grid(shape: tuple[int, int], tile: int, overlap: float, stride: int) -> _Grid:
-    dims = []
-    for size in shape:
-        t = min(tile, _round_up(size, stride))
-        ov = round(overlap * t / stride) * stride
-        step = max(stride, t - ov)
-        n = len(_tile_starts(size, t, step, stride))
-        if n > 1:
-            # Balance: the smallest stride-aligned tile that still covers the axis with n tiles
-            # and at least the requested overlap, so no compute is spent on surplus overlap.
-            t = min(t, _round_up(-(-(size + (n - 1) * ov) // n), stride))
-            step = max(stride, t - ov)
-        dims.append((t, _tile_starts(size, t, step, stride)))
-    (ty, sy), (tx, sx) = dims
-    return _Grid(ty, tx, sy, sx)
-
-
-def _pad_to(x: np.ndarray, ty: int, tx: int) -> np.ndarray:
-    """Mirror-pad an ``(h, w, C)`` region at the bottom/right up to ``(ty, tx, C)``."""
-    h, w = x.shape[:2]
-    if h == ty and w == tx:
-        return x
-    mode = "reflect" if min(h, w) > 1 else "edge"  # a 1-pixel line cannot be mirrored
-    return np.pad(x, ((0, ty - h), (0, tx - w), (0, 0)), mode=mode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,8 +309,8 @@ class _Engine:
         self.out_channels = 1 if self.binary else int(bundle.config.num_classes)
         self.stride = max(1, int(getattr(bundle.model, "stride", 1) or 1))
         device = devices.resolve_device(config.device)
-        tile = _round_up(int(config.tile_size or bundle.tile_size), self.stride)
-        self.min_tile = max(self.stride, _round_up(64, self.stride))
+        tile = round_up(int(config.tile_size or bundle.tile_size), self.stride)
+        self.min_tile = max(self.stride, round_up(64, self.stride))
         self.state = devices.FallbackState(str(device), tile, int(config.batch_size))
         # Per-module flags: eval() below must not leave a trace on the caller's model.
         self.original_modes = [(m, m.training) for m in bundle.model.modules()]
@@ -683,11 +369,11 @@ class _Engine:
         self.state = new
 
     # -- prediction ------------------------------------------------------------------------
-    def grid(self, shape: tuple[int, int]) -> _Grid:
-        return _grid(shape, self.state.tile_size, float(self.config.overlap), self.stride)
+    def grid(self, shape: tuple[int, int]) -> Grid:
+        return grid(shape, self.state.tile_size, float(self.config.overlap), self.stride)
 
     def predict(
-        self, region: np.ndarray, plan: _Plan, stats: NormalizationStats, counter: _Counter
+        self, region: np.ndarray, plan: ImagePlan, stats: NormalizationStats, counter: _Counter
     ) -> Generator[Progress, None, np.ndarray]:
         """Blended probabilities ``(C_out, Y, X)`` of one 2-D slice ``(Y, X, C_img)``."""
         from napari_s2mnet import devices
@@ -708,43 +394,35 @@ class _Engine:
             devices.empty_cache(self.device)
 
     def _predict_once(
-        self, region: np.ndarray, plan: _Plan, stats: NormalizationStats, counter: _Counter
+        self, region: np.ndarray, plan: ImagePlan, stats: NormalizationStats, counter: _Counter
     ) -> Generator[Progress, None, np.ndarray]:
         from napari_s2mnet.preprocess import apply_normalization
 
         height, width = region.shape[:2]
         g = self.grid((height, width))
-        wy, wx = _window(g.tile_y), _window(g.tile_x)
-        sum_y = np.zeros(height)
-        sum_x = np.zeros(width)
-        for s in g.starts_y:
-            sum_y[s : s + g.tile_y] += wy[: height - s]
-        for s in g.starts_x:
-            sum_x[s : s + g.tile_x] += wx[: width - s]
-        acc = np.zeros((self.out_channels, height, width), dtype=np.float32)
-        tiles = list(product(g.starts_y, g.starts_x))
-        bs = self.state.batch_size
-        for b0 in range(0, len(tiles), bs):
-            batch = tiles[b0 : b0 + bs]
+
+        def predict_batch(batch: list[tuple[int, int]]) -> np.ndarray:
             xs = []
             for sy, sx in batch:
                 part = plan.select(region[sy : sy + g.tile_y, sx : sx + g.tile_x])
                 part = apply_normalization(part, stats, channel_axis=-1)
-                part = _pad_to(plan.post(part), g.tile_y, g.tile_x)
+                part = pad_to(plan.post(part), g.tile_y, g.tile_x)
                 xs.append(part.transpose(2, 0, 1))
-            probs = self._forward(np.ascontiguousarray(np.stack(xs)))
-            for (sy, sx), p in zip(batch, probs, strict=True):
-                h, w = min(g.tile_y, height - sy), min(g.tile_x, width - sx)
-                weight = (wy[:h, None] * wx[None, :w]).astype(np.float32)
-                acc[:, sy : sy + h, sx : sx + w] += p[:, :h, :w] * weight
-            self.n_tiles += len(batch)
-            counter.done += len(batch)
-            yield counter.progress(
-                "predict", f"{counter.slice_text()}tile {b0 + len(batch)}/{len(tiles)}"
-            )
-        for r0 in range(0, height, _ROW_BLOCK):
-            r1 = min(height, r0 + _ROW_BLOCK)
-            acc[:, r0:r1] /= (sum_y[r0:r1, None] * sum_x[None, :]).astype(np.float32)
+            return self._forward(np.ascontiguousarray(np.stack(xs)))
+
+        blending = blend_iter((height, width), g, self.out_channels, predict_batch,
+                              self.state.batch_size)
+        done_before = 0
+        while True:
+            try:
+                done = next(blending)
+            except StopIteration as stop:
+                acc = stop.value
+                break
+            self.n_tiles += done - done_before
+            counter.done += done - done_before
+            done_before = done
+            yield counter.progress("predict", f"{counter.slice_text()}tile {done}/{g.n_tiles}")
         np.clip(acc, 0.0, 1.0, out=acc)
         return acc
 
@@ -979,13 +657,13 @@ def segment_iter(
     if not isinstance(cfg, InferenceConfig):
         raise TypeError(f"config must be an InferenceConfig, got {type(cfg).__name__}.")
     cfg.validate()
-    arr = _check_array(image)
-    lay = _resolve_layout(arr, layout)
+    arr = check_array(image)
+    lay = resolve_layout(arr, layout)
     bundle = _resolve_model(model)
     notes: list[str] = []
-    plan = _plan(arr, lay, int(bundle.config.in_channels), notes)
-    spacing_t = _check_spacing(spacing, arr, plan)
-    _check_finite(plan)
+    plan = plan_image(arr, lay, int(bundle.config.in_channels), notes)
+    spacing_t = check_spacing(spacing, arr, plan)
+    check_finite(plan)
     binary = int(bundle.config.num_classes) == 1
     threshold = float(cfg.threshold if cfg.threshold is not None else bundle.threshold)
     if binary and not 0.0 < threshold < 1.0:
@@ -1153,7 +831,7 @@ def _z_smoothed(
 def _assemble(
     slices: list[np.ndarray],
     offsets: list[int],
-    plan: _Plan,
+    plan: ImagePlan,
     max_id: int,
     smallest: Callable[[int], np.dtype],
 ) -> np.ndarray:
@@ -1171,7 +849,7 @@ def _assemble(
 
 
 def _combine_features(
-    frames: list[pd.DataFrame], plan: _Plan, binary: bool, wanted: bool
+    frames: list[pd.DataFrame], plan: ImagePlan, binary: bool, wanted: bool
 ) -> pd.DataFrame:
     import pandas as pd
 

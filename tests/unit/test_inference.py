@@ -119,15 +119,15 @@ def test_config_defaults_and_validation():
 
 
 def test_guess_layout_follows_napari():
-    assert guess_layout((64, 64), np.uint8) == ImageLayout()
-    assert guess_layout((64, 64, 3), np.uint8).rgb
-    assert guess_layout((64, 64, 4), np.uint8).channel_axis == 2
-    assert not guess_layout((3, 64, 64), np.uint8).rgb  # channel-first is never guessed
-    assert not guess_layout((10, 10, 3), np.uint8).rgb  # too small to be colour (napari's rule)
-    assert guess_layout((10, 10, 3), np.uint8, rgb=True).rgb
-    assert not guess_layout((64, 64, 3), np.uint8, rgb=False).rgb
+    assert guess_layout((64, 64)) == ImageLayout()
+    assert guess_layout((64, 64, 3)).rgb
+    assert guess_layout((64, 64, 4)).channel_axis == 2
+    assert not guess_layout((3, 64, 64)).rgb  # channel-first is never guessed
+    assert not guess_layout((10, 10, 3)).rgb  # too small to be colour (napari's rule)
+    assert guess_layout((10, 10, 3), rgb=True).rgb
+    assert not guess_layout((64, 64, 3), rgb=False).rgb
     with pytest.raises(ValueError, match="3 or 4"):
-        guess_layout((64, 64, 5), np.uint8, rgb=True)
+        guess_layout((64, 64, 5), rgb=True)
 
 
 # --------------------------------------------------------------------------------------------
