@@ -15,9 +15,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from napari_s2mnet.model.dft import truncated_spectral_filter
 
 BN_MOMENTUM = 0.01  # Keras momentum 0.99 == PyTorch momentum 0.01
 BN_EPS = 1e-3
@@ -283,54 +286,66 @@ class SpectralFilter(nn.Module):
             fc = torch.fft.fftfreq(k, dtype=torch.float64)
         init = radial_gaussian(fr[:, None], fc[None, :]).float()
         self.weight = nn.Parameter(init.expand(channels, -1, -1).clone())
-        self._layout_cache: dict[tuple[int, int, str], tuple[Tensor, Tensor]] = {}
+        # (h, w) -> (rows, mask): plain Python / numpy, so tracing or export never caches a
+        # traced tensor here.
+        self._layout_cache: dict[tuple[int, int], tuple[tuple[int, ...], np.ndarray]] = {}
 
     def extra_repr(self) -> str:
         """Shown by ``print(module)``."""
         return f"channels={self.weight.shape[0]}, k={self.k}, mode={self.mode!r}"
 
-    def _layout(self, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _layout(self, h: int, w: int) -> tuple[tuple[int, ...], np.ndarray]:
         """Row indices and corner mask of the ``Kh x (Kw//2 + 1)`` block for an ``h x w`` input."""
-        key = (h, w, str(device))
+        key = (h, w)
         if key not in self._layout_cache:
-            with torch.inference_mode(False):  # cached tensors must also serve training later
-                self._layout_cache[key] = self._make_layout(h, w, device)
+            self._layout_cache[key] = self._make_layout(h, w)
         return self._layout_cache[key]
 
-    def _make_layout(self, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _make_layout(self, h: int, w: int) -> tuple[tuple[int, ...], np.ndarray]:
         """Compute the layout (see :meth:`_layout`); small loops, run once per input size."""
         kh, kw = min(self.k, h), min(self.k, w)
-        rows = crop_rows(kh, h)
-        row_set = set(rows.tolist())
+        rows = tuple(crop_rows(kh, h).tolist())
+        row_set = set(rows)
         col_set = set(crop_rows(kw, w).tolist())
         # 1 where the half-plane element or its mirror lies in the centred crop (mod H, W).
-        mask = torch.ones(kh, kw // 2 + 1)
-        for i, r in enumerate(rows.tolist()):
+        mask = np.ones((kh, kw // 2 + 1), dtype=np.float32)
+        for i, r in enumerate(rows):
             for c in range(kw // 2 + 1):
                 inside = r in row_set and c in col_set
                 mirror = (-r) % h in row_set and (-c) % w in col_set
                 if not (inside or mirror):
                     mask[i, c] = 0.0
-        return rows.to(device), mask.to(device)
+        return rows, mask
+
+    def filter_block(self, h: int, w: int) -> tuple[Tensor, tuple[int, ...]]:
+        """The ``(C, Kh, Kw//2 + 1)`` float32 filter and the ``rfft2`` rows it applies at."""
+        kh, kw = min(self.k, h), min(self.k, w)
+        r0 = self.k // 2 - kh // 2
+        rows, mask = self._layout(h, w)
+        mask_t = torch.tensor(mask, device=self.weight.device)
+        return self.weight[:, r0 : r0 + kh, : kw // 2 + 1].float() * mask_t, rows
 
     def half_plane_filter(self, h: int, w: int) -> Tensor:
         """The ``(C, H, W//2 + 1)`` real filter applied to ``rfft2`` of an ``h x w`` input."""
-        kh, kw = min(self.k, h), min(self.k, w)
-        r0 = self.k // 2 - kh // 2
-        rows, mask = self._layout(h, w, self.weight.device)
-        sub = self.weight[:, r0 : r0 + kh, : kw // 2 + 1].float() * mask
+        sub, rows = self.filter_block(h, w)
         full = sub.new_zeros(sub.shape[0], h, w // 2 + 1)
-        full[:, rows, : kw // 2 + 1] = sub
+        full[:, list(rows), : sub.shape[2]] = sub
         return full
 
     def forward(self, x: Tensor) -> Tensor:
-        """Filter ``x`` (any float dtype) in the frequency domain; returns float32."""
+        """Filter ``x`` (any float dtype) in the frequency domain; returns float32.
+
+        ``mode="crop"`` computes ``irfft2(rfft2(x) * half_plane_filter)`` as matrix products
+        with a fixed DFT basis on the kept frequencies only (:mod:`napari_s2mnet.model.dft`):
+        the same numbers to float rounding, exportable to ONNX, and copy-free in
+        channels-last layout.
+        """
         h, w = x.shape[-2:]
         with fp32_region(x.device):
             xf = x.float()
             if self.mode == "crop":
-                spec = torch.fft.rfft2(xf, norm="backward")
-                return torch.fft.irfft2(spec * self.half_plane_filter(h, w), s=(h, w))
+                block, rows = self.filter_block(h, w)
+                return truncated_spectral_filter(xf, block, rows)
             return self._resize_forward(xf)
 
     def _resize_forward(self, x: Tensor) -> Tensor:
@@ -523,68 +538,6 @@ class BFDStage(nn.Module):
         return self.forward_with_boundary(d, e)[0]
 
 
-def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int, int, int]]:
-    """Pad the last two dims of ``x`` up to a multiple of ``multiple``.
-
-    Reflect padding where the side is long enough (``pad < size``), otherwise replicate, so any
-    size down to 1 x 1 works. The padding is split evenly between both ends.
-
-    Returns:
-        The padded tensor and ``(top, bottom, left, right)`` to undo it with :func:`crop_padding`.
-    """
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    top, left = ph // 2, pw // 2
-    pads = (top, ph - top, left, pw - left)
-    if ph:
-        mode = "reflect" if ph - top < h else "replicate"
-        x = F.pad(x, (0, 0, top, ph - top), mode=mode)
-    if pw:
-        mode = "reflect" if pw - left < w else "replicate"
-        x = F.pad(x, (left, pw - left, 0, 0), mode=mode)
-    return x, pads
-
-
-def crop_padding(x: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
-    """Undo :func:`pad_to_multiple`; the result is contiguous (standard NCHW layout)."""
-    top, bottom, left, right = pads
-    h, w = x.shape[-2:]
-    return x[..., top : h - bottom, left : w - right].contiguous()
-
-
-def fast_layout(x: Tensor) -> Tensor:
-    """``x`` in the memory layout that runs the network fastest on its device.
-
-    On CPU, oneDNN's convolutions (depthwise ones especially) are ~2-3x faster in channels-last
-    layout, and the channel LayerNorm becomes a contiguous last-dim norm. Other devices keep
-    the layout they were given. Results are identical up to float rounding.
-    """
-    if x.device.type == "cpu":
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def check_input(x: Tensor, in_channels: int, name: str) -> None:
-    """Raise a clear error unless ``x`` is a float ``(B, in_channels, H, W)`` tensor."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}.")
-    if x.ndim != 4:
-        raise ValueError(
-            f"{name} expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}; "
-            "add a batch axis with x[None] or move channels first."
-        )
-    if x.shape[1] != in_channels:
-        raise ValueError(
-            f"{name} was built for {in_channels} input channel(s) but got {x.shape[1]} "
-            f"(shape {tuple(x.shape)}); convert the image or build the model with "
-            f"in_channels={x.shape[1]}."
-        )
-    if not x.is_floating_point():
-        raise TypeError(f"{name} expects a floating-point tensor, got {x.dtype}; use x.float().")
-    if min(x.shape[-2:]) < 1:
-        raise ValueError(f"{name} got an empty image of shape {tuple(x.shape)}.")
-
-
 __all__ = [
     "BN_EPS",
     "BN_MOMENTUM",
@@ -600,12 +553,8 @@ __all__ = [
     "SpectralFilter",
     "SqueezeExcite",
     "batch_norm",
-    "check_input",
-    "crop_padding",
     "crop_rows",
-    "fast_layout",
     "fp32_region",
     "keras_init_",
-    "pad_to_multiple",
     "radial_gaussian",
 ]

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from napari_s2mnet.model.base import SegmentationNet
 from napari_s2mnet.model.dssa import DSSA, FullAttentionLePE
 from napari_s2mnet.model.registry import ModelConfig, register_model
 
@@ -366,7 +367,7 @@ class DSSADecoder(nn.Module):
         return self.fuse(torch.cat([_up(x1, size), _up(x2, size), _up(x3, size), x4], dim=1))
 
 
-class DSSAUNet(nn.Module):
+class DSSAUNet(SegmentationNet):
     """DSSAU-Net returning logits ``(B, num_classes, H, W)`` for any ``H, W >= 1``.
 
     Args:
@@ -375,48 +376,30 @@ class DSSAUNet(nn.Module):
         options: :class:`DSSAUNetOptions` (default: the ``"tiny"`` preset).
 
     Attributes:
-        stride: 32; inputs are zero-padded to a multiple of it and the logits cropped back.
+        stride: 32; inputs are zero-padded (bottom and right, like the reference code) to a
+            multiple of it and the logits cropped back.
     """
 
     stride: int = 32
+    pad_mode = "zeros"
+    channels_last = False
 
     def __init__(
         self, in_channels: int = 3, num_classes: int = 1, options: DSSAUNetOptions | None = None
     ) -> None:
-        super().__init__()
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}.")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        super().__init__(in_channels, num_classes)
         self.options = options if options is not None else DSSAUNetOptions()
-        self.in_channels = in_channels
-        self.num_classes = num_classes
         ch = self.options.resolved()["decoder_channels"]
         self.encoder = DSSAEncoder(in_channels, self.options)
         self.decoder = DSSADecoder(self.options)
         self.head = nn.Conv2d(ch, num_classes, 3, padding=1)
         self.apply(_init_weights)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, in_channels, H, W)`` float -> logits ``(B, num_classes, H, W)``."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"DSSAUNet expects a torch.Tensor, got {type(x).__name__}.")
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"DSSAUNet expects input of shape (B, {self.in_channels}, H, W), got "
-                f"{tuple(x.shape)}; add a batch axis and put channels first."
-            )
-        if not x.is_floating_point():
-            raise TypeError(
-                f"DSSAUNet expects a floating-point tensor, got {x.dtype}; normalise first."
-            )
-        height, width = x.shape[-2:]
-        pad_h, pad_w = -height % self.stride, -width % self.stride
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+    def forward_padded(self, x: Tensor) -> Tensor:
+        """Logits for an input padded to a multiple of ``stride``."""
         y = self.decoder(self.encoder(x))
         y = _up(y, (y.shape[-2] * 4, y.shape[-1] * 4))
-        return self.head(y)[..., :height, :width]
+        return self.head(y)
 
 
 def _init_weights(module: nn.Module) -> None:

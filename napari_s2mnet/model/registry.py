@@ -3,7 +3,8 @@
 Every architecture (S2M-Net, the U-Net baseline, DSSAU-Net) registers itself here, so the
 inference engine, training, checkpoints, the CLI and the widgets treat them alike.
 
-Contract of a built model (``torch.nn.Module``):
+Contract of a built model (a :class:`~napari_s2mnet.model.base.SegmentationNet`, which
+implements the checks, padding and cropping once):
 
 * ``forward(x)`` takes ``(B, in_channels, H, W)`` float32 and returns logits
   ``(B, num_classes, H, W)`` for any ``H, W >= 1`` (it pads to its stride and crops back);

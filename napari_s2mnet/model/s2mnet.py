@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from napari_s2mnet.model.base import SegmentationNet
 from napari_s2mnet.model.blocks import (
     BN_EPS,
     BN_MOMENTUM,
@@ -28,11 +29,7 @@ from napari_s2mnet.model.blocks import (
     BFDStage,
     ConvBNAct,
     MRFSEBlock,
-    check_input,
-    crop_padding,
-    fast_layout,
     keras_init_,
-    pad_to_multiple,
 )
 from napari_s2mnet.model.registry import ModelConfig, register_model
 
@@ -186,7 +183,7 @@ class Head(nn.Module):
         return self.classifier(x)
 
 
-class S2MNet(nn.Module):
+class S2MNet(SegmentationNet):
     """S2M-Net (methods.md §1.2-1.6). Returns logits ``(B, num_classes, H, W)`` for any ``H, W``.
 
     Attributes:
@@ -205,15 +202,9 @@ class S2MNet(nn.Module):
             num_classes: 1 for binary (sigmoid), >= 2 for softmax classes incl. background.
             options: Architecture options (defaults: the paper model).
         """
-        super().__init__()
-        if in_channels < 1 or num_classes < 1:
-            raise ValueError(
-                f"in_channels and num_classes must be >= 1 (got {in_channels}, {num_classes})."
-            )
+        super().__init__(in_channels, num_classes)
         opts = options or S2MNetOptions()
         self.options = opts
-        self.in_channels = in_channels
-        self.num_classes = num_classes
         self.stride = 2 ** len(opts.widths)
         bn = {"bn_momentum": opts.bn_momentum, "bn_eps": opts.bn_eps}
 
@@ -232,10 +223,8 @@ class S2MNet(nn.Module):
         self.head = Head(widths[0], opts.head_widths, num_classes)
         keras_init_(self)
 
-    def _forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        check_input(x, self.in_channels, "S2MNet")
-        x, pads = pad_to_multiple(x, self.stride)
-        x = fast_layout(x)
+    def _decode(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Logits and BFD boundary maps for an input padded to a multiple of ``stride``."""
         feats = []
         y = self.stem(x)
         for enc in self.encoders:
@@ -246,11 +235,11 @@ class S2MNet(nn.Module):
         for dec, skip in zip(self.decoders, reversed(feats[:-1]), strict=True):
             y, beta = dec.forward_with_boundary(y, skip)
             betas.append(beta)
-        return crop_padding(self.head(y), pads), betas
+        return self.head(y), betas
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits for ``x`` of shape ``(B, in_channels, H, W)``, any ``H, W >= 1``."""
-        return self._forward(x)[0]
+    def forward_padded(self, x: Tensor) -> Tensor:
+        """Logits for an input padded to a multiple of ``stride``."""
+        return self._decode(x)[0]
 
     def forward_with_boundaries(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Logits plus the BFD boundary maps beta (coarse to fine, on the padded grid).
@@ -258,7 +247,9 @@ class S2MNet(nn.Module):
         The maps get no supervision; they are exposed for inspection (e.g. correlation with
         ground-truth edges, paper §1.5).
         """
-        return self._forward(x)
+        x, pads = self.pad(x)
+        logits, betas = self._decode(x)
+        return self.crop(logits, pads), betas
 
     def mrf_se_kernels(self) -> list[nn.Parameter]:
         """Conv kernels of the MRF-SE blocks (the reference code's L2 1e-4 targets)."""

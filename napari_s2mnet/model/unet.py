@@ -14,14 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from napari_s2mnet.model.blocks import (
-    BN_EPS,
-    BN_MOMENTUM,
-    check_input,
-    crop_padding,
-    fast_layout,
-    pad_to_multiple,
-)
+from napari_s2mnet.model.base import SegmentationNet
+from napari_s2mnet.model.blocks import BN_EPS, BN_MOMENTUM
 from napari_s2mnet.model.registry import ModelConfig, register_model
 
 UP_MODES = ("transpose", "bilinear")
@@ -100,7 +94,7 @@ class Up(nn.Module):
         return self.conv(torch.cat([x, skip], dim=1))
 
 
-class UNet(nn.Module):
+class UNet(SegmentationNet):
     """U-Net baseline. Returns logits ``(B, num_classes, H, W)`` for any ``H, W >= 1``.
 
     Attributes:
@@ -117,15 +111,9 @@ class UNet(nn.Module):
             num_classes: 1 for binary (sigmoid), >= 2 for softmax classes incl. background.
             options: Architecture options.
         """
-        super().__init__()
-        if in_channels < 1 or num_classes < 1:
-            raise ValueError(
-                f"in_channels and num_classes must be >= 1 (got {in_channels}, {num_classes})."
-            )
+        super().__init__(in_channels, num_classes)
         opts = options or UNetOptions()
         self.options = opts
-        self.in_channels = in_channels
-        self.num_classes = num_classes
         self.stride = 2 ** (opts.depth - 1)
         widths = [opts.base * 2**i for i in range(opts.depth)]
         mom, eps = opts.bn_momentum, opts.bn_eps
@@ -138,11 +126,8 @@ class UNet(nn.Module):
         )
         self.classifier = nn.Conv2d(widths[0], num_classes, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits for ``x`` of shape ``(B, in_channels, H, W)``."""
-        check_input(x, self.in_channels, "UNet")
-        x, pads = pad_to_multiple(x, self.stride)
-        x = fast_layout(x)
+    def forward_padded(self, x: Tensor) -> Tensor:
+        """Logits for an input padded to a multiple of ``stride``."""
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
@@ -150,7 +135,7 @@ class UNet(nn.Module):
         x = skips.pop()
         for up in self.up:
             x = up(x, skips.pop())
-        return crop_padding(self.classifier(x), pads)
+        return self.classifier(x)
 
 
 @register_model(

@@ -10,14 +10,13 @@ import torch
 from torch import nn
 
 from napari_s2mnet.model import ModelConfig, available_models, build_model, count_parameters
+from napari_s2mnet.model.base import crop_padding, pad_to_multiple
 from napari_s2mnet.model.blocks import (
     SSTM,
     BFDStage,
     ChannelLayerNorm,
     MRFSEBlock,
     SpectralFilter,
-    crop_padding,
-    pad_to_multiple,
 )
 from napari_s2mnet.model.registry import resolve_options
 from napari_s2mnet.model.s2mnet import S2MNet, S2MNetOptions
