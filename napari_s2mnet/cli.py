@@ -33,7 +33,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from napari_s2mnet.inference import InferenceConfig, predict_paths
+    from napari_s2mnet.batch import predict_paths
+    from napari_s2mnet.inference import InferenceConfig
 
     return predict_paths(
         args.inputs,

@@ -61,6 +61,7 @@ __all__ = [
     "FEATURE_COLUMNS",
     "batch_descriptors",
     "compactness",
+    "empty_features",
     "irregularity",
     "mask_descriptors",
     "object_descriptors",
@@ -395,7 +396,8 @@ def _majority_class(values: np.ndarray) -> int:
     return int(np.argmax(counts))
 
 
-def _empty_features() -> pd.DataFrame:
+def empty_features() -> pd.DataFrame:
+    """A feature table with no rows: the columns of :func:`object_features` and their dtypes."""
     import pandas as pd
 
     return pd.DataFrame(
@@ -451,7 +453,7 @@ def object_features(
 
     slices = _object_slices(lab, label_ids)
     if not slices:
-        return _empty_features()
+        return empty_features()
     pixel_area = spacing_t[0] * spacing_t[1]
     image_area = float(lab.size)
     rows: list[tuple] = []
@@ -507,7 +509,7 @@ def update_features(
     touched = {int(i) for i in touched_ids if int(i) > 0}
     fresh = object_features(labels, label_ids=touched, **kwargs)
     if df is None or len(df) == 0:
-        base = _empty_features()
+        base = empty_features()
     else:
         missing = set(FEATURE_COLUMNS) - set(df.columns)
         if missing:
@@ -515,7 +517,7 @@ def update_features(
         base = df[~df["label"].isin(touched)]
     parts = [p for p in (base, fresh) if len(p)]
     if not parts:
-        return _empty_features()
+        return empty_features()
     out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].copy()
     out = out.sort_values("label", kind="stable").reset_index(drop=True)
     return out[list(FEATURE_COLUMNS)]
@@ -569,7 +571,7 @@ def update_stack_features(
         fresh.append(part)
     columns = [*FEATURE_COLUMNS, *lead_names]
     if df is None or len(df) == 0:
-        base = _empty_features()
+        base = empty_features()
         for name in lead_names:
             base[name] = pd.Series(dtype="int64")
     else:

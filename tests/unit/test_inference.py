@@ -19,13 +19,14 @@ from scipy import ndimage as ndi
 from skimage.measure import label as sk_label
 from torch import nn
 
-from napari_s2mnet import checkpoint, inference
+from napari_s2mnet import checkpoint, tiling
 from napari_s2mnet.checkpoint import ModelBundle, new_model
 from napari_s2mnet.inference import (
     ImageLayout,
     InferenceConfig,
     Progress,
     SegmentationResult,
+    engine,
     guess_layout,
     run_to_end,
     segment,
@@ -426,7 +427,7 @@ def test_tiling_has_no_seams_with_a_real_network(nuclei):
 
     # ... and no worse on the tile borders: a seam is a band of larger error along the lines
     # where a tile starts or ends inside the image (its zero padding replaces real context).
-    g = inference._grid(img.shape, tile, overlap, bundle.model.stride)
+    g = tiling.grid(img.shape, tile, overlap, bundle.model.stride)
     assert one.n_tiles == 1 and tiled.n_tiles == g.n_tiles >= 4 and g.starts_y == g.starts_x
     lines = [*g.starts_y[1:], *(s + g.tile_y for s in g.starts_y[:-1])]
     dist = np.abs(np.arange(img.shape[0])[:, None] - np.array(lines)[None]).min(axis=1)
@@ -438,7 +439,7 @@ def test_tiling_has_no_seams_with_a_real_network(nuclei):
 
 def test_tiles_are_stride_aligned_and_cover_the_image():
     for size, tile, stride in [(100, 32, 8), (513, 128, 32), (31, 64, 4), (1, 64, 16)]:
-        g = inference._grid((size, size), tile, 0.25, stride)
+        g = tiling.grid((size, size), tile, 0.25, stride)
         assert all(s % stride == 0 for s in g.starts_y)
         assert g.tile_y % stride == 0 and g.starts_y[0] == 0
         assert g.starts_y[-1] + g.tile_y >= size > g.starts_y[-1] + g.tile_y - stride
@@ -672,7 +673,7 @@ def test_oom_on_gpu_falls_back_to_cpu(nuclei, monkeypatch):
     monkeypatch.setattr(devices, "resolve_device", fake_resolve)
     monkeypatch.setattr(devices, "describe_device",
                         lambda d: "CUDA: Fake GPU (1 GB)" if d.type == "cuda" else "CPU (test)")
-    monkeypatch.setattr(inference, "_to_device", fake_to)
+    monkeypatch.setattr(engine, "_to_device", fake_to)
     bundle = ModelBundle(GPUOnlyOOM(), ModelConfig(arch="unet", in_channels=1))
     res = run_to_end(segment_iter(nuclei, bundle, InferenceConfig(tile_size=256, amp=False)))
     assert any("continuing on the CPU" in m for m in res.messages)

@@ -1,0 +1,236 @@
+"""The engine: a model on a device, tiles in, blended probabilities out.
+
+Owns the device state: the model is used in place when it already sits on the device (its
+training flags are restored afterwards) or copied there; mixed precision (float16 autocast) on
+CUDA only; test-time augmentation (flips); and the out-of-memory fallback (one tile per batch,
+then smaller tiles, then the CPU), each step noted for the user.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_s2mnet.inference.config import InferenceConfig, Progress
+from napari_s2mnet.layout import ImagePlan
+from napari_s2mnet.tiling import Grid, blend_iter, grid, pad_to, round_up
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from napari_s2mnet.checkpoint import ModelBundle
+    from napari_s2mnet.preprocess import NormalizationStats
+
+__all__ = ["Counter", "Engine"]
+
+log = logging.getLogger(__name__)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """Move a tensor or module (one place, so tests can simulate a GPU)."""
+    return obj.to(device)
+
+
+def _model_device(model: Any) -> torch.device | None:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return None
+
+
+class Engine:
+    """Runs tiles through the network; owns the device state and the out-of-memory fallback."""
+
+    def __init__(self, bundle: ModelBundle, config: InferenceConfig, notes: list[str]) -> None:
+        from napari_s2mnet import devices
+
+        self.bundle = bundle
+        self.config = config
+        self.notes = notes
+        self.binary = int(bundle.config.num_classes) == 1
+        self.out_channels = 1 if self.binary else int(bundle.config.num_classes)
+        self.stride = max(1, int(getattr(bundle.model, "stride", 1) or 1))
+        device = devices.resolve_device(config.device)
+        tile = round_up(int(config.tile_size or bundle.tile_size), self.stride)
+        self.min_tile = max(self.stride, round_up(64, self.stride))
+        self.state = devices.FallbackState(str(device), tile, int(config.batch_size))
+        # Per-module flags: eval() below must not leave a trace on the caller's model.
+        self.original_modes = [(m, m.training) for m in bundle.model.modules()]
+        self.net: Any = None
+        self.device: Any = None
+        self.n_tiles = 0
+        self._set_device(device)
+
+    # -- device handling -----------------------------------------------------------------
+    def _set_device(self, device: torch.device) -> None:
+        from napari_s2mnet import devices
+
+        model = self.bundle.model
+        current = _model_device(model)
+        if current is None or current == device:
+            net = model  # already there: use it in place (eval mode restored in close())
+        else:
+            # Work on a copy so the caller's model stays on its device.
+            net = _to_device(copy.deepcopy(model), device)
+        net.eval()
+        self.net = net
+        self.device = device
+        self.description = devices.describe_device(device)
+        self.amp = bool(self.config.amp) and devices.supports_amp(device)
+
+    def close(self) -> None:
+        """Restore the caller's model (training flag) and free the device copy."""
+        from napari_s2mnet import devices
+
+        for module, mode in self.original_modes:
+            module.training = mode
+        copied = self.net is not None and self.net is not self.bundle.model
+        self.net = None
+        if copied:
+            devices.empty_cache(self.device)
+
+    def _fallback(self, exc: BaseException) -> None:
+        import torch
+
+        from napari_s2mnet import devices
+
+        step = devices.next_fallback(self.state, min_tile=self.min_tile, multiple=self.stride)
+        devices.empty_cache(self.device)
+        if step is None:
+            raise RuntimeError(
+                f"Out of memory even on the CPU with {self.state.tile_size} px tiles. Close other "
+                "programs, or segment a smaller image / crop."
+            ) from exc
+        new, message = step
+        log.warning(message)
+        self.notes.append(message)
+        if new.device != self.state.device:
+            if self.net is not self.bundle.model:
+                self.net = None
+            self._set_device(torch.device(new.device))
+        self.state = new
+
+    # -- prediction ------------------------------------------------------------------------
+    def grid(self, shape: tuple[int, int]) -> Grid:
+        return grid(shape, self.state.tile_size, float(self.config.overlap), self.stride)
+
+    def predict(
+        self, region: np.ndarray, plan: ImagePlan, stats: NormalizationStats, counter: Counter
+    ) -> Generator[Progress, None, np.ndarray]:
+        """Blended probabilities ``(C_out, Y, X)`` of one 2-D slice ``(Y, X, C_img)``."""
+        from napari_s2mnet import devices
+
+        start = counter.done
+        while True:
+            try:
+                return (yield from self._predict_once(region, plan, stats, counter))
+            except RuntimeError as exc:
+                if not devices.is_oom_error(exc):
+                    raise
+                counter.done = start  # this slice starts again with the new settings
+                old_tiles = counter.tiles_per_slice
+                self._fallback(exc)
+                counter.tiles_per_slice = self.grid(region.shape[:2]).n_tiles
+                counter.total += (counter.tiles_per_slice - old_tiles) * counter.slices_left
+            # The failed batch's tensors are only garbage once the exception is gone.
+            devices.empty_cache(self.device)
+
+    def _predict_once(
+        self, region: np.ndarray, plan: ImagePlan, stats: NormalizationStats, counter: Counter
+    ) -> Generator[Progress, None, np.ndarray]:
+        from napari_s2mnet.preprocess import apply_normalization
+
+        height, width = region.shape[:2]
+        g = self.grid((height, width))
+
+        def predict_batch(batch: list[tuple[int, int]]) -> np.ndarray:
+            xs = []
+            for sy, sx in batch:
+                part = plan.select(region[sy : sy + g.tile_y, sx : sx + g.tile_x])
+                part = apply_normalization(part, stats, channel_axis=-1)
+                part = pad_to(plan.post(part), g.tile_y, g.tile_x)
+                xs.append(part.transpose(2, 0, 1))
+            return self._forward(np.ascontiguousarray(np.stack(xs)))
+
+        blending = blend_iter((height, width), g, self.out_channels, predict_batch,
+                              self.state.batch_size)
+        done_before = 0
+        while True:
+            try:
+                done = next(blending)
+            except StopIteration as stop:
+                acc = stop.value
+                break
+            self.n_tiles += done - done_before
+            counter.done += done - done_before
+            done_before = done
+            yield counter.progress("predict", f"{counter.slice_text()}tile {done}/{g.n_tiles}")
+        np.clip(acc, 0.0, 1.0, out=acc)
+        return acc
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = _to_device(torch.from_numpy(batch), self.device)
+        flips: list[tuple[int, ...]] = [()]
+        if self.config.tta:
+            flips += [(-1,), (-2,), (-2, -1)]
+        total = None
+        with torch.inference_mode():
+            for dims in flips:
+                xi = torch.flip(x, dims) if dims else x
+                with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                    logits = self.net(xi)
+                self._check_output(logits, xi)
+                logits = logits.float()
+                p = torch.sigmoid(logits) if self.binary else torch.softmax(logits, dim=1)
+                if dims:
+                    p = torch.flip(p, dims)
+                total = p if total is None else total + p
+            assert total is not None
+            if len(flips) > 1:
+                total = total / len(flips)
+            out = total.cpu().numpy()
+        if not np.isfinite(out).all():
+            note = "The model produced NaN/Inf outputs for some pixels (treated as background)."
+            if note not in self.notes:
+                self.notes.append(note)
+                log.warning(note)
+            np.nan_to_num(out, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
+        return out
+
+    def _check_output(self, logits: Any, x: Any) -> None:
+        expected = (x.shape[0], self.out_channels, x.shape[2], x.shape[3])
+        if tuple(logits.shape) != expected:
+            raise RuntimeError(
+                f"The model returned shape {tuple(logits.shape)} for input {tuple(x.shape)}; "
+                f"expected {expected}. The model file's config (num_classes="
+                f"{self.bundle.config.num_classes}) may not match its network."
+            )
+
+
+@dataclass
+class Counter:
+    """Progress bookkeeping shared by the slice loop and the engine."""
+
+    total: int
+    tiles_per_slice: int
+    n_slices: int
+    done: int = 0
+    slice_index: int = 0
+
+    @property
+    def slices_left(self) -> int:
+        return self.n_slices - self.slice_index
+
+    def slice_text(self) -> str:
+        return f"slice {self.slice_index + 1}/{self.n_slices}: " if self.n_slices > 1 else ""
+
+    def progress(self, stage: str, message: str) -> Progress:
+        return Progress(self.done, self.total, stage, message)

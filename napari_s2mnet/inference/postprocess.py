@@ -1,0 +1,342 @@
+"""From blended probabilities to labels, uncertainty and the features table.
+
+Binary models: threshold, optional hole filling, 8-connected components, optional split of
+touching objects (distance transform + ``peak_local_max`` + watershed), removal of objects
+smaller than ``min_size``, sequential ids. Multi-class models: semantic labels (argmax class id).
+Stacks: optional 2.5-D smoothing of the probabilities along z, ids unique across slices, and for
+multi-class models one feature row per class over the whole stack.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_s2mnet.inference.config import InferenceConfig, Progress
+from napari_s2mnet.layout import ImagePlan
+from napari_s2mnet.tiling import ROW_BLOCK as _ROW_BLOCK
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = [
+    "Predicted",
+    "SliceResults",
+    "aggregate_semantic",
+    "entropy",
+    "instances",
+    "semantic",
+    "split_touching",
+    "z_smoothed",
+]
+
+
+def instances(
+    prob: np.ndarray, threshold: float, config: InferenceConfig
+) -> tuple[np.ndarray, int]:
+    """Instance labels (smallest uint dtype) and their count from a probability map."""
+    from scipy import ndimage as ndi
+
+    from napari_s2mnet.io import smallest_uint_dtype
+
+    mask = prob > threshold
+    if config.fill_holes:
+        mask = ndi.binary_fill_holes(mask)
+    lab = np.zeros(mask.shape, dtype=np.int32)
+    n = int(ndi.label(mask, structure=np.ones((3, 3), dtype=bool), output=lab))
+    if n and config.split_touching:
+        lab, n = split_touching(mask, lab, n, config.split_min_distance)
+    del mask
+    if n == 0:
+        return np.zeros(prob.shape, dtype=np.uint8), 0
+    sizes = np.zeros(n + 1, dtype=np.int64)
+    for r0 in range(0, lab.shape[0], _ROW_BLOCK):  # bincount makes an int64 copy: go by blocks
+        sizes += np.bincount(lab[r0 : r0 + _ROW_BLOCK].ravel(), minlength=n + 1)
+    keep = sizes >= max(1, int(config.min_size))
+    keep[0] = False
+    count = int(keep.sum())
+    dtype = smallest_uint_dtype(count)
+    lut = np.zeros(sizes.size, dtype=dtype)
+    lut[keep] = np.arange(1, count + 1, dtype=dtype)
+    return lut[lab], count
+
+
+def split_touching(
+    mask: np.ndarray, lab: np.ndarray, n: int, min_distance: int
+) -> tuple[np.ndarray, int]:
+    """Split touching objects: watershed of the distance transform from its local maxima."""
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    dist = ndi.distance_transform_edt(mask)
+    peaks = peak_local_max(dist, min_distance=int(min_distance), labels=lab, exclude_border=False)
+    marker_mask = np.zeros(mask.shape, dtype=bool)
+    marker_mask[tuple(peaks.T)] = True
+    # Neighbouring peak pixels (plateaus) form one marker, not several.
+    markers = np.zeros(mask.shape, dtype=np.int32)
+    m = int(ndi.label(marker_mask, structure=np.ones((3, 3), dtype=bool), output=markers))
+    split = watershed(-dist, markers, mask=mask).astype(np.int32, copy=False)
+    # Objects that got no marker (too small for a peak) keep their connected component.
+    missed = mask & (split == 0)
+    if missed.any():
+        extra = np.zeros(mask.shape, dtype=np.int32)
+        k = int(ndi.label(missed, structure=np.ones((3, 3), dtype=bool), output=extra))
+        split[missed] = extra[missed] + m
+        m += k
+    return split, m
+
+
+def semantic(acc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class-id labels, confidence (max probability) and foreground probability, in row blocks."""
+    from napari_s2mnet.io import smallest_uint_dtype
+
+    c, height, width = acc.shape
+    labels = np.empty((height, width), dtype=smallest_uint_dtype(c - 1))
+    conf = np.empty((height, width), dtype=np.float32)
+    fg = np.empty((height, width), dtype=np.float32)
+    for r0 in range(0, height, _ROW_BLOCK):
+        block = acc[:, r0 : r0 + _ROW_BLOCK]
+        labels[r0 : r0 + _ROW_BLOCK] = block.argmax(axis=0)
+        conf[r0 : r0 + _ROW_BLOCK] = block.max(axis=0)
+        fg[r0 : r0 + _ROW_BLOCK] = 1.0 - block[0]
+    return labels, conf, fg
+
+
+def entropy(acc: np.ndarray) -> np.ndarray:
+    """Normalised entropy in ``[0, 1]`` per pixel (binary: of ``p``; else over the classes)."""
+    c, height, width = acc.shape
+    out = np.empty((height, width), dtype=np.float32)
+    eps = 1e-7
+    for r0 in range(0, height, _ROW_BLOCK):
+        block = np.clip(acc[:, r0 : r0 + _ROW_BLOCK], eps, 1.0).astype(np.float64)
+        if c == 1:
+            p = block[0]
+            q = np.clip(1.0 - p, eps, 1.0)
+            h = -(p * np.log2(p) + q * np.log2(q))
+        else:
+            h = -(block * np.log(block)).sum(axis=0) / np.log(c)
+        out[r0 : r0 + _ROW_BLOCK] = np.clip(h, 0.0, 1.0)
+    return out
+
+
+def aggregate_semantic(df: pd.DataFrame, n_slices: int, slice_area: float) -> pd.DataFrame:
+    """One row per class over all slices of a stack.
+
+    Areas add up; ``scale`` is the class's share of the whole stack; the shape descriptors and
+    the mean probability are area-weighted means over the slices (the convention
+    :func:`napari_s2mnet.morphology.mask_descriptors` uses for several objects).
+    """
+    import pandas as pd
+
+    from napari_s2mnet.morphology import FEATURE_COLUMNS
+
+    rows = []
+    for lid, g in df.groupby("label", sort=True):
+        w = g["area_px"].to_numpy(dtype=np.float64)
+        wsum = w.sum() or 1.0
+        row: dict[str, Any] = {
+            "index": int(lid),
+            "label": int(lid),
+            "area_px": int(w.sum()),
+            "area": float(g["area"].sum()),
+            "scale": float(w.sum() / (n_slices * slice_area)),
+            "class": int(g["class"].iloc[0]),
+        }
+        for col in ("compactness", "tubularity", "irregularity", "mean_probability"):
+            row[col] = float((g[col].to_numpy(dtype=np.float64) * w).sum() / wsum)
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=list(FEATURE_COLUMNS))
+    return out.astype({"index": "int64", "label": "int64", "area_px": "int64", "class": "int64"})
+
+
+@dataclass
+class Predicted:
+    """The blended class probabilities ``(C, H, W)`` of the slice at leading index ``idx``."""
+
+    idx: tuple[int, ...]
+    acc: np.ndarray
+
+
+def z_smoothed(
+    stream: Generator[Progress | Predicted, None, None], n: int, lead: tuple[int, ...]
+) -> Generator[Progress | Predicted, None, None]:
+    """Average every slice's probabilities over its +-``n`` neighbours along the last lead axis.
+
+    Progress passes through; slices come out in the order they went in, each as soon as its
+    last neighbour has arrived (so at most ``2n + 1`` maps are held). Windows are clipped at the
+    ends of the axis and never cross the other lead axes (time points).
+    """
+    depth = lead[-1]
+    window: dict[int, np.ndarray] = {}  # z -> probabilities of the current z-run
+    pending: deque[tuple[int, ...]] = deque()
+
+    def emit(idx: tuple[int, ...]) -> Predicted:
+        z = idx[-1]
+        neighbours = [window[j] for j in range(max(0, z - n), min(depth, z + n + 1))]
+        out = np.mean(neighbours, axis=0, dtype=np.float64).astype(np.float32)
+        for j in [j for j in window if j < z - n + 1]:  # no later slice needs these
+            del window[j]
+        return Predicted(idx, out)
+
+    for item in stream:
+        if isinstance(item, Progress):
+            yield item
+            continue
+        window[item.idx[-1]] = item.acc
+        pending.append(item.idx)
+        # The oldest pending slice is ready when its window's last slice is in.
+        while pending and min(depth - 1, pending[0][-1] + n) <= item.idx[-1]:
+            yield emit(pending.popleft())
+        if not pending:  # only at the end of a z-run (n >= 1): the next time point starts afresh
+            window.clear()
+    while pending:
+        yield emit(pending.popleft())
+
+
+def assemble(
+    slices: list[np.ndarray],
+    offsets: list[int],
+    plan: ImagePlan,
+    max_id: int,
+    smallest: Callable[[int], np.dtype],
+) -> np.ndarray:
+    """The label image from the slices' labels, each slice's ids shifted by its offset."""
+    dtype = smallest(max_id)
+    if not plan.lead:
+        return slices[0].astype(dtype, copy=False)
+    out = np.zeros((*plan.lead, *plan.spatial), dtype=dtype)
+    for idx, lab, off in zip(np.ndindex(*plan.lead), slices, offsets, strict=True):
+        if off:
+            fg = lab > 0
+            out[idx][fg] = lab[fg].astype(dtype) + dtype.type(off)
+        else:
+            out[idx] = lab
+    return out
+
+
+def combine_features(
+    frames: list[pd.DataFrame], plan: ImagePlan, binary: bool, wanted: bool
+) -> pd.DataFrame:
+    """One table from the slices' tables (multi-class stacks: one row per class)."""
+    import pandas as pd
+
+    from napari_s2mnet.morphology import empty_features
+
+    if not wanted:
+        return empty_features()
+    parts = [f for f in frames if len(f)]
+    if not parts:
+        df = empty_features()
+        if binary:
+            for name in plan.lead_names:
+                df[name] = pd.Series(dtype="int64")
+        return df
+    df = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    if not binary and plan.lead:
+        df = aggregate_semantic(df, plan.n_slices, float(plan.spatial[0] * plan.spatial[1]))
+    return df.reset_index(drop=True)
+
+
+class SliceResults:
+    """Post-processes the slices one by one and collects their labels, maps and features.
+
+    Args:
+        plan: The planned image.
+        config: Run settings.
+        binary: Binary (instances) or multi-class (semantic labels) model.
+        threshold: Probability threshold (binary models).
+        spacing: Pixel size per labels axis (the last two are used for the features).
+        timings: ``postprocess`` and ``features`` seconds are added here.
+    """
+
+    def __init__(
+        self,
+        plan: ImagePlan,
+        config: InferenceConfig,
+        binary: bool,
+        threshold: float,
+        spacing: tuple[float, ...],
+        timings: dict[str, float],
+    ) -> None:
+        self.plan = plan
+        self.config = config
+        self.binary = binary
+        self.threshold = threshold
+        self.spacing = spacing
+        self.timings = timings
+        self.slice_labels: list[np.ndarray] = []
+        self.offsets: list[int] = []
+        self.frames: list[pd.DataFrame] = []
+        self.probability: np.ndarray | None = None
+        self.uncertainty: np.ndarray | None = None
+        self.total_objects = 0
+
+    def add(self, idx: tuple[int, ...], acc: np.ndarray) -> None:
+        """Post-process the blended probabilities ``acc`` ``(C, Y, X)`` of slice ``idx``."""
+        from napari_s2mnet.morphology import object_features
+
+        cfg, plan = self.config, self.plan
+        t1 = time.perf_counter()
+        unc = entropy(acc) if cfg.uncertainty else None
+        if self.binary:
+            prob = acc[0]
+            lab, count = instances(prob, self.threshold, cfg)
+            conf = prob
+            classes = None
+        else:
+            lab, conf, prob = semantic(acc)
+            count = int(lab.max()) if lab.size else 0
+            classes = lab
+        del acc
+        if cfg.return_probability:
+            self.probability = self._store(self.probability, idx, prob)
+        if unc is not None:
+            self.uncertainty = self._store(self.uncertainty, idx, unc)
+        t2 = time.perf_counter()
+        self.timings["postprocess"] += t2 - t1
+
+        offset = self.total_objects if self.binary else 0
+        if cfg.compute_features:
+            df = object_features(lab, spacing=self.spacing[-2:], probability=conf, classes=classes)
+            if offset:
+                df["index"] += offset
+                df["label"] += offset
+            for name, i in zip(plan.lead_names, idx, strict=True):
+                df[name] = i
+            self.frames.append(df)
+        self.timings["features"] += time.perf_counter() - t2
+        del prob, conf, classes
+        self.slice_labels.append(lab)
+        self.offsets.append(offset)
+        if self.binary:
+            self.total_objects += count
+        else:
+            self.total_objects = max(self.total_objects, count)
+
+    def _store(self, out: np.ndarray | None, idx: tuple[int, ...], plane: np.ndarray) -> np.ndarray:
+        """``plane`` itself for a 2-D image; else written into the (new) stack ``out``."""
+        if not self.plan.lead:
+            return plane
+        if out is None:
+            out = np.empty((*self.plan.lead, *self.plan.spatial), dtype=np.float32)
+        out[idx] = plane
+        return out
+
+    def labels(self) -> np.ndarray:
+        """The label image of all slices (smallest unsigned dtype); frees the slices."""
+        from napari_s2mnet.io import smallest_uint_dtype
+
+        out = assemble(self.slice_labels, self.offsets, self.plan, self.total_objects,
+                       smallest_uint_dtype)
+        self.slice_labels = []
+        return out
+
+    def features(self) -> pd.DataFrame:
+        """The features table of all slices."""
+        return combine_features(self.frames, self.plan, self.binary, self.config.compute_features)
