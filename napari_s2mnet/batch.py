@@ -16,15 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from napari_s2mnet.inference import (
-    ImageLayout,
-    InferenceConfig,
-    Progress,
-    guess_layout,
-    run_to_end,
-    segment_iter,
-)
+from napari_s2mnet.inference import InferenceConfig, Progress, run_to_end, segment_iter
 from napari_s2mnet.io import IMAGE_SUFFIXES
+from napari_s2mnet.layout import ImageLayout, guess_layout
 
 __all__ = ["TextProgress", "expand_paths", "predict_paths"]
 

@@ -89,7 +89,7 @@ def _percentile_norm(x: np.ndarray, config: NormalizationConfig) -> np.ndarray:
 
 @dataclass(frozen=True)
 class NormalizationStats:
-    """Offsets and scales computed by :func:`normalization_stats`.
+    """Offsets and scales computed by :func:`stats_from_samples`.
 
     Attributes:
         method: ``"percentile"`` or ``"none"``.
@@ -102,40 +102,6 @@ class NormalizationStats:
     lows: tuple[float, ...]
     scales: tuple[float, ...]
     clip: float
-
-
-def _subsample(x: np.ndarray) -> np.ndarray:
-    """``x.reshape(-1)[::step]`` exactly as ``_percentile_norm`` takes it, without copying ``x``."""
-    size = x.size
-    step = max(1, size // 1_000_000)
-    if x.flags.c_contiguous:
-        return x.reshape(-1)[::step]
-    idx = np.unravel_index(np.arange(0, size, step), x.shape)
-    return x[idx]
-
-
-def normalization_stats(
-    image: np.ndarray, config: NormalizationConfig, channel_axis: int | None = 0
-) -> NormalizationStats:
-    """The statistics :func:`normalize` would use for ``image``, computed from a subsample.
-
-    Memory stays O(1) in the image size: no float copy of ``image`` is made. Applying the result
-    with :func:`apply_normalization` to any part of ``image`` gives the same values as the same
-    part of ``normalize(image, config, channel_axis)``.
-
-    Args:
-        image: Array of any numeric or bool dtype (finite).
-        config: Normalisation settings.
-        channel_axis: Channel axis for per-channel statistics, or ``None``.
-    """
-    img = np.asarray(image)
-    if config.per_channel and channel_axis is not None and img.ndim > 1:
-        channels = np.moveaxis(img, channel_axis, -1)
-        # Same pixel positions in every channel, as normalize() takes them channel by channel.
-        samples = pixel_samples(channels, channels.ndim - 1)
-    else:
-        samples = _subsample(img)[:, None]
-    return stats_from_samples(samples, config)
 
 
 def pixel_samples(image: np.ndarray, n_spatial: int) -> np.ndarray:
@@ -190,7 +156,7 @@ def stats_from_samples(samples: np.ndarray, config: NormalizationConfig) -> Norm
 def apply_normalization(
     x: np.ndarray, stats: NormalizationStats, channel_axis: int | None = 0
 ) -> np.ndarray:
-    """Normalise a region ``x`` of an image with statistics from :func:`normalization_stats`.
+    """Normalise a region ``x`` of an image with statistics from :func:`stats_from_samples`.
 
     Args:
         x: Region of the image (same channel layout as the image the stats came from).
