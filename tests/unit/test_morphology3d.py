@@ -1,0 +1,86 @@
+"""3-D morphology on known shapes: ball, rod, cube, L-shape; anisotropic spacing; the table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_s2mnet.morphology3d import (
+    COLUMNS_3D,
+    FEATURE_COLUMNS_3D,
+    irregularity_3d,
+    object_descriptors_3d,
+    object_features_3d,
+    sphericity,
+    tubularity_3d,
+)
+
+
+def _ball(r: float, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    n = [int(np.ceil(r / s)) * 2 + 3 for s in spacing]
+    g = np.mgrid[: n[0], : n[1], : n[2]]
+    return sum(((g[i] - n[i] // 2) * spacing[i]) ** 2 for i in range(3)) <= r * r
+
+
+def _rod() -> np.ndarray:
+    rod = np.zeros((10, 10, 70), dtype=bool)
+    rod[2:7, 2:7, 3:67] = True  # 5 x 5 x 64
+    return rod
+
+
+@pytest.mark.parametrize("r", [4, 10])
+def test_ball_is_spherical_and_not_tubular(r: int) -> None:
+    b = _ball(r)
+    assert sphericity(b) == pytest.approx(1.0, abs=0.05)
+    assert tubularity_3d(b) < 0.25
+    assert irregularity_3d(b) < 0.02
+
+
+def test_anisotropic_ball_uses_the_spacing() -> None:
+    sp = (2.0, 1.0, 1.0)
+    b = _ball(10, sp)  # a physical ball sampled every 2 units in z
+    d = object_descriptors_3d(b, sp)
+    assert d["volume"] == pytest.approx(4 / 3 * np.pi * 10**3, rel=0.05)
+    assert d["sphericity"] > 0.9
+    # read with the wrong (isotropic) spacing it is a squashed ellipsoid
+    assert object_descriptors_3d(b)["sphericity"] < d["sphericity"] - 0.05
+
+
+def test_rod_is_tubular() -> None:
+    rod = _rod()
+    assert tubularity_3d(rod) > 0.9
+    assert sphericity(rod) == pytest.approx(0.50, abs=0.07)  # exact prism value 0.497
+    assert tubularity_3d(rod) > tubularity_3d(_ball(10)) + 0.6
+
+
+def test_irregularity_grows_with_concavity() -> None:
+    cube = np.zeros((20, 20, 20), dtype=bool)
+    cube[2:18, 2:18, 2:18] = True
+    ell = cube.copy()
+    ell[2:18, 8:18, 8:18] = False  # an L-shaped prism: hull covers the removed block
+    assert irregularity_3d(cube) == pytest.approx(0.0, abs=0.01)
+    # hull = cube minus half the removed block: 1 - 2496 / 3296 = 0.243
+    assert irregularity_3d(ell) == pytest.approx(0.243, abs=0.02)
+
+
+def test_features_table_says_which_columns_are_3d() -> None:
+    lab = np.zeros((24, 30, 80), dtype=np.uint16)
+    b = _ball(8)
+    lab[2 : 2 + b.shape[0], 2 : 2 + b.shape[1], 2 : 2 + b.shape[2]][b] = 3
+    lab[5:15, 5:15, 5:75][:, :, :][_rod()[:, :, :70]] = 7
+    df = object_features_3d(lab, spacing=(2.0, 0.5, 0.5))
+    assert list(df.columns) == list(FEATURE_COLUMNS_3D)
+    assert df.attrs["columns_3d"] == COLUMNS_3D
+    assert df["label"].tolist() == [3, 7]
+    ball_row = df.iloc[0]
+    assert ball_row["volume"] == pytest.approx(ball_row["volume_vox"] * 0.5, rel=1e-9)
+    assert ball_row["z_planes"] == int(b.any(axis=(1, 2)).sum())
+    assert df.iloc[1]["tubularity_3d"] > ball_row["tubularity_3d"]
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="3-D"):
+        sphericity(np.ones((4, 4), dtype=bool))
+    with pytest.raises(ValueError, match="spacing"):
+        object_descriptors_3d(_ball(3), spacing=(1.0, 0.0, 1.0))
+    assert object_descriptors_3d(np.zeros((3, 3, 3), dtype=bool))["volume"] == 0.0
