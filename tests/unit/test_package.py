@@ -121,3 +121,25 @@ def test_wheel_ships_manifest_and_resources_in_fresh_venv(tmp_path):
     assert EXPECTED_WIDGETS <= set(info["widgets"])
     assert info["sample_exists"]
     shutil.rmtree(venv, ignore_errors=True)
+
+
+def test_public_api_names_are_the_modules_objects():
+    """``napari_s2mnet.<name>`` is the object its module defines (loaded lazily)."""
+    import napari_s2mnet
+    from napari_s2mnet import checkpoint, inference, training
+
+    for name, module in [
+        ("segment", inference),
+        ("segment_iter", inference),
+        ("InferenceConfig", inference),
+        ("finetune", training),
+        ("train", training),
+        ("FinetuneConfig", training),
+        ("load_model", checkpoint),
+        ("save_model", checkpoint),
+        ("load_default_model", checkpoint),
+    ]:
+        assert getattr(napari_s2mnet, name) is getattr(module, name)
+        assert name in napari_s2mnet.__all__
+    with pytest.raises(AttributeError, match="no_such_name"):
+        napari_s2mnet.no_such_name  # noqa: B018
