@@ -523,10 +523,8 @@ def _torch_device(device: Any) -> Any:
     if device is None:
         return torch.device("cpu")
     if str(device) == "auto":
-        try:
-            from napari_s2mnet.devices import resolve_device
-        except ImportError:  # pragma: no cover - devices.py is written in parallel
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from napari_s2mnet.devices import resolve_device
+
         return resolve_device("auto")
     return torch.device(str(device))
 
