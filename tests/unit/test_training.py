@@ -24,6 +24,7 @@ from napari_s2mnet.training import (
     TrainReport,
     evaluate_dice,
     finetune,
+    loop,
     train,
     train_paths,
 )
@@ -225,7 +226,7 @@ def test_seconds_budget_is_respected(pairs) -> None:  # type: ignore[no-untyped-
 
 def test_early_stopping(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     # lr 0 (via a frozen schedule): the Dice never improves, so patience ends the run.
-    monkeypatch.setattr(training, "_lr_factor", lambda *a: 0.0)
+    monkeypatch.setattr(loop, "_lr_factor", lambda *a: 0.0)
     cfg = _cfg(epochs=20, steps_per_epoch=1, patience=2, freeze_batchnorm=True)
     _, result = _run(finetune(pairs, _tiny(), cfg, val_pairs=[_discs(11)]))
     assert result.stopped_reason == "early stopping"
@@ -242,7 +243,7 @@ class _LossTimesAt:
 
     def __init__(self, start: int, count: int, factor: float = float("nan")) -> None:
         self.start, self.count, self.calls, self.factor = start, count, 0, factor
-        self.real = training._make_loss
+        self.real = loop._make_loss
 
     def __call__(self, name, num_classes, options):  # type: ignore[no-untyped-def]
         inner = self.real(name, num_classes, options)
@@ -264,7 +265,7 @@ class _LossTimesAt:
 
 
 def test_nan_guard_restores_and_halves_lr(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(training, "_make_loss", _LossTimesAt(start=13, count=1))
+    monkeypatch.setattr(loop, "_make_loss", _LossTimesAt(start=13, count=1))
     cfg = _cfg(epochs=2, steps_per_epoch=10, val_fraction=0.0, warmup_fraction=0.0)
     reports, result = _run(finetune(pairs, _tiny(), cfg))
     warn = [r for r in reports if "restored" in r.message]
@@ -282,7 +283,7 @@ def test_nan_guard_restores_and_halves_lr(pairs, monkeypatch: pytest.MonkeyPatch
 
 def test_repeated_failures_stop_as_diverged(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     bundle = _tiny()
-    monkeypatch.setattr(training, "_make_loss", _LossTimesAt(start=4, count=10**6))
+    monkeypatch.setattr(loop, "_make_loss", _LossTimesAt(start=4, count=10**6))
     reports, result = _run(finetune(pairs, bundle, _cfg(epochs=5, val_fraction=0.0,
                                                         max_recoveries=2)))
     assert result.stopped_reason == "diverged"
@@ -295,12 +296,12 @@ def test_repeated_failures_stop_as_diverged(pairs, monkeypatch: pytest.MonkeyPat
 def test_outlier_steps_are_skipped_and_an_exploding_loss_restores(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     cfg = _cfg(epochs=3, steps_per_epoch=10, val_fraction=0.0)
     # one outlier (x1000 at step 15): skipped, nothing restored
-    monkeypatch.setattr(training, "_make_loss", _LossTimesAt(start=15, count=1, factor=1e3))
+    monkeypatch.setattr(loop, "_make_loss", _LossTimesAt(start=15, count=1, factor=1e3))
     reports, result = _run(finetune(pairs, _tiny(), cfg))
     msgs = {r.step: r.message for r in reports if r.message and 0 < r.step < result.steps}
     assert list(msgs) == [15] and "skipped an outlier" in msgs[15]
     # three in a row (steps 15-17): the third restores the last good state and halves the lr
-    monkeypatch.setattr(training, "_make_loss", _LossTimesAt(start=15, count=3, factor=1e3))
+    monkeypatch.setattr(loop, "_make_loss", _LossTimesAt(start=15, count=3, factor=1e3))
     reports, result = _run(finetune(pairs, _tiny(), cfg))
     msgs = {r.step: r.message for r in reports if r.message and 0 < r.step < result.steps}
     assert [k for k, m in msgs.items() if "skipped" in m] == [15, 16]

@@ -1,0 +1,126 @@
+"""Dice on training batches and on validation tiles; :func:`evaluate_dice` for a whole set."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_s2mnet.checkpoint import ModelBundle
+from napari_s2mnet.training.config import FinetuneConfig
+from napari_s2mnet.training.data import _Item, _prepare
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from napari_s2mnet._ddp import DistContext
+
+_VAL_MAX_PIXELS = 4_000_000  # validation runs on at most this many pixels (a subset of tiles)
+
+
+def _dice_stats(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per foreground class (intersection, predicted, true) pixel counts, float64 ``(K, 3)``."""
+    import torch
+
+    classes = [1] if num_classes == 1 else list(range(1, num_classes))
+    rows = []
+    for c in classes:
+        p, t = pred == c, target == c
+        rows.append(torch.stack([(p & t).sum(), p.sum(), t.sum()]).to(torch.float64))
+    return torch.stack(rows)
+
+
+def _dice_from_stats(stats: torch.Tensor) -> float:
+    """Mean Dice over classes present in the prediction or the ground truth (1.0 if none)."""
+    denom = stats[:, 1] + stats[:, 2]
+    present = denom > 0
+    if not bool(present.any()):
+        return 1.0
+    return float((2 * stats[present, 0] / denom[present]).mean())
+
+
+def _predict_classes(logits: torch.Tensor, num_classes: int, threshold: float) -> torch.Tensor:
+    """Class map ``(B, H, W)``: thresholded sigmoid (binary) or argmax (multi-class)."""
+    if num_classes == 1:
+        return (logits[:, 0].float().sigmoid() > threshold).long()
+    return logits.argmax(dim=1)
+
+
+def _val_tiles(items: list[_Item], tile: int) -> list[tuple[int, int, int, int, int, int]]:
+    """Non-overlapping tiles (item, plane, y0, x0, h, w) of side ``tile`` covering the data."""
+    tiles = []
+    for i, it in enumerate(items):
+        ns, ny, nx = it.target.shape
+        for s in range(ns):
+            for y0 in range(0, ny, tile):
+                for x0 in range(0, nx, tile):
+                    tiles.append((i, s, y0, x0, min(tile, ny - y0), min(tile, nx - x0)))
+    total = sum(t[4] * t[5] for t in tiles)
+    if total > _VAL_MAX_PIXELS:  # a fixed, evenly spread subset keeps validation cheap
+        keep = max(1, int(len(tiles) * _VAL_MAX_PIXELS / total))
+        tiles = [tiles[k] for k in np.linspace(0, len(tiles) - 1, keep).round().astype(int)]
+    return tiles
+
+
+def _evaluate(
+    net: nn.Module,
+    items: list[_Item],
+    tiles: list[tuple[int, int, int, int, int, int]],
+    num_classes: int,
+    threshold: float,
+    device: torch.device,
+    ctx: DistContext | None = None,
+    amp: bool = False,
+) -> float:
+    """Dice of ``net`` on validation tiles (pixels pooled over all tiles; ranks share the work)."""
+    import torch
+
+    was_training = net.training
+    net.eval()
+    k = 1 if num_classes == 1 else num_classes - 1
+    stats = torch.zeros(k, 3, dtype=torch.float64)
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    with torch.no_grad():
+        for i, s, y0, x0, h, w in tiles[rank::world]:
+            it = items[i]
+            img = it.image[s, :, y0:y0 + h, x0:x0 + w]
+            x = torch.from_numpy(np.ascontiguousarray(img))[None].to(device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                logits = net(x)
+            pred = _predict_classes(logits.float(), num_classes, threshold)[0].cpu()
+            tgt = torch.from_numpy(np.ascontiguousarray(it.target[s, y0:y0 + h, x0:x0 + w]))
+            stats += _dice_stats(pred.long(), tgt.long(), num_classes)
+    if ctx is not None and ctx.enabled:
+        stats = ctx.all_reduce_sum(stats.to(device)).cpu()
+    net.train(was_training)
+    return _dice_from_stats(stats)
+
+
+def evaluate_dice(
+    model: ModelBundle,
+    pairs: Sequence[Any],
+    *,
+    device: str = "cpu",
+    channel_axis: int | None = None,
+) -> float:
+    """Foreground Dice of ``model`` on (image, labels) pairs, pooled over all pixels.
+
+    Images are normalised exactly as in training (and inference); binary models use the bundle's
+    threshold, multi-class models the mean Dice over foreground classes.
+    """
+    from napari_s2mnet.devices import resolve_device
+
+    cfg = FinetuneConfig(channel_axis=channel_axis, allow_empty=True)
+    items, _ = _prepare(pairs, model, cfg, None, "evaluation")
+    dev = resolve_device(device)
+    net = model.model
+    orig = next(iter(net.parameters())).device
+    net.to(dev)
+    try:
+        return _evaluate(net, items, _val_tiles(items, model.tile_size),
+                         model.config.num_classes, model.threshold, dev)
+    finally:
+        net.to(orig)
+
