@@ -144,8 +144,6 @@ def write_labels(
     spacing: Sequence[float] | None = None,
     unit: str | Sequence[str] | None = None,
     axes: str | None = None,
-    scale: Sequence[float] | None = None,
-    units: str | Sequence[str] | None = None,
 ) -> Path:
     """Write a label image as TIFF, PNG or NPY (chosen by the extension), atomically.
 
@@ -158,8 +156,6 @@ def write_labels(
         unit: Physical unit (``"micron"``, ``"micrometer"``, ``"nm"``, ... or napari's per-axis
             ``layer.units``); ``None`` or ``"pixel"`` when the size is in pixels. TIFF only.
         axes: ImageJ axes string for TIFF (default ``YX``, ``ZYX``, ``TZYX`` by dimension).
-        scale: Alias of ``spacing`` (napari's name).
-        units: Alias of ``unit`` (napari's name).
 
     Returns:
         The written path.
@@ -170,8 +166,6 @@ def write_labels(
     """
     path = Path(path)
     suffix = _suffix(path, LABEL_SUFFIXES, "labels")
-    spacing = spacing if spacing is not None else scale
-    unit = unit if unit is not None else units
     arr = _as_uint_labels(labels)
 
     if suffix == ".npy":

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.gui
+
+@pytest.fixture(autouse=True)
+def _own_config_dir(tmp_path, monkeypatch):
+    """The model picker's recent-files list goes to a temporary folder, not the user's."""
+    monkeypatch.setenv("S2MNET_CONFIG_DIR", str(tmp_path / "s2mnet-config"))
 
 
 @pytest.fixture

@@ -86,7 +86,7 @@ def test_tiff_pixel_size_is_readable_like_fiji(tmp_path):
 def test_napari_style_arguments(tmp_path):
     lab = _labels((20, 20), 3)
     units = ("micrometer", "micrometer")
-    path = write_labels(tmp_path / "a.tif", lab, scale=(0.3, 0.3), units=units)
+    path = write_labels(tmp_path / "a.tif", lab, spacing=(0.3, 0.3), unit=units)
     img = load_image(path)
     assert img.spacing == pytest.approx((0.3, 0.3)) and img.unit == "micron"
 
