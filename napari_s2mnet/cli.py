@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+from napari_s2mnet.losses import LOSS_NAMES
+
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -62,7 +64,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--epochs", type=int, default=None,
                         help="virtual epochs of 10 steps (default 30)")
     budget.add_argument("--seconds", type=float, default=None, help="wall-clock budget instead")
-    p.add_argument("--loss", default=None, help="masl (default), dicebce, masl+scc, dicebce+scc")
+    p.add_argument("--loss", default=None, help=", ".join(LOSS_NAMES) + " (default masl)")
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--num-classes", type=int, default=None,

@@ -28,7 +28,9 @@ from napari_s2mnet._qt import _layers
 from napari_s2mnet._qt._form import dataclass_form, form_values
 from napari_s2mnet._qt._plot import LossPlot
 from napari_s2mnet._qt._session import get_session
+from napari_s2mnet.losses import LOSS_NAMES
 from napari_s2mnet.training import DEFAULT_EPOCHS, FinetuneConfig
+from napari_s2mnet.training.config import FinetuneControl, FinetuneResult, ResumeState, TrainReport
 
 # A widget choice, not a config default: the value offered when the user switches the budget to
 # seconds (FinetuneConfig has no time budget by default; its default is DEFAULT_EPOCHS epochs).
@@ -69,9 +71,9 @@ class FinetuneWidget(QWidget):
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
         self.worker: Any = None
-        self.control: Any = None
-        self.last_result: Any = None
-        self._resume: Any = None  # ResumeState of the last run that stopped or ran out of time
+        self.control: FinetuneControl | None = None
+        self.last_result: FinetuneResult | None = None
+        self._resume: ResumeState | None = None  # the last run that stopped or ran out of time
         self._resume_pairs: list[tuple[Image, Labels]] = []
         self._stopped_early = False  # Stop already settled this run's model (stop_now)
         self._final_status = ""  # the status to show once the interrupted step has finished
@@ -93,7 +95,7 @@ class FinetuneWidget(QWidget):
             FinetuneConfig,
             ADVANCED_FIELDS,
             labels={"lr": "learning rate", "allow_empty": "use empty images as background"},
-            options={"loss": {"choices": ["masl", "dicebce", "masl+scc", "dicebce+scc"]},
+            options={"loss": {"choices": list(LOSS_NAMES)},
                      "lr": {"min": 1e-6, "max": 1e-1, "step": 1e-5},
                      "crop_size": {"min": 32, "max": 1024, "step": 32},
                      "val_fraction": {"min": 0.0, "max": 0.5, "step": 0.05}},
@@ -221,7 +223,7 @@ class FinetuneWidget(QWidget):
         pairs and settings, for the budget now in the widget (counted from where it ended).
         """
         from napari_s2mnet._qt._workers import start_worker
-        from napari_s2mnet.training import FinetuneControl, finetune
+        from napari_s2mnet.training import finetune
 
         if self.worker is not None:
             show_warning("Fine-tuning is already running.")
@@ -290,33 +292,32 @@ class FinetuneWidget(QWidget):
         self._final_status = text
         self.status.setText(f"{text} Finishing the interrupted step...")
 
-    def _report(self, report: Any) -> None:
+    def _report(self, report: TrainReport) -> None:
         if self._stopped_early:
             return  # the interrupted step: not the model the user now has
         self._steps_seen = max(self._steps_seen, int(report.step))
-        total = max(int(getattr(report, "total_steps", 0) or 0), 1)
+        total = max(int(report.total_steps or 0), 1)
         self.progress.setMaximum(total)
         self.progress.setValue(min(int(report.step), total))
-        self.plot.add_point(int(report.step), float(report.loss),
-                            getattr(report, "train_dice", None), getattr(report, "val_dice", None))
-        if getattr(report, "message", None):
-            self.status.setText(str(report.message))
+        self.plot.add_point(int(report.step), float(report.loss), report.train_dice, report.val_dice)
+        if report.message:
+            self.status.setText(report.message)
 
-    def _done(self, result: Any) -> None:
-        self._resume = getattr(result, "resume", None)  # also after Stop: the run's own end
+    def _done(self, result: FinetuneResult) -> None:
+        self._resume = result.resume  # also after Stop: the run's own end
         if self._stopped_early:
             return  # Stop already settled the model; this late result would add it twice
         self.status.setText(self._adopt(result))
 
-    def _adopt(self, result: Any) -> str:
+    def _adopt(self, result: FinetuneResult) -> str:
         """Make a run's result the active model unless it is the starting model; status text."""
         self.last_result = result
         reason = str(result.stopped_reason)
         verb = "Stopped" if reason == "cancelled" else "Done"
-        best = getattr(result, "best_val_dice", None)
+        best = result.best_val_dice
         best_txt = f", best validation Dice {best:.3f}" if best is not None and math.isfinite(best) \
             else ""
-        if int(getattr(result, "best_step", 0)) == 0:
+        if result.best_step == 0:
             # The returned state is the starting model: do not claim a fine-tuned one.
             show_info("S2M-Net fine-tuning: no improvement; the starting model is kept.")
             return f"{verb} ({reason}{best_txt}): no improvement: the starting model is kept."
@@ -379,7 +380,7 @@ class FinetuneWidget(QWidget):
         self.revert_button.enabled = self.session.can_revert
 
 
-def _continued(state: Any, mode: str, amount: float) -> FinetuneConfig:
+def _continued(state: ResumeState, mode: str, amount: float) -> FinetuneConfig:
     """The stopped run's config with its budget raised by ``amount`` seconds or epochs."""
     import dataclasses
 

@@ -19,6 +19,7 @@ from napari_s2mnet._qt import _layers
 from napari_s2mnet._qt._form import dataclass_form, form_values
 from napari_s2mnet._qt._session import get_session
 from napari_s2mnet.inference import InferenceConfig
+from napari_s2mnet.inference.config import SegmentationResult
 
 NO_CHANNEL_AXIS = -1  # the channel-axis picker's "none" (ComboBox data must not be None)
 ALL_CHANNELS = -1  # the model-input picker's "all": channels mapped automatically
@@ -310,7 +311,7 @@ class SegmentWidget(QWidget):
         # start_worker already shows the error as a napari notification (with its traceback).
         self.status.setText(f"Failed: {exc}")
 
-    def _add_result(self, layer_ref: weakref.ref, result: Any) -> None:
+    def _add_result(self, layer_ref: weakref.ref, result: SegmentationResult) -> None:
         image = layer_ref()
         if image is None:
             self.status.setText("The image layer was removed while segmenting; result discarded.")
@@ -333,14 +334,13 @@ class SegmentWidget(QWidget):
         inf = _layers.info(out)
         inf.source, inf.made_by_plugin, inf.edited = weakref.ref(image), True, False
         inf.spacing = tuple(float(s) for s in out.scale[-2:])
-        if getattr(result, "uncertainty", None) is not None:
+        if result.uncertainty is not None:
             self.viewer.add_image(result.uncertainty, name=f"{image.name} uncertainty",
                                   colormap="inferno", opacity=0.5, blending="additive",
                                   contrast_limits=(0.0, 1.0), **meta)
         n = len(result.features) if result.features is not None else 0
-        messages = "; ".join(getattr(result, "messages", []) or [])
-        device = getattr(result, "device", "")
-        self.status.setText(f"Done: {n} objects in {out.name!r} ({device}). {messages}".strip())
+        messages = "; ".join(result.messages)
+        self.status.setText(f"Done: {n} objects in {out.name!r} ({result.device}). {messages}".strip())
 
 
 def paintable_labels(labels: np.ndarray) -> np.ndarray:

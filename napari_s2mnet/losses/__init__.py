@@ -10,14 +10,12 @@ Every loss is an ``nn.Module`` called as ``loss(logits, target) -> scalar`` on l
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from napari_s2mnet.losses.basic import DiceBCELoss
-from napari_s2mnet.losses.masl import COMPONENTS, MASL
-from napari_s2mnet.losses.scc import SCCLoss, spectral_correlation
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
 
 __all__ = [
     "COMPONENTS",
@@ -29,10 +27,26 @@ __all__ = [
     "spectral_correlation",
 ]
 
-#: Names accepted by :func:`build_loss`.
+#: Names accepted by :func:`build_loss` (torch-free: the widget and the CLI offer them).
 LOSS_NAMES: tuple[str, ...] = ("masl", "dicebce", "masl+scc", "dicebce+scc")
 
-_SPATIAL: dict[str, type[nn.Module]] = {"masl": MASL, "dicebce": DiceBCELoss}
+# The losses import torch; they load on first use (PEP 562) so LOSS_NAMES stays cheap to import.
+_LAZY = {
+    "COMPONENTS": "napari_s2mnet.losses.masl",
+    "MASL": "napari_s2mnet.losses.masl",
+    "DiceBCELoss": "napari_s2mnet.losses.basic",
+    "SCCLoss": "napari_s2mnet.losses.scc",
+    "spectral_correlation": "napari_s2mnet.losses.scc",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:  # AttributeError lets ``from ... import <submodule>`` import it
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 def _kwarg_names(cls: type) -> set[str]:
@@ -57,8 +71,12 @@ def build_loss(name: str, num_classes: int = 1, **kw: Any) -> nn.Module:
     key = str(name).lower().replace(" ", "")
     if key not in LOSS_NAMES:
         raise ValueError(f"Unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}.")
+    from napari_s2mnet.losses.basic import DiceBCELoss
+    from napari_s2mnet.losses.masl import MASL
+    from napari_s2mnet.losses.scc import SCCLoss
+
     base, _, extra = key.partition("+")
-    spatial_cls = _SPATIAL[base]
+    spatial_cls = {"masl": MASL, "dicebce": DiceBCELoss}[base]
     spatial_keys = _kwarg_names(spatial_cls)
     scc_keys = _kwarg_names(SCCLoss) if extra == "scc" else set()
     unknown = set(kw) - spatial_keys - scc_keys
