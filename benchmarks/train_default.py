@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop-size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--no-instance-head", dest="instance_head", action="store_false",
+                    help="train a plain binary model (no boundary/distance head; before issue 15)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     # BN momentum 0.1 (instead of the Keras-parity 0.01) keeps running statistics in step with
     # the weights during short runs and later fine-tunes; see docs/methods.md.
     config = ModelConfig(arch="s2mnet", in_channels=1, num_classes=1,
-                         options={"bn_momentum": 0.1})
+                         options={"bn_momentum": 0.1}, instance_head=args.instance_head)
     bundle = new_model(config, name="S2M-Net nuclei (default)")
     cfg = FinetuneConfig(seconds=args.seconds, lr=args.lr, batch_size=args.batch_size,
                          crop_size=args.crop_size, seed=args.seed, device=args.device,
@@ -115,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     trained.metadata.update(
         name="S2M-Net nuclei (default)",
         description=("Binary nuclei/cell segmentation for 1-channel fluorescence images; RGB "
-                     "input is converted to gray by the inference engine."),
+                     "input is converted to gray by the inference engine."
+                     + (" Instance head (boundary + distance) separates touching nuclei."
+                        if args.instance_head else "")),
         data={
             "train": [n for *_, n in train_items],
             "held_out": [n for *_, n in data["test"]],
@@ -128,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         held_out_dice=scores,
         training_command=f"python -m benchmarks.train_default --seconds {args.seconds:g} "
-                         f"--device {args.device} --seed {args.seed}",
+                         f"--device {args.device} --seed {args.seed} --threads {args.threads}"
+                         + ("" if args.instance_head else " --no-instance-head"),
         training_machine=f"{platform.machine()} {platform.processor() or ''} "
                          f"torch {torch.__version__} threads {args.threads}".strip(),
         training_seconds=round(elapsed, 1),

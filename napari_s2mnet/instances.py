@@ -32,6 +32,7 @@ __all__ = [
     "INSTANCE_CHANNELS",
     "IOU_THRESHOLDS",
     "distance_watershed",
+    "instance_target_batch",
     "instance_targets",
     "interior_map",
     "match_scores",
@@ -133,6 +134,25 @@ def instance_targets(labels: Any) -> tuple[np.ndarray, np.ndarray]:
         d = ndi.distance_transform_edt(crop)[1:-1, 1:-1]
         distance[sl][inside] = (d[inside] / d[inside].max()).astype(np.float32)
     return boundary, distance
+
+
+def instance_target_batch(labels: Any) -> np.ndarray:
+    """Targets of a batch of crops for a model with the instance head.
+
+    Args:
+        labels: ``(B, H, W)`` instance labels of the crops.
+
+    Returns:
+        float32 ``(B, 3, H, W)``: foreground mask, then :func:`instance_targets`.
+    """
+    lab = np.asarray(labels)
+    if lab.ndim != 3:
+        raise ValueError(f"labels must be a (B, H, W) batch, got shape {lab.shape}.")
+    out = np.empty((lab.shape[0], 3, *lab.shape[1:]), dtype=np.float32)
+    for i, crop in enumerate(lab):
+        out[i, 0] = crop > 0
+        out[i, 1], out[i, 2] = instance_targets(crop)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ class Engine:
         self.config = config
         self.notes = notes
         self.binary = int(bundle.config.num_classes) == 1
-        self.out_channels = 1 if self.binary else int(bundle.config.num_classes)
+        # Binary models with an instance head return foreground + boundary + distance (sigmoids).
+        self.out_channels = int(bundle.config.out_channels)
         self.stride = max(1, int(getattr(bundle.model, "stride", 1) or 1))
         device = devices.resolve_device(config.device)
         tile = round_up(int(config.tile_size or bundle.tile_size), self.stride)

@@ -90,7 +90,12 @@ class SegmentationNet(nn.Module):
 
     Attributes:
         in_channels: Expected input channels (>= 1).
-        num_classes: Output channels: 1 = binary (sigmoid), >= 2 = softmax classes incl. background.
+        num_classes: Semantic output channels: 1 = binary (sigmoid), >= 2 = softmax classes incl.
+            background.
+        instance_channels: Extra output channels of the instance head after the semantic ones
+            (binary models only; :data:`napari_s2mnet.instances.INSTANCE_CHANNELS`: boundary and
+            distance logits, each a sigmoid); 0 = none (every model before the head).
+        out_channels: ``num_classes + instance_channels``, the channels :meth:`forward` returns.
         stride: Inputs are padded to a multiple of this before :meth:`forward_padded`.
         pad_mode: ``"reflect"``: centred reflect padding (replicate on tiny sides), see
             :func:`pad_to_multiple`; ``"zeros"``: zeros at the bottom and right (DSSAU-Net's
@@ -102,20 +107,28 @@ class SegmentationNet(nn.Module):
     pad_mode: Literal["reflect", "zeros"] = "reflect"
     channels_last: bool = True
 
-    def __init__(self, in_channels: int, num_classes: int) -> None:
+    def __init__(self, in_channels: int, num_classes: int, instance_channels: int = 0) -> None:
         """Check and store the channel counts.
 
         Args:
             in_channels: Input channels (>= 1).
-            num_classes: Output channels (>= 1).
+            num_classes: Semantic output channels (>= 1).
+            instance_channels: Instance-head channels (0, or > 0 with ``num_classes == 1``).
         """
         super().__init__()
         if in_channels < 1 or num_classes < 1:
             raise ValueError(
                 f"in_channels and num_classes must be >= 1 (got {in_channels}, {num_classes})."
             )
+        if instance_channels < 0 or (instance_channels and num_classes != 1):
+            raise ValueError(
+                f"An instance head needs a binary model (num_classes=1); got num_classes="
+                f"{num_classes}, instance_channels={instance_channels}."
+            )
         self.in_channels = in_channels
         self.num_classes = num_classes
+        self.instance_channels = int(instance_channels)
+        self.out_channels = num_classes + self.instance_channels
 
     def pad(self, x: Tensor) -> tuple[Tensor, Pads]:
         """Check ``x``, pad it to a multiple of :attr:`stride`; pads to give :meth:`crop`."""
@@ -142,7 +155,7 @@ class SegmentationNet(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits ``(B, num_classes, H, W)`` for float ``x`` of shape ``(B, in_channels, H, W)``."""
+        """Logits ``(B, out_channels, H, W)`` for float ``x`` of shape ``(B, in_channels, H, W)``."""
         x, pads = self.pad(x)
         return self.crop(self.forward_padded(x), pads)
 

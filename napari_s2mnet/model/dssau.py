@@ -385,14 +385,18 @@ class DSSAUNet(SegmentationNet):
     channels_last = False
 
     def __init__(
-        self, in_channels: int = 3, num_classes: int = 1, options: DSSAUNetOptions | None = None
+        self,
+        in_channels: int = 3,
+        num_classes: int = 1,
+        options: DSSAUNetOptions | None = None,
+        instance_channels: int = 0,
     ) -> None:
-        super().__init__(in_channels, num_classes)
+        super().__init__(in_channels, num_classes, instance_channels)
         self.options = options if options is not None else DSSAUNetOptions()
         ch = self.options.resolved()["decoder_channels"]
         self.encoder = DSSAEncoder(in_channels, self.options)
         self.decoder = DSSADecoder(self.options)
-        self.head = nn.Conv2d(ch, num_classes, 3, padding=1)
+        self.head = nn.Conv2d(ch, self.out_channels, 3, padding=1)  # + instance head channels
         self.apply(_init_weights)
 
     def forward_padded(self, x: Tensor) -> Tensor:
@@ -420,4 +424,4 @@ def _init_weights(module: nn.Module) -> None:
 )
 def build_dssau(config: ModelConfig, options: DSSAUNetOptions) -> DSSAUNet:
     """Registry builder: ``build_model(ModelConfig(arch="dssau", ...))``."""
-    return DSSAUNet(config.in_channels, config.num_classes, options)
+    return DSSAUNet(config.in_channels, config.num_classes, options, config.instance_channels)

@@ -9,7 +9,10 @@ implements the checks, padding and cropping once):
 * ``forward(x)`` takes ``(B, in_channels, H, W)`` float32 and returns logits
   ``(B, num_classes, H, W)`` for any ``H, W >= 1`` (it pads to its stride and crops back);
 * attribute ``stride: int``: the size multiple the network works on internally (tiling aligns to it);
-* ``num_classes == 1`` means binary (sigmoid); ``>= 2`` means multi-class softmax incl. background.
+* ``num_classes == 1`` means binary (sigmoid); ``>= 2`` means multi-class softmax incl. background;
+* a binary model built with ``ModelConfig(instance_head=True)`` returns ``out_channels =
+  1 + len(INSTANCE_CHANNELS)`` logits: foreground, then the instance head's boundary and distance
+  (:mod:`napari_s2mnet.instances`), all sigmoid.
 """
 
 from __future__ import annotations
@@ -33,21 +36,41 @@ class ModelConfig:
         num_classes: 1 for binary (sigmoid output), >= 2 for multi-class softmax incl. background.
         options: Architecture-specific options; validated against the architecture's options
             dataclass (unknown keys are an error).
+        instance_head: Binary models only: the network also predicts the instance maps of
+            :data:`napari_s2mnet.instances.INSTANCE_CHANNELS` (inner boundary and normalised
+            distance, one sigmoid logit each) after the foreground logit, so inference can
+            separate touching objects by seeded watershed. Files without the key have none.
     """
 
     arch: str = "s2mnet"
     in_channels: int = 3
     num_classes: int = 1
     options: dict[str, Any] = field(default_factory=dict)
+    instance_head: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict."""
-        return {
+        out = {
             "arch": self.arch,
             "in_channels": int(self.in_channels),
             "num_classes": int(self.num_classes),
             "options": _jsonable(self.options),
         }
+        if self.instance_head:  # absent otherwise: files of models without it stay as before
+            out["instance_head"] = True
+        return out
+
+    @property
+    def instance_channels(self) -> int:
+        """Extra output channels of the instance head (0 without one)."""
+        from napari_s2mnet.instances import INSTANCE_CHANNELS
+
+        return len(INSTANCE_CHANNELS) if self.instance_head else 0
+
+    @property
+    def out_channels(self) -> int:
+        """Channels the network returns: ``num_classes + instance_channels``."""
+        return int(self.num_classes) + self.instance_channels
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -135,6 +158,11 @@ def build_model(config: ModelConfig) -> nn.Module:
         raise ValueError(f"in_channels must be >= 1, got {config.in_channels}.")
     if config.num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {config.num_classes}.")
+    if config.instance_head and config.num_classes != 1:
+        raise ValueError(
+            f"instance_head needs a binary model (num_classes=1), got num_classes="
+            f"{config.num_classes}; multi-class models give semantic labels."
+        )
     spec = get_spec(config.arch)
     return spec.builder(config, resolve_options(config))
 

@@ -193,7 +193,11 @@ class S2MNet(SegmentationNet):
     """
 
     def __init__(
-        self, in_channels: int = 3, num_classes: int = 1, options: S2MNetOptions | None = None
+        self,
+        in_channels: int = 3,
+        num_classes: int = 1,
+        options: S2MNetOptions | None = None,
+        instance_channels: int = 0,
     ) -> None:
         """Build the network.
 
@@ -202,7 +206,7 @@ class S2MNet(SegmentationNet):
             num_classes: 1 for binary (sigmoid), >= 2 for softmax classes incl. background.
             options: Architecture options (defaults: the paper model).
         """
-        super().__init__(in_channels, num_classes)
+        super().__init__(in_channels, num_classes, instance_channels)
         opts = options or S2MNetOptions()
         self.options = opts
         self.stride = 2 ** len(opts.widths)
@@ -220,7 +224,9 @@ class S2MNet(SegmentationNet):
             decoders.append(BFDStage(coarse, skip, skip, opts.bfd_routing, **bn))
             coarse = skip
         self.decoders = nn.ModuleList(decoders)
-        self.head = Head(widths[0], opts.head_widths, num_classes)
+        # The instance head shares the BFD decoder and the head convs: only the last 1x1 conv
+        # gets its extra output channels (boundary, distance).
+        self.head = Head(widths[0], opts.head_widths, self.out_channels)
         keras_init_(self)
 
     def _decode(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -263,7 +269,7 @@ class S2MNet(SegmentationNet):
 )
 def build_s2mnet(config: ModelConfig, options: S2MNetOptions) -> S2MNet:
     """Registry builder."""
-    return S2MNet(config.in_channels, config.num_classes, options)
+    return S2MNet(config.in_channels, config.num_classes, options, config.instance_channels)
 
 
 __all__ = ["EncoderStage", "Head", "S2MNet", "S2MNetOptions", "build_s2mnet"]

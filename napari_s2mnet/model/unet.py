@@ -102,7 +102,11 @@ class UNet(SegmentationNet):
     """
 
     def __init__(
-        self, in_channels: int = 3, num_classes: int = 1, options: UNetOptions | None = None
+        self,
+        in_channels: int = 3,
+        num_classes: int = 1,
+        options: UNetOptions | None = None,
+        instance_channels: int = 0,
     ) -> None:
         """Build the network.
 
@@ -111,7 +115,7 @@ class UNet(SegmentationNet):
             num_classes: 1 for binary (sigmoid), >= 2 for softmax classes incl. background.
             options: Architecture options.
         """
-        super().__init__(in_channels, num_classes)
+        super().__init__(in_channels, num_classes, instance_channels)
         opts = options or UNetOptions()
         self.options = opts
         self.stride = 2 ** (opts.depth - 1)
@@ -124,7 +128,7 @@ class UNet(SegmentationNet):
         self.up = nn.ModuleList(
             Up(widths[i + 1], widths[i], opts.up, mom, eps) for i in reversed(range(opts.depth - 1))
         )
-        self.classifier = nn.Conv2d(widths[0], num_classes, 1)
+        self.classifier = nn.Conv2d(widths[0], self.out_channels, 1)  # + instance head channels
 
     def forward_padded(self, x: Tensor) -> Tensor:
         """Logits for an input padded to a multiple of ``stride``."""
@@ -145,7 +149,7 @@ class UNet(SegmentationNet):
 )
 def build_unet(config: ModelConfig, options: UNetOptions) -> UNet:
     """Registry builder."""
-    return UNet(config.in_channels, config.num_classes, options)
+    return UNet(config.in_channels, config.num_classes, options, config.instance_channels)
 
 
 __all__ = ["UP_MODES", "DoubleConv", "UNet", "UNetOptions", "Up", "build_unet"]

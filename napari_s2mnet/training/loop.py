@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,6 +43,7 @@ from napari_s2mnet.training.config import (
     LoopState,
     ResumeState,
     TrainReport,
+    _check_resume,
     _Interrupter,
     _StopNow,
 )
@@ -128,6 +129,11 @@ class _Run:
         self.set_train_mode()
         self.ddp = _ddp.wrap_model(self.net, ctx, device, bundle.config.in_channels)
         self.loss_fn = _make_loss(config.loss, self.num_classes, dict(config.loss_options))
+        self.instance_head = bool(getattr(bundle.config, "instance_head", False))
+        if self.instance_head:  # the foreground keeps its loss; boundary + distance are added
+            from napari_s2mnet.losses.instance import InstanceHeadLoss
+
+            self.loss_fn = InstanceHeadLoss(self.loss_fn)
         self.loss_fn.to(device)
         self.loss_fn.train()
         decay, no_decay = [], []
@@ -158,7 +164,11 @@ class _Run:
         b = self.cfg.batch_size
         x, y = self.sampler.batch(step, self.ctx.rank * b, b)
         xt = torch.from_numpy(x).to(self.device, non_blocking=True)
-        if self.num_classes == 1:
+        if self.instance_head:
+            from napari_s2mnet.instances import instance_target_batch
+
+            yt = torch.from_numpy(instance_target_batch(y)).to(self.device)
+        elif self.num_classes == 1:
             yt = torch.from_numpy(y.astype(np.float32))[:, None].to(self.device)
         else:
             yt = torch.from_numpy(y.astype(np.int64)).to(self.device)
@@ -241,32 +251,6 @@ def _resolve(device: str) -> torch.device:
     from napari_s2mnet.devices import resolve_device
 
     return resolve_device(device)
-
-
-def _check_resume(state: ResumeState, model: ModelBundle, config: FinetuneConfig | None,
-                  data_key: str) -> FinetuneConfig:
-    """The config to continue with; a clear error when the run cannot be continued as asked."""
-    if not isinstance(state, ResumeState):
-        raise TypeError(f"resume must be a ResumeState (FinetuneResult.resume), "
-                        f"got {type(state).__name__}.")
-    if model.config.to_dict() != state.model_config:
-        raise ValueError("resume: the model's architecture differs from the stopped run's; pass "
-                         "the bundle the run returned (FinetuneResult.bundle).")
-    if config is None:
-        return copy.deepcopy(state.config)
-    budget = ("epochs", "seconds")
-    changed = [f.name for f in fields(FinetuneConfig) if f.name not in budget
-               and getattr(config, f.name) != getattr(state.config, f.name)]
-    if changed:
-        raise ValueError(f"resume: only the budget (epochs, seconds) may change when a run is "
-                         f"continued, but {', '.join(changed)} differ(s); start a new fine-tune "
-                         "from the returned model instead.")
-    if data_key != state.data_key:
-        raise ValueError("resume: the training pairs differ from those of the stopped run "
-                         "(images, labels or validation split changed); start a new fine-tune "
-                         "from the returned model instead.")
-    return copy.deepcopy(config)
-
 
 
 class _Finetune:

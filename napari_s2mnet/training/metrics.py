@@ -91,6 +91,8 @@ def _evaluate(
                 logits = net(x)
             pred = _predict_classes(logits.float(), num_classes, threshold)[0].cpu()
             tgt = torch.from_numpy(np.ascontiguousarray(it.target[s, y0:y0 + h, x0:x0 + w]))
+            if num_classes == 1:  # instance-head models keep instance ids in the target
+                tgt = tgt > 0
             stats += _dice_stats(pred.long(), tgt.long(), num_classes)
     if ctx is not None and ctx.enabled:
         stats = ctx.all_reduce_sum(stats.to(device)).cpu()
