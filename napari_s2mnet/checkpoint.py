@@ -22,6 +22,7 @@ import copy
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -30,6 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from napari_s2mnet.header_checks import (
+    check_json_depth,
+    guarded_build,
+    validate_metadata,
+    validate_model_config,
+)
 from napari_s2mnet.model.registry import ModelConfig
 from napari_s2mnet.preprocess import NormalizationConfig
 
@@ -48,7 +55,9 @@ _DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
     "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+# Our headers are ~50 KB (the tensor table plus the training history); safetensors allows 100 MB,
+# but a header this module would have to scan and parse is bounded much lower.
+_MAX_HEADER = 16 * 1024 * 1024
 _CHUNK = 1 << 20
 
 
@@ -282,6 +291,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("config", "normalization", "metadata"):
         if key not in raw_meta:
             raise ValueError(f"{path}: the header lacks the {key!r} entry; the file is damaged.")
+        check_json_depth(raw_meta[key], f"{path}: the {key!r} entry of the header")
         try:
             value = json.loads(raw_meta[key])
         except json.JSONDecodeError as exc:
@@ -289,6 +299,10 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise ValueError(f"{path}: the {key!r} entry of the header is not a JSON object.")
         out[key] = value
+    try:
+        validate_metadata(out["metadata"])
+    except ValueError as exc:
+        raise ValueError(f"{path}: invalid metadata in the header: {exc}") from None
     out["weights_sha256"] = raw_meta.get("weights_sha256")
     out["package_version"] = raw_meta.get("package_version")
     out["tensors"] = {k: (v["dtype"], tuple(v["shape"])) for k, v in table.items()}
@@ -314,24 +328,18 @@ def load_model(path: str | os.PathLike, device: Any = "cpu") -> ModelBundle:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from napari_s2mnet.model import build_model
-
     path = Path(path)
     info = read_header(path)
+    config, normalization = _validated_settings(path, info)
+    # The tensor table was checked against the file size, so its element count bounds what a
+    # consistent config can build; a config that asks for more is refused before allocating it.
+    n_stored = sum(math.prod(shape) for _, shape in info["tensors"].values())
     try:
-        config = ModelConfig.from_dict(info["config"])
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: invalid model config in the header: {exc}") from None
-    try:
-        normalization = NormalizationConfig.from_dict(info["normalization"])
-    except TypeError as exc:
-        raise ValueError(f"{path}: invalid normalization settings in the header: {exc}") from None
-    try:
-        model = build_model(config)
+        model = guarded_build(config, max_elements=2 * n_stored + (1 << 20))
     except ValueError as exc:
         raise ValueError(
-            f"{path} needs architecture {config.arch!r} with options {config.options}, which this "
-            f"napari-s2mnet ({_package_version()}) cannot build: {exc}"
+            f"{path} needs architecture {config.arch!r} with options {config.options}, which "
+            f"napari-s2mnet ({_package_version()}) cannot build from this file: {exc}"
         ) from None
 
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -351,6 +359,19 @@ def load_model(path: str | os.PathLike, device: Any = "cpu") -> ModelBundle:
     model.to(_torch_device(device))
     model.eval()
     return ModelBundle(model=model, config=config, normalization=normalization, metadata=info["metadata"])
+
+
+def _validated_settings(path: Path, info: dict[str, Any]) -> tuple[ModelConfig, NormalizationConfig]:
+    """The header's model config and normalisation, every field type- and range-checked."""
+    try:
+        config = validate_model_config(info["config"])
+    except ValueError as exc:
+        raise ValueError(f"{path}: invalid model config in the header: {exc}") from None
+    try:
+        normalization = NormalizationConfig.from_dict(info["normalization"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: invalid normalization settings in the header: {exc}") from None
+    return config, normalization
 
 
 def _check_tensor_table(
@@ -415,9 +436,10 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str
                              f"{EXPECTED}.")
         fh.seek(8)
         raw = fh.read(n)
+    check_json_depth(raw, f"{path}: the safetensors header")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ValueError(f"{path}: the safetensors header is not valid JSON; the file is damaged or "
                          f"not {EXPECTED}.") from None
     if not isinstance(header, dict):

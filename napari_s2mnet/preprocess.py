@@ -6,10 +6,12 @@ when the model is trained and when it is applied.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
+
+NORMALIZATION_METHODS = ("percentile", "none")
 
 
 @dataclass
@@ -31,14 +33,45 @@ class NormalizationConfig:
     per_channel: bool = True
     clip: float = 3.0
 
+    def __post_init__(self) -> None:
+        """Check types and ranges: settings that load fine but segment into nothing are refused."""
+        if self.method not in NORMALIZATION_METHODS:
+            raise ValueError(
+                f"normalisation method must be one of {NORMALIZATION_METHODS}, got {self.method!r}."
+            )
+        for name in ("low", "high", "clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
+                    or not np.isfinite(value):
+                raise ValueError(f"normalisation {name} must be a finite number, got {value!r}.")
+        if not 0.0 <= self.low < self.high <= 100.0:
+            raise ValueError(
+                f"normalisation percentiles must satisfy 0 <= low < high <= 100, got low={self.low}, "
+                f"high={self.high}."
+            )
+        if self.clip < 0:
+            raise ValueError(f"normalisation clip must be >= 0 (0: no clipping), got {self.clip}.")
+        if not isinstance(self.per_channel, bool | np.bool_):
+            raise ValueError(f"normalisation per_channel must be true or false, got {self.per_channel!r}.")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NormalizationConfig:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; raises ``ValueError`` on unknown keys or bad values."""
+        if not isinstance(data, dict):
+            raise ValueError(f"normalisation settings must be a JSON object, got {data!r}.")
+        unknown = sorted(set(data) - set(fields_of(cls)))
+        if unknown:
+            raise ValueError(f"unknown normalisation settings {unknown}; expected {fields_of(cls)}.")
         return cls(**data)
+
+
+def fields_of(cls: type) -> list[str]:
+    """Field names of a dataclass, in order."""
+    return [f.name for f in fields(cls)]
 
 
 def normalize(image: np.ndarray, config: NormalizationConfig, channel_axis: int | None = 0) -> np.ndarray:
