@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from napari_s2mnet.checkpoint import ModelBundle
+from napari_s2mnet.layout import ImageLayout, check_array, check_finite, plan_image, resolve_layout
 from napari_s2mnet.training.config import FinetuneConfig
 
 _MIN_VAL_OBJECTS = 3
@@ -46,16 +47,14 @@ class _Data:
     n_objects: int
 
 
-def _layout_for(image: np.ndarray, labels: np.ndarray, channel_axis: int | None,
-                given: Any, name: str) -> Any:
-    """The :class:`~napari_s2mnet.inference.ImageLayout` of ``image``.
+def layout_for_pair(image: np.ndarray, labels: np.ndarray, channel_axis: int | None,
+                given: ImageLayout | None, name: str) -> ImageLayout:
+    """The :class:`~napari_s2mnet.layout.ImageLayout` of ``image``.
 
     Given explicitly (per pair or ``config.channel_axis``), or inferred from the labels' shape:
     the channel axis is the image axis whose removal gives the labels' shape (the last axis
     first; a last axis of 3 or 4 is RGB(A), as napari reads it).
     """
-    from napari_s2mnet.inference import ImageLayout
-
     if given is not None:
         return given
     if channel_axis is not None:
@@ -76,22 +75,22 @@ def _layout_for(image: np.ndarray, labels: np.ndarray, channel_axis: int | None,
 
 
 def _normalized_planes(
-    image: np.ndarray, labels: np.ndarray, layout: Any, bundle: ModelBundle, name: str
+    image: np.ndarray, labels: np.ndarray, layout: ImageLayout, bundle: ModelBundle, name: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image planes ``(S, C, Y, X)`` normalised exactly as inference does, labels ``(S, Y, X)``.
 
-    Uses the inference engine's own layout plan (channel selection: alpha dropped, RGB to gray
-    for 1-channel models, gray replicated to multi-channel models) and statistics (whole image /
-    stack, per channel), so a model sees the same values in training and in use.
+    Uses the same layout plan as inference (:func:`napari_s2mnet.layout.plan_image`: alpha
+    dropped, RGB to gray for 1-channel models, gray replicated to multi-channel models) and the
+    same statistics (whole image / stack, per channel), so a model sees the same values in
+    training and in use.
     """
-    from napari_s2mnet import inference as inf
     from napari_s2mnet.preprocess import apply_normalization, pixel_samples, stats_from_samples
 
     try:
-        arr = inf._check_array(image)
-        lay = inf._resolve_layout(arr, layout)
-        plan = inf._plan(arr, lay, int(bundle.config.in_channels), [])
-        inf._check_finite(plan)
+        arr = check_array(image)
+        lay = resolve_layout(arr, layout)
+        plan = plan_image(arr, lay, int(bundle.config.in_channels), [])
+        check_finite(plan)
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"{name}: {exc}") from None
     spatial = plan.view.shape[:-1]
@@ -103,11 +102,7 @@ def _normalized_planes(
     stats = stats_from_samples(plan.select(pixel_samples(plan.view, plan.view.ndim - 1)),
                                bundle.normalization)
     base = apply_normalization(plan.select(plan.view), stats, channel_axis=-1)
-    post = getattr(plan, "post", None)  # normalised channels -> model channels (gray repeated)
-    if post is not None:
-        base = post(base)
-    elif getattr(plan, "repeat", 1) > 1:
-        base = np.repeat(base, plan.repeat, axis=-1)
+    base = plan.post(base)  # normalised channels -> model channels (gray repeated)
     ny, nx = spatial[-2:]
     planes = np.ascontiguousarray(
         np.moveaxis(base.reshape(-1, ny, nx, base.shape[-1]), -1, 1), dtype=np.float32)
@@ -125,8 +120,6 @@ def _count_objects(mask: np.ndarray) -> int:
 
 
 def _unpack(pair: Any, i: int, names: Sequence[str] | None, role: str) -> tuple[Any, Any, str, Any]:
-    from napari_s2mnet.inference import ImageLayout
-
     if not isinstance(pair, tuple | list) or not 2 <= len(pair) <= 4:
         raise TypeError(f"{role} pair #{i} must be a tuple (image, labels[, name][, layout]), "
                         f"got {type(pair).__name__}.")
@@ -176,9 +169,12 @@ def _prepare(
         if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
             raise ValueError(f"{name}: labels contain negative values; use 0 for background and "
                              "positive ids for objects.")
-        lay = _layout_for(image, labels, config.channel_axis, layout, name)
+        lay = layout_for_pair(image, labels, config.channel_axis, layout, name)
         planes, lab = _normalized_planes(image, labels, lay, bundle, name)
-        if ncls == 1:
+        if ncls == 1 and bundle.config.instance_head:
+            # Instance ids: the instance head's targets are derived per crop (loop._Run.batch).
+            target = lab.astype(np.int32)
+        elif ncls == 1:
             target = (lab > 0).astype(np.uint8)
         else:
             top = int(lab.max()) if lab.size else 0
