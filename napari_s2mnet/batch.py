@@ -1,4 +1,5 @@
-"""Command-line batch work on files: ``predict`` (:func:`predict_paths`) and ``train``.
+"""Command-line batch work on files: ``predict`` (:func:`predict_paths`) and ``train``
+(:func:`train_paths`).
 
 One text progress bar (:class:`TextProgress`) and one path expander (:func:`expand_paths`, image
 suffixes from :data:`napari_s2mnet.io.IMAGE_SUFFIXES`) serve both commands.
@@ -14,13 +15,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from napari_s2mnet.inference import InferenceConfig, Progress, run_to_end, segment_iter
 from napari_s2mnet.io import IMAGE_SUFFIXES
 from napari_s2mnet.layout import ImageLayout, guess_layout
 
-__all__ = ["TextProgress", "expand_paths", "predict_paths"]
+if TYPE_CHECKING:  # pragma: no cover
+    from napari_s2mnet.training import TrainReport
+
+__all__ = ["TextProgress", "expand_paths", "predict_paths", "train_paths"]
 
 log = logging.getLogger(__name__)
 
@@ -260,3 +264,131 @@ def predict_paths(
                     len(files) + len(missing))
         return 1
     return 0
+
+
+def _show_training(bar: TextProgress, r: TrainReport) -> None:
+    """One training report: the bar in place on a terminal, elsewhere a line per validation
+    (and at least every 30 s); the start message and warnings always as lines of their own."""
+    if r.message and (r.step == 0 or "restored" in r.message or "diverged" in r.message
+                      or "skipped" in r.message):
+        bar.line(r.message)
+    total = r.total_steps or max(r.step, 1)
+    frac = min(1.0, r.step / total) if total else 0.0
+    val = f" val {r.best_val_dice:.3f}" if r.best_val_dice is not None else ""
+    loss = f" loss {r.loss:.4f}" if math.isfinite(r.loss) else ""
+    text = f"{bar.bar(frac)} {r.step}/{total}{loss}{val} lr {r.lr:.1e} {r.elapsed:.0f}s"
+    if bar.tty:
+        bar.show(text, final=r.step >= total)
+    elif r.val_dice is not None or time.monotonic() - bar.last_line > 30:
+        bar.line(text)
+
+
+def train_paths(
+    images: Sequence[Path],
+    labels: Sequence[Path],
+    output: Path,
+    *,
+    model_path: Path | None = None,
+    arch: str | None = None,
+    epochs: int | None = None,
+    seconds: float | None = None,
+    loss: str | None = None,
+    device: str = "auto",
+    seed: int | None = None,
+    num_classes: int | None = None,
+    batch_size: int | None = None,
+    crop_size: int | None = None,
+    lr: float | None = None,
+    val_fraction: float | None = None,
+    allow_empty: bool = False,
+    stream: Any = None,
+) -> int:
+    """Train or fine-tune from image/label files and save the model (the ``train`` command).
+
+    Images and labels (files or folders) are paired in sorted order. ``model_path`` ``None``
+    starts from the bundled model, ``"new"`` from a random initialisation of ``arch``
+    (default ``"s2mnet"``; input channels taken from the images). Ctrl-C stops training and
+    saves the best state so far. Under ``torchrun`` only rank 0 prints and saves.
+
+    Returns:
+        0 on success, 1 when training diverged (the last good state is still saved).
+    """
+    import signal
+    import threading
+
+    import numpy as np
+
+    from napari_s2mnet import _ddp
+    from napari_s2mnet.checkpoint import load_default_model, load_model, new_model, save_model
+    from napari_s2mnet.devices import resolve_device
+    from napari_s2mnet.io import read_image, read_labels
+    from napari_s2mnet.model.registry import ModelConfig
+    from napari_s2mnet.training import FinetuneConfig, FinetuneControl, train
+    from napari_s2mnet.training.data import layout_for_pair
+
+    out = Path(output)
+    if out.suffix.lower() != ".safetensors":
+        raise ValueError(f"The output must be a .safetensors file, got {out.name!r}.")
+    if not out.parent.exists():
+        raise FileNotFoundError(f"Output folder {out.parent} does not exist; create it first.")
+    img_files, _ = expand_paths(images, "image", strict=True)
+    lab_files, _ = expand_paths(labels, "label", strict=True)
+    if len(img_files) != len(lab_files):
+        raise ValueError(
+            f"Found {len(img_files)} image file(s) but {len(lab_files)} label file(s); they are "
+            "paired in sorted order, so give the same number of each (first images: "
+            f"{[f.name for f in img_files[:3]]}, first labels: {[f.name for f in lab_files[:3]]})."
+        )
+    pairs = []
+    for fi, fl in zip(img_files, lab_files, strict=True):
+        pairs.append((read_image(fi), read_labels(fl), fi.name))
+
+    if model_path is not None and str(model_path).lower() == "new":
+        img0, lab0 = np.asarray(pairs[0][0]), np.asarray(pairs[0][1])
+        lay = layout_for_pair(img0, lab0, None, None, pairs[0][2])
+        # RGB(A) -> 3 channels (alpha is dropped); another channel axis -> its length; else gray.
+        c = 3 if lay.rgb else 1 if lay.channel_axis is None else int(img0.shape[lay.channel_axis])
+        bundle = new_model(ModelConfig(arch=arch or "s2mnet", in_channels=c,
+                                       num_classes=num_classes or 1))
+    else:
+        if arch is not None:
+            raise ValueError("--arch only applies to a new model (--model new).")
+        bundle = load_model(model_path) if model_path is not None else load_default_model()
+        if num_classes is not None and num_classes != bundle.config.num_classes:
+            raise ValueError(f"The model has {bundle.config.num_classes} classes, not "
+                             f"{num_classes}; start a new model (--model new) to change it.")
+
+    cfg = FinetuneConfig(epochs=epochs, seconds=seconds, device=device, allow_empty=allow_empty)
+    overrides = {"loss": loss, "seed": seed, "batch_size": batch_size, "crop_size": crop_size,
+                 "lr": lr, "val_fraction": val_fraction}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    ctx = _ddp.init_from_env(resolve_device(device).type)
+    main = ctx.is_main
+    control = FinetuneControl()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def _on_sigint(signum: int, frame: Any) -> None:
+            control.stop()
+            signal.signal(signal.SIGINT, previous or signal.SIG_DFL)  # a second Ctrl-C kills
+
+        previous = signal.signal(signal.SIGINT, _on_sigint)
+    bar = TextProgress(stream) if main else None
+    try:
+        result = train(pairs, bundle, cfg,
+                       callback=(lambda r: _show_training(bar, r)) if bar else None,
+                       control=control, names=[p[2] for p in pairs])
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        if bar:
+            bar.finish()
+    if bar:
+        save_model(result.bundle, out)
+        s = bar.stream
+        best = f"{result.best_val_dice:.3f}" if result.best_val_dice is not None else "n/a"
+        s.write(f"{result.message}\nsteps: {result.steps}  best validation Dice: {best}  "
+                f"time: {result.elapsed:.1f} s\nsaved: {out}\n")
+        s.flush()
+    ctx.barrier()
+    _ddp.cleanup(ctx)
+    return 1 if result.stopped_reason == "diverged" else 0

@@ -1,7 +1,8 @@
 """Command-line interface: ``python -m napari_s2mnet {predict,train,info,demo}``.
 
-The CLI is a thin layer over the Python API (:mod:`napari_s2mnet.inference`,
-:mod:`napari_s2mnet.training`); it parses arguments and hands them on.
+The CLI is a thin layer over :mod:`napari_s2mnet.batch` (files in, files out, on top of
+:mod:`napari_s2mnet.inference` and :mod:`napari_s2mnet.training`); it parses arguments and hands
+them on.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from napari_s2mnet.training import train_paths
+    from napari_s2mnet.batch import train_paths
 
     return train_paths(
         args.images,

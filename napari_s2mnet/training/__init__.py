@@ -11,7 +11,6 @@
 Torch is imported inside functions so that widgets can import the config dataclasses cheaply.
 """
 
-from napari_s2mnet.training._paths import train_paths
 from napari_s2mnet.training.config import (
     DEFAULT_EPOCHS,
     FinetuneConfig,
@@ -42,7 +41,6 @@ __all__ = [
     "evaluate_dice",
     "finetune",
     "train",
-    "train_paths",
 ]
 
 # The ``_`` names above are internals the tests reach; patch them in their own modules

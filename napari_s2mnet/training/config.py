@@ -8,10 +8,11 @@ thread.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from napari_s2mnet.checkpoint import ModelBundle
@@ -288,6 +289,32 @@ class LoopState:
     best_state: dict[str, Any] | None = None
     since_best: int = 0
     pending_val: bool = False
+
+
+def _check_resume(state: ResumeState, model: ModelBundle, config: FinetuneConfig | None,
+                  data_key: str) -> FinetuneConfig:
+    """The config to continue with; a clear error when the run cannot be continued as asked."""
+    if not isinstance(state, ResumeState):
+        raise TypeError(f"resume must be a ResumeState (FinetuneResult.resume), "
+                        f"got {type(state).__name__}.")
+    if model.config.to_dict() != state.model_config:
+        raise ValueError("resume: the model's architecture differs from the stopped run's; pass "
+                         "the bundle the run returned (FinetuneResult.bundle).")
+    if config is None:
+        return copy.deepcopy(state.config)
+    budget = ("epochs", "seconds")
+    changed = [f.name for f in fields(FinetuneConfig) if f.name not in budget
+               and getattr(config, f.name) != getattr(state.config, f.name)]
+    if changed:
+        raise ValueError(f"resume: only the budget (epochs, seconds) may change when a run is "
+                         f"continued, but {', '.join(changed)} differ(s); start a new fine-tune "
+                         "from the returned model instead.")
+    if data_key != state.data_key:
+        raise ValueError("resume: the training pairs differ from those of the stopped run "
+                         "(images, labels or validation split changed); start a new fine-tune "
+                         "from the returned model instead.")
+    return copy.deepcopy(config)
+
 
 
 class FinetuneControl:

@@ -260,7 +260,7 @@ def test_a_short_last_axis_read_as_space_is_pointed_out(nuclei):
 
 
 def test_training_uses_the_same_channel_selection(nuclei):
-    from napari_s2mnet.training import _normalized_planes
+    from napari_s2mnet.training.data import _normalized_planes
 
     noise = np.random.default_rng(1).integers(0, 4000, nuclei.shape).astype(nuclei.dtype)
     three = np.stack([noise, nuclei, noise])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from napari_s2mnet import training
+from napari_s2mnet.batch import train_paths
 from napari_s2mnet.checkpoint import ModelBundle, load_model, model_hash, new_model
 from napari_s2mnet.inference import run_to_end
 from napari_s2mnet.model.registry import ModelConfig
@@ -26,7 +27,6 @@ from napari_s2mnet.training import (
     finetune,
     loop,
     train,
-    train_paths,
 )
 
 TINY_UNET = {"base": 4, "depth": 3}
