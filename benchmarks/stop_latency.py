@@ -34,7 +34,7 @@ import numpy as np
 from benchmarks.fetch_data import load_dsb2018
 
 
-def step_seconds(pairs, bundle, cfg, n: int) -> list[float]:  # type: ignore[no-untyped-def]
+def step_seconds(pairs, bundle, cfg, n: int) -> list[float]:
     """Durations of steps 2..n of an uninterrupted run (step 1 includes warm-up)."""
     import dataclasses
 
@@ -50,7 +50,7 @@ def step_seconds(pairs, bundle, cfg, n: int) -> list[float]:  # type: ignore[no-
     return times
 
 
-def one_stop(pairs, bundle, cfg, delay: float) -> tuple[float, bool, float, int]:  # type: ignore[no-untyped-def]
+def one_stop(pairs, bundle, cfg, delay: float) -> tuple[float, bool, float, int]:
     """One run stopped ``delay`` s after its start: (stop_now s, got a model, worker s, steps)."""
     from napari_s2mnet.inference import run_to_end
     from napari_s2mnet.training import FinetuneControl, finetune
@@ -72,7 +72,7 @@ def one_stop(pairs, bundle, cfg, delay: float) -> tuple[float, bool, float, int]
     done.wait()
     returned = time.perf_counter() - t0
     thread.join()
-    return now, result is not None, returned, out["result"].steps  # type: ignore[attr-defined]
+    return now, result is not None, returned, out["result"].steps
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,7 @@ def splits() -> dict[str, list[tuple[np.ndarray, np.ndarray, str]]]:
     return {"train": train, "test": test}
 
 
-def evaluate(bundle, items) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def evaluate(bundle, items) -> dict[str, float]:
     """Held-out foreground Dice per image (and per data set) with the inference engine."""
     from napari_s2mnet.inference import InferenceConfig, segment
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     last = [0.0]
 
-    def report(r):  # type: ignore[no-untyped-def]
+    def report(r):
         if time.perf_counter() - last[0] > 20 or r.val_dice is not None:
             last[0] = time.perf_counter()
             val = f" val {r.val_dice:.3f}" if r.val_dice is not None else ""

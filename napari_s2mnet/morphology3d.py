@@ -131,7 +131,7 @@ def _spacing(spacing: Sequence[float] | None) -> tuple[float, float, float]:
     if len(s) != 3 or not all(np.isfinite(v) and v > 0 for v in s):
         raise ValueError(f"spacing must be three positive numbers (dz, dy, dx), got "
                          f"{tuple(spacing)}.")
-    return s  # type: ignore[return-value]
+    return s
 
 
 def _surface_area(m: np.ndarray, sp: tuple[float, float, float]) -> float:

@@ -41,7 +41,7 @@ def block_rows(model: object, max_depth: int = 2) -> list[tuple[str, int]]:
                 if not isinstance(child, nn.Sequential):
                     visit(f"{qual}.", child, depth + 1)
 
-    visit("", model, 0)  # type: ignore[arg-type]
+    visit("", model, 0)
     return rows
 
 

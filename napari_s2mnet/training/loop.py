@@ -375,7 +375,7 @@ class _Finetune:
                                   initial_val_dice=init_val, steps=steps, best_step=best_step,
                                   elapsed=elapsed, message=summary)
 
-        self.control._publish(make)  # type: ignore[union-attr]
+        self.control._publish(make)
 
     # -- the run
 
@@ -571,7 +571,7 @@ class _Finetune:
         if self.interrupter is not None:
             self.interrupter.remove()
         if self.publishing:
-            self.control._publish(None)  # type: ignore[union-attr]
+            self.control._publish(None)
 
     def resume_state(self) -> ResumeState:
         """What continuing this run needs (after Stop or the time budget)."""

@@ -21,7 +21,7 @@ def _session(viewer):
     return get_session(viewer)
 
 
-def _segment_sample(viewer, seg, qtbot):  # type: ignore[no-untyped-def]
+def _segment_sample(viewer, seg, qtbot):
     """Click Run on the sample nuclei image, as a user; the new labels layer."""
     seg.image.value = viewer.layers["nuclei"]
     seg.run_button.native.click()

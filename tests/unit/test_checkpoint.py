@@ -151,7 +151,7 @@ class _Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self):
         return (Path.touch, (self.marker,))
 
 
@@ -284,7 +284,7 @@ def test_atomic_save_keeps_old_file_on_full_disk(
     save_model(s2m_bundle, path)
     before = path.read_bytes()
 
-    def full_disk(fh, data):  # type: ignore[no-untyped-def]
+    def full_disk(fh, data):
         fh.write(memoryview(data)[: len(data) // 3])  # part of the file is written ...
         raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk is full
 
@@ -305,7 +305,7 @@ def test_atomic_save_keeps_old_file_when_replace_fails(
     save_model(s2m_bundle, path)
     before = path.read_bytes()
 
-    def fail(*a, **k):  # type: ignore[no-untyped-def]
+    def fail(*a, **k):
         raise OSError(errno.EIO, "I/O error")
 
     monkeypatch.setattr(ck.os, "fsync", fail)

@@ -59,7 +59,7 @@ def test_default_settings_fine_tune_the_bundled_model_on_unseen_real_data():
     base = load_default_model("cpu")
     cfg = InferenceConfig(tile_size=64, device="cpu", compute_features=False)
 
-    def held_out(bundle) -> float:  # type: ignore[no-untyped-def]
+    def held_out(bundle) -> float:
         return float(np.mean([_dice(segment(image[z], bundle, cfg)[0], masks[z]) for z in test]))
 
     before = held_out(base)

@@ -34,7 +34,7 @@ def _recalibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
 
 
 @pytest.mark.slow
-def test_s2mnet_masl_overfits_one_real_image(dsb2018_quadrants) -> None:  # type: ignore[no-untyped-def]
+def test_s2mnet_masl_overfits_one_real_image(dsb2018_quadrants) -> None:
     img, mask = dsb2018_quadrants[0]
     torch.manual_seed(0)
     x = torch.from_numpy(normalize(img, NormalizationConfig(), channel_axis=None))[None, None]

@@ -56,14 +56,14 @@ def _tiny(in_channels: int = 1, num_classes: int = 1, seed: int = 0) -> ModelBun
                                  options=TINY_UNET))
 
 
-def _cfg(**kw) -> FinetuneConfig:  # type: ignore[no-untyped-def]
+def _cfg(**kw) -> FinetuneConfig:
     base = {"epochs": 2, "steps_per_epoch": 3, "batch_size": 2, "crop_size": 48,
             "loss": "dicebce", "device": "cpu", "lr": 1e-3}
     base.update(kw)
     return FinetuneConfig(**base)
 
 
-def _run(gen) -> tuple[list[TrainReport], FinetuneResult]:  # type: ignore[no-untyped-def]
+def _run(gen) -> tuple[list[TrainReport], FinetuneResult]:
     reports = []
     while True:
         try:
@@ -73,7 +73,7 @@ def _run(gen) -> tuple[list[TrainReport], FinetuneResult]:  # type: ignore[no-un
 
 
 @pytest.fixture(scope="module")
-def pairs():  # type: ignore[no-untyped-def]
+def pairs():
     return [_discs(s) for s in range(3)]
 
 
@@ -112,7 +112,7 @@ def test_lr_schedule_warmup_then_cosine() -> None:
 
 
 @pytest.mark.slow
-def test_finetuning_raises_heldout_dice_on_real_nuclei(dsb2018_quadrants) -> None:  # type: ignore[no-untyped-def]
+def test_finetuning_raises_heldout_dice_on_real_nuclei(dsb2018_quadrants) -> None:
     """Train on 3 DSB2018 quadrants (manual ground truth), score the 4th, never seen."""
     quads = dsb2018_quadrants
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def test_finetuning_raises_heldout_dice_on_real_nuclei(dsb2018_quadrants) -> Non
 # stopping
 
 
-def test_stop_via_control_returns_best_state(pairs) -> None:  # type: ignore[no-untyped-def]
+def test_stop_via_control_returns_best_state(pairs) -> None:
     control = FinetuneControl()
     val = [_discs(10)]
     gen = finetune(pairs, _tiny(), _cfg(epochs=50, steps_per_epoch=2), control=control,
@@ -173,7 +173,7 @@ class _StopAfterPolls(FinetuneControl):
         return super().stop_requested or (self.armed and self.polls >= self.n)
 
 
-def test_stop_interrupts_a_step_in_its_forward_pass(pairs) -> None:  # type: ignore[no-untyped-def]
+def test_stop_interrupts_a_step_in_its_forward_pass(pairs) -> None:
     """Stop does not wait for the step: the step in flight is dropped, weights are the last step's."""
     # Once armed, poll 1 is the step-boundary check, the next ones are forward pre-hooks.
     control = _StopAfterPolls(3)
@@ -195,14 +195,14 @@ def test_stop_interrupts_a_step_in_its_forward_pass(pairs) -> None:  # type: ign
     net(torch.rand(2, 1, 32, 32)).mean().backward()
 
 
-def test_threading_event_also_stops(pairs) -> None:  # type: ignore[no-untyped-def]
+def test_threading_event_also_stops(pairs) -> None:
     event = threading.Event()
     event.set()
     _, result = _run(finetune(pairs, _tiny(), _cfg(), control=event))
     assert result.stopped_reason == "cancelled" and result.steps == 0
 
 
-def test_close_leaves_input_bundle_unchanged(pairs) -> None:  # type: ignore[no-untyped-def]
+def test_close_leaves_input_bundle_unchanged(pairs) -> None:
     bundle = _tiny()
     bundle.model.eval()
     h0, meta0 = model_hash(bundle), copy.deepcopy(bundle.metadata)
@@ -216,7 +216,7 @@ def test_close_leaves_input_bundle_unchanged(pairs) -> None:  # type: ignore[no-
     assert not bundle.model.training
 
 
-def test_seconds_budget_is_respected(pairs) -> None:  # type: ignore[no-untyped-def]
+def test_seconds_budget_is_respected(pairs) -> None:
     reports, result = _run(finetune(pairs, _tiny(), _cfg(epochs=None, seconds=1.5)))
     assert result.stopped_reason == "time budget"
     assert result.steps >= 1
@@ -224,7 +224,7 @@ def test_seconds_budget_is_respected(pairs) -> None:  # type: ignore[no-untyped-
     assert any(r.total_steps for r in reports[1:-1])  # an estimate for the progress bar
 
 
-def test_early_stopping(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_early_stopping(pairs, monkeypatch: pytest.MonkeyPatch) -> None:
     # lr 0 (via a frozen schedule): the Dice never improves, so patience ends the run.
     monkeypatch.setattr(loop, "_lr_factor", lambda *a: 0.0)
     cfg = _cfg(epochs=20, steps_per_epoch=1, patience=2, freeze_batchnorm=True)
@@ -245,7 +245,7 @@ class _LossTimesAt:
         self.start, self.count, self.calls, self.factor = start, count, 0, factor
         self.real = loop._make_loss
 
-    def __call__(self, name, num_classes, options):  # type: ignore[no-untyped-def]
+    def __call__(self, name, num_classes, options):
         inner = self.real(name, num_classes, options)
         outer = self
 
@@ -254,7 +254,7 @@ class _LossTimesAt:
                 super().__init__()
                 self.inner = inner
 
-            def forward(self, logits, target):  # type: ignore[no-untyped-def]
+            def forward(self, logits, target):
                 outer.calls += 1
                 value = self.inner(logits, target)
                 if outer.start <= outer.calls < outer.start + outer.count:
@@ -264,7 +264,7 @@ class _LossTimesAt:
         return Poisoned()
 
 
-def test_nan_guard_restores_and_halves_lr(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_nan_guard_restores_and_halves_lr(pairs, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loop, "_make_loss", _LossTimesAt(start=13, count=1))
     cfg = _cfg(epochs=2, steps_per_epoch=10, val_fraction=0.0, warmup_fraction=0.0)
     reports, result = _run(finetune(pairs, _tiny(), cfg))
@@ -281,7 +281,7 @@ def test_nan_guard_restores_and_halves_lr(pairs, monkeypatch: pytest.MonkeyPatch
                if v.is_floating_point())
 
 
-def test_repeated_failures_stop_as_diverged(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_repeated_failures_stop_as_diverged(pairs, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = _tiny()
     monkeypatch.setattr(loop, "_make_loss", _LossTimesAt(start=4, count=10**6))
     reports, result = _run(finetune(pairs, bundle, _cfg(epochs=5, val_fraction=0.0,
@@ -293,7 +293,7 @@ def test_repeated_failures_stop_as_diverged(pairs, monkeypatch: pytest.MonkeyPat
     assert model_hash(result.bundle) == model_hash(bundle)
 
 
-def test_outlier_steps_are_skipped_and_an_exploding_loss_restores(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_outlier_steps_are_skipped_and_an_exploding_loss_restores(pairs, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _cfg(epochs=3, steps_per_epoch=10, val_fraction=0.0)
     # one outlier (x1000 at step 15): skipped, nothing restored
     monkeypatch.setattr(loop, "_make_loss", _LossTimesAt(start=15, count=1, factor=1e3))
@@ -309,11 +309,11 @@ def test_outlier_steps_are_skipped_and_an_exploding_loss_restores(pairs, monkeyp
     assert result.stopped_reason == "completed"
 
 
-def test_non_finite_gradients_restore_the_last_good_state(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_non_finite_gradients_restore_the_last_good_state(pairs, monkeypatch: pytest.MonkeyPatch) -> None:
     real_backward = training._Run.backward
     calls = itertools.count(1)
 
-    def poisoned_backward(self, loss):  # type: ignore[no-untyped-def]
+    def poisoned_backward(self, loss):
         real_backward(self, loss)
         if next(calls) == 12:
             next(self.net.parameters()).grad.fill_(float("inf"))
@@ -327,7 +327,7 @@ def test_non_finite_gradients_restore_the_last_good_state(pairs, monkeypatch: py
                if v.is_floating_point())
 
 
-def test_early_stopping_keeps_the_best_state(pairs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_early_stopping_keeps_the_best_state(pairs, monkeypatch: pytest.MonkeyPatch) -> None:
     """Scripted validation scores: gains below ``min_delta`` count as no improvement, yet the
     best-scoring state is the one returned."""
     scores = iter([0.5, 0.6, 0.7, 0.705, 0.65, 0.9])  # start, then steps 1, 2, 3, 4 (, 5)
@@ -357,7 +357,7 @@ def test_poisoned_image_is_rejected() -> None:
 # crop sampling and augmentation
 
 
-def _sampler(target: np.ndarray, **cfg):  # type: ignore[no-untyped-def]
+def _sampler(target: np.ndarray, **cfg):
     """A crop sampler over one plane whose image *is* its target (so alignment is visible)."""
     item = training._Item(image=target[None, None].astype(np.float32), target=target[None],
                           fg=training._fg_index(target[None]), name="t")
@@ -402,7 +402,7 @@ def test_crops_are_weighted_toward_labelled_pixels() -> None:
 # determinism, data checks, layouts
 
 
-def test_same_seed_same_losses(pairs) -> None:  # type: ignore[no-untyped-def]
+def test_same_seed_same_losses(pairs) -> None:
     def losses(seed: int) -> list[float]:
         reports, _ = _run(finetune(pairs, _tiny(seed=0), _cfg(seed=seed, loss="masl")))
         return [r.loss for r in reports if r.step > 0 and math.isfinite(r.loss)]
@@ -412,7 +412,7 @@ def test_same_seed_same_losses(pairs) -> None:  # type: ignore[no-untyped-def]
     assert a != c
 
 
-def test_empty_labels_rejected_unless_allowed(pairs) -> None:  # type: ignore[no-untyped-def]
+def test_empty_labels_rejected_unless_allowed(pairs) -> None:
     img, _ = _discs(5)
     empty = (img, np.zeros(img.shape, np.uint16))
     with pytest.raises(ValueError, match=r"no labelled objects.*allow_empty"):
@@ -432,7 +432,7 @@ def test_bad_input_messages() -> None:
     with pytest.raises(ValueError, match="whole numbers"):
         next(finetune([(img, lab + 0.5)], _tiny(), _cfg()))
     with pytest.raises(TypeError, match="ModelBundle"):
-        next(finetune([(img, lab)], object(), _cfg()))  # type: ignore[arg-type]
+        next(finetune([(img, lab)], object(), _cfg()))
     with pytest.raises(ValueError, match="No training data"):
         next(finetune([], _tiny(), _cfg()))
     rgb, lab3 = _discs(0, channels=2)
@@ -498,7 +498,7 @@ def test_training_and_inference_see_identical_inputs() -> None:
 # provenance, MASL weights, resume
 
 
-def test_result_metadata_and_resume(pairs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_result_metadata_and_resume(pairs, tmp_path: Path) -> None:
     from napari_s2mnet.checkpoint import save_model
 
     start = _tiny()
@@ -539,7 +539,7 @@ def _small_s2m() -> ModelBundle:
     return new_model(ModelConfig(arch="s2mnet", in_channels=1, num_classes=1, options=SMALL_S2M))
 
 
-def test_resume_after_stop_continues_the_run_exactly(pairs) -> None:  # type: ignore[no-untyped-def]
+def test_resume_after_stop_continues_the_run_exactly(pairs) -> None:
     start = _small_s2m()
     cfg = _cfg(epochs=4, steps_per_epoch=2, loss="masl", seed=3, crop_size=64)
     val = [_discs(10)]
@@ -569,7 +569,7 @@ def test_resume_after_stop_continues_the_run_exactly(pairs) -> None:  # type: ig
     assert entry["steps"] == 8 and resumed.bundle.metadata["parent"] == model_hash(start)
 
 
-def test_resume_after_a_stop_inside_the_forward_pass(pairs) -> None:  # type: ignore[no-untyped-def]
+def test_resume_after_a_stop_inside_the_forward_pass(pairs) -> None:
     start = _small_s2m()
     cfg = _cfg(epochs=5, steps_per_epoch=1, val_fraction=0.0, seed=1, crop_size=64)
     control = _StopAfterPolls(30)  # the step-boundary poll, then forward pre-hooks: past BN layers
@@ -588,7 +588,7 @@ def test_resume_after_a_stop_inside_the_forward_pass(pairs) -> None:  # type: ig
     _same_weights(resumed.bundle.model, whole.bundle.model)
 
 
-def test_resume_with_a_longer_time_budget(pairs) -> None:  # type: ignore[no-untyped-def]
+def test_resume_with_a_longer_time_budget(pairs) -> None:
     cfg = _cfg(epochs=None, seconds=0.5, val_fraction=0.0)
     _, first = _run(finetune(pairs, _tiny(), cfg))
     assert first.stopped_reason == "time budget" and first.resume is not None
@@ -597,7 +597,7 @@ def test_resume_with_a_longer_time_budget(pairs) -> None:  # type: ignore[no-unt
     assert second.stopped_reason == "time budget" and second.steps > first.steps
 
 
-def test_resume_refuses_other_data_or_settings(pairs) -> None:  # type: ignore[no-untyped-def]
+def test_resume_refuses_other_data_or_settings(pairs) -> None:
     control = FinetuneControl()
     stopped = run_to_end(finetune(pairs, _tiny(), _cfg(epochs=5), control=control),
                          lambda r: control.stop() if r.step == 1 else None)
@@ -610,16 +610,16 @@ def test_resume_refuses_other_data_or_settings(pairs) -> None:  # type: ignore[n
     with pytest.raises(ValueError, match="architecture differs"):
         next(finetune(pairs, _tiny(in_channels=2), resume=state))
     with pytest.raises(TypeError, match="ResumeState"):
-        next(finetune(pairs, bundle, resume={"step": 1}))  # type: ignore[arg-type]
+        next(finetune(pairs, bundle, resume={"step": 1}))
 
 
-def _train_with_blocked_backward(pairs, monkeypatch, block_call: int):  # type: ignore[no-untyped-def]
+def _train_with_blocked_backward(pairs, monkeypatch, block_call: int):
     """Start ``train`` in a thread whose ``block_call``-th backward pass waits for a release."""
     in_backward, release = threading.Event(), threading.Event()
     real_backward = training._Run.backward
     calls = itertools.count(1)
 
-    def slow_backward(self, loss):  # type: ignore[no-untyped-def]
+    def slow_backward(self, loss):
         if next(calls) == block_call:  # a backward pass that takes "seconds"
             in_backward.set()
             assert release.wait(30)
@@ -637,7 +637,7 @@ def _train_with_blocked_backward(pairs, monkeypatch, block_call: int):  # type: 
 
 
 @pytest.mark.parametrize("block_call", [1, 3])
-def test_stop_now_does_not_wait_for_the_step_in_flight(pairs, monkeypatch: pytest.MonkeyPatch, block_call: int) -> None:  # type: ignore[no-untyped-def]
+def test_stop_now_does_not_wait_for_the_step_in_flight(pairs, monkeypatch: pytest.MonkeyPatch, block_call: int) -> None:
     """A backward pass can take seconds on a CPU: stop_now hands the result out meanwhile."""
     control, worker, release, out, cfg = _train_with_blocked_backward(pairs, monkeypatch,
                                                                        block_call)
