@@ -25,12 +25,12 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from napari_s2mnet._atomic import commit, new_temp_file, resolve_target
 from napari_s2mnet.header_checks import (
     check_json_depth,
     guarded_build,
@@ -174,7 +174,8 @@ def save_model(bundle: ModelBundle, path: str | os.PathLike) -> Path:
 
     The file is first written to a temporary file in the same folder and then moved over
     ``path`` with :func:`os.replace`, so a failure (full disk, killed process) leaves any previous
-    file at ``path`` intact and no temporary file behind.
+    file at ``path`` intact and no temporary file behind. A new file follows the umask, an
+    overwritten one keeps its mode, and a symlink is written through to its target.
 
     Args:
         bundle: The model and its config, normalisation and metadata. It is not modified.
@@ -186,6 +187,7 @@ def save_model(bundle: ModelBundle, path: str | os.PathLike) -> Path:
 
     Raises:
         TypeError: The metadata is not JSON-serialisable or the state holds non-tensors.
+        ValueError: ``path`` is a device, pipe or socket (it is not replaced).
         OSError: Writing failed (the previous file, if any, is untouched).
     """
     import torch
@@ -194,8 +196,11 @@ def save_model(bundle: ModelBundle, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.safetensors'}.")
-    if not path.parent.exists():
-        raise FileNotFoundError(f"Folder {path.parent} does not exist; create it first.")
+    # A symlink is written through (its shared target is updated, the link stays); a device,
+    # pipe or socket is refused instead of being replaced by a regular file.
+    target = resolve_target(path)
+    if not target.parent.exists():
+        raise FileNotFoundError(f"Folder {target.parent} does not exist; create it first.")
 
     tensors: dict[str, torch.Tensor] = {}
     for name, value in bundle.model.state_dict().items():
@@ -219,22 +224,20 @@ def save_model(bundle: ModelBundle, path: str | os.PathLike) -> Path:
         "saved": _now(),
     }
     data = st_save(tensors, metadata=header)
-    _atomic_write(path, data)
+    _atomic_write(target, data)
     return path
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    # mkstemp in the destination folder: os.replace is only atomic within one file system.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
+    # A temporary file in the destination folder: os.replace is only atomic within one file
+    # system. New files follow the umask; an overwritten file keeps its mode.
+    tmp = new_temp_file(path)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "wb") as fh:
             _write_bytes(fh, data)
             fh.flush()
             os.fsync(fh.fileno())
-        mode = (path.stat().st_mode & 0o777) if path.exists() else 0o644
-        os.chmod(tmp, mode)  # mkstemp creates 0600; keep the usual permissions
-        os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

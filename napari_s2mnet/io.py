@@ -21,13 +21,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from napari_s2mnet._atomic import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -100,18 +101,14 @@ def _as_uint_labels(labels: Any) -> np.ndarray:
 
 @contextlib.contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it over ``path``."""
+    """Yield a temporary path next to ``path``; on success rename it over ``path``.
+
+    New files follow the umask, overwritten ones keep their mode, symlinks are written through
+    and non-regular files are refused (:mod:`napari_s2mnet._atomic`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
+    with atomic_path(path) as tmp:
+        yield tmp
 
 
 def _suffix(path: Path, allowed: Sequence[str], what: str) -> str:

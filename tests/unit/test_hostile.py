@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from napari_s2mnet import checkpoint as ck
@@ -197,3 +200,101 @@ def test_cli_info_prints_the_message_without_a_traceback(
     err = capsys.readouterr().err
     assert "options must be a JSON object" in err
     assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# items 3 and 8: permissions, symlinks and non-regular targets
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_new_exports_follow_the_umask(tmp_path: Path, umask_022: None) -> None:
+    import pandas as pd
+
+    from napari_s2mnet import _writer
+    from napari_s2mnet.io import write_features_csv, write_labels
+
+    labels = np.zeros((8, 8), np.uint16)
+    labels[2:4, 2:4] = 1
+    written = [
+        write_labels(tmp_path / "a.tif", labels),
+        write_labels(tmp_path / "a.png", labels),
+        write_labels(tmp_path / "a.npy", labels),
+        write_features_csv(pd.DataFrame({"label": [1]}), tmp_path / "a.csv"),
+        Path(_writer.write_labels_tiff(str(tmp_path / "w.tif"), labels, {})[0]),
+        Path(_writer.write_features_csv(str(tmp_path / "w.csv"), labels,
+                                        {"features": {"label": [1]}})[0]),
+    ]
+    assert [_mode(p) for p in written] == [0o644] * len(written)
+    os.umask(0o077)
+    assert _mode(write_labels(tmp_path / "private.tif", labels)) == 0o600
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_overwritten_exports_keep_their_mode(tmp_path: Path, umask_022: None) -> None:
+    from napari_s2mnet.io import write_labels
+
+    out = write_labels(tmp_path / "keep.tif", np.ones((4, 4), np.uint8))
+    os.chmod(out, 0o640)
+    write_labels(out, np.zeros((4, 4), np.uint8))
+    assert _mode(out) == 0o640
+
+
+def test_labels_are_written_through_a_symlink(tmp_path: Path) -> None:
+    from napari_s2mnet.io import read_labels, write_labels
+
+    target = tmp_path / "shared" / "labels.tif"
+    target.parent.mkdir()
+    write_labels(target, np.ones((4, 4), np.uint8))
+    link = tmp_path / "link.tif"
+    link.symlink_to(target)
+    write_labels(link, np.full((4, 4), 2, np.uint8))
+    assert link.is_symlink()
+    assert (read_labels(target) == 2).all()
+
+
+@pytest.fixture(scope="module")
+def small_bundle() -> ck.ModelBundle:
+    return ck.new_model(ModelConfig(arch="unet", in_channels=1, options=TINY_UNET))
+
+
+def test_save_model_writes_through_a_symlink(tmp_path: Path, small_bundle: ck.ModelBundle,
+                                             umask_022: None) -> None:
+    target = tmp_path / "shared.safetensors"
+    ck.save_model(ck.new_model(ModelConfig(arch="unet", in_channels=1, options=TINY_UNET)), target)
+    os.chmod(target, 0o664)
+    link = tmp_path / "mine.safetensors"
+    link.symlink_to(target)
+    ck.save_model(small_bundle, link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert ck.model_hash(ck.load_model(target)) == ck.model_hash(small_bundle)
+    assert _mode(target) == 0o664
+    fresh = ck.save_model(small_bundle, tmp_path / "fresh.safetensors")
+    assert _mode(fresh) == 0o644
+
+
+def test_save_model_refuses_non_regular_targets(tmp_path: Path, small_bundle: ck.ModelBundle) -> None:
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        ck.save_model(small_bundle, fifo)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    link = tmp_path / "to_pipe.safetensors"
+    link.symlink_to(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        ck.save_model(small_bundle, link)
+    if Path("/dev/full").exists():
+        with pytest.raises(ValueError, match="not a regular file"):
+            ck.save_model(small_bundle, "/dev/full")
+        assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
