@@ -29,9 +29,13 @@ import numpy as np
 from scipy import ndimage as ndi
 
 __all__ = [
+    "DEFAULT_INTERIOR",
+    "DEFAULT_LABELS_3D",
     "INSTANCE_CHANNELS",
     "IOU_THRESHOLDS",
+    "STITCH_THRESHOLD",
     "distance_watershed",
+    "head_instances",
     "instance_target_batch",
     "instance_targets",
     "interior_map",
@@ -43,6 +47,17 @@ __all__ = [
 
 #: Extra output channels of the instance head, after the foreground channel, in this order.
 INSTANCE_CHANNELS: tuple[str, ...] = ("boundary", "distance")
+
+#: How the instance head's maps define interiors for the seeds (:func:`interior_map`); chosen
+#: by measurement on held-out data (docs/methods.md, benchmarks/instances.py).
+DEFAULT_INTERIOR = "distance"
+
+#: How ``(Z, Y, X)`` stacks are labelled by default (``InferenceConfig.labels_3d="auto"``);
+#: chosen by measurement on the 3-D nuclei stack (docs/benchmarks.md).
+DEFAULT_LABELS_3D = "stitch"
+
+#: Cellpose's default ``stitch_threshold`` (IoU to join a plane's object to the one below).
+STITCH_THRESHOLD = 0.25
 
 #: IoU thresholds of the mean average precision (COCO / DSB2018 convention).
 IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
@@ -261,6 +276,35 @@ def seeded_watershed(
         labels = np.zeros(fg.shape, dtype=np.int32)
     n = _add_unseeded(labels, mask, n)
     return labels, n
+
+
+def head_instances(
+    maps: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    mode: str = DEFAULT_INTERIOR,
+    seed_threshold: float = 0.5,
+    spacing: Sequence[float] | None = None,
+) -> tuple[np.ndarray, int]:
+    """Instance labels from the three sigmoid maps of a model with the instance head.
+
+    Args:
+        maps: ``(3, Y, X)`` or ``(3, Z, Y, X)``: foreground, boundary, distance probabilities.
+        threshold: Foreground threshold.
+        mode: Interior definition, see :func:`interior_map`.
+        seed_threshold: Interior threshold for seeds.
+        spacing: Physical size per spatial axis (3-D: anisotropic seeds and smoothing).
+
+    Returns:
+        ``(labels, n)`` as :func:`seeded_watershed`.
+    """
+    m = np.asarray(maps)
+    if m.ndim not in (3, 4) or m.shape[0] != 1 + len(INSTANCE_CHANNELS):
+        raise ValueError(f"maps must be (3, Y, X) or (3, Z, Y, X) (foreground, boundary, "
+                         f"distance), got shape {m.shape}.")
+    inner = interior_map(m[0], boundary=m[1], distance=m[2], mode=mode)
+    return seeded_watershed(m[0], inner, threshold=threshold, seed_threshold=seed_threshold,
+                            spacing=spacing)
 
 
 def distance_watershed(

@@ -31,7 +31,9 @@ class InferenceConfig:
         device: ``"auto"`` (CUDA > MPS > CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
         min_size: Objects smaller than this many pixels are removed (binary models).
         fill_holes: Fill holes inside objects (binary models).
-        split_touching: Split touching objects with a distance-transform watershed.
+        split_touching: Models without an instance head: split touching objects with a
+            distance-transform watershed (anisotropic in 3-D). Models with the head always
+            separate objects by seeded watershed from their predicted interiors (issue 15).
         split_min_distance: Minimum distance in pixels between the centres of split objects.
         tta: Test-time augmentation: average the probabilities over horizontal/vertical flips
             (4 passes, 4x slower).
@@ -46,6 +48,13 @@ class InferenceConfig:
             across time points) before thresholding, so objects stay consistent from slice to
             slice. No extra network passes; memory for ``2 * z_context + 1`` probability maps.
             0 (default): every slice on its own.
+        labels_3d: Binary models on ``(..., Z, Y, X)`` stacks (last leading axis named ``z``):
+            how objects are followed across planes. ``"auto"``: the measured default
+            (:data:`napari_s2mnet.instances.DEFAULT_LABELS_3D`); ``"stitch"``: label every
+            plane, then join planes by IoU (Cellpose's ``stitch_threshold`` rule, 0.25);
+            ``"watershed"``: 3-D (seeded) watershed on the stacked probabilities with the
+            layer's anisotropic spacing; ``"off"``: every plane on its own (ids never span
+            planes, the behaviour before issue 15). Time points are never linked.
     """
 
     tile_size: int | None = None
@@ -64,6 +73,7 @@ class InferenceConfig:
     compute_features: bool = True
     normalize_per_slice: bool = False
     z_context: int = 0
+    labels_3d: str = "auto"
 
     def validate(self) -> None:
         """Raise ``ValueError`` with an actionable message for impossible settings."""
@@ -97,6 +107,11 @@ class InferenceConfig:
             raise ValueError(
                 f"z_context must be an integer >= 0 slices (0 = no 2.5-D smoothing), got "
                 f"{self.z_context!r}."
+            )
+        if self.labels_3d not in ("auto", "stitch", "watershed", "off"):
+            raise ValueError(
+                f"labels_3d must be 'auto', 'stitch', 'watershed' or 'off', got "
+                f"{self.labels_3d!r}."
             )
         if not isinstance(self.device, str):
             raise TypeError(

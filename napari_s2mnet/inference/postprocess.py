@@ -3,8 +3,13 @@
 Binary models: threshold, optional hole filling, 8-connected components, optional split of
 touching objects (distance transform + ``peak_local_max`` + watershed), removal of objects
 smaller than ``min_size``, sequential ids. Multi-class models: semantic labels (argmax class id).
+Binary models with the instance head (issue 15): seeded watershed from the predicted interiors
+(:func:`napari_s2mnet.instances.head_instances`) instead of components / the distance split.
 Stacks: optional 2.5-D smoothing of the probabilities along z, ids unique across slices, and for
-multi-class models one feature row per class over the whole stack.
+multi-class models one feature row per class over the whole stack. Binary ``(..., Z, Y, X)``
+stacks are labelled in 3-D (``InferenceConfig.labels_3d``): objects span planes, the features
+table has one row of 3-D morphology per object (:mod:`napari_s2mnet.morphology3d`); time
+points are never linked.
 """
 
 from __future__ import annotations
@@ -37,27 +42,61 @@ __all__ = [
 
 
 def instances(
-    prob: np.ndarray, threshold: float, config: InferenceConfig
+    prob: np.ndarray,
+    threshold: float,
+    config: InferenceConfig,
+    head: np.ndarray | None = None,
+    spacing: tuple[float, ...] | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Instance labels (smallest uint dtype) and their count from a probability map."""
+    """Instance labels (smallest uint dtype) and their count from a probability map.
+
+    Args:
+        prob: ``(Y, X)`` (or ``(Z, Y, X)``) foreground probability.
+        threshold: Foreground threshold.
+        config: ``fill_holes``, ``split_touching``, ``split_min_distance``, ``min_size``.
+        head: The instance head's ``(2, ...)`` boundary and distance maps, or ``None``.
+        spacing: Physical size per axis of ``prob`` (3-D: anisotropic watershed).
+    """
     from scipy import ndimage as ndi
 
-    from napari_s2mnet.io import smallest_uint_dtype
+    from napari_s2mnet.instances import distance_watershed, head_instances
 
+    if head is not None:
+        lab, n = head_instances(np.concatenate([prob[None], head]), threshold=threshold,
+                                spacing=spacing)
+        if config.fill_holes:  # holes inside an object join it (per plane)
+            filled = ndi.binary_fill_holes(lab > 0) if lab.ndim == 2 else lab > 0
+            if (filled & (lab == 0)).any():
+                from skimage.segmentation import expand_labels
+
+                lab = np.where(filled, expand_labels(lab, 3), 0).astype(np.int32)
+        return _drop_small(lab, n, config.min_size)
     mask = prob > threshold
     if config.fill_holes:
         mask = ndi.binary_fill_holes(mask)
     lab = np.zeros(mask.shape, dtype=np.int32)
-    n = int(ndi.label(mask, structure=np.ones((3, 3), dtype=bool), output=lab))
+    n = int(ndi.label(mask, structure=ndi.generate_binary_structure(mask.ndim, mask.ndim),
+                      output=lab))
     if n and config.split_touching:
-        lab, n = split_touching(mask, lab, n, config.split_min_distance)
+        if mask.ndim == 2 and spacing is None:
+            lab, n = split_touching(mask, lab, n, config.split_min_distance)
+        else:
+            lab, n = distance_watershed(mask, min_distance=config.split_min_distance,
+                                        spacing=spacing)
     del mask
+    return _drop_small(lab, n, config.min_size)
+
+
+def _drop_small(lab: np.ndarray, n: int, min_size: int) -> tuple[np.ndarray, int]:
+    """Remove objects under ``min_size`` pixels, renumber ``1..count`` in the smallest dtype."""
+    from napari_s2mnet.io import smallest_uint_dtype
+
     if n == 0:
-        return np.zeros(prob.shape, dtype=np.uint8), 0
+        return np.zeros(lab.shape, dtype=np.uint8), 0
     sizes = np.zeros(n + 1, dtype=np.int64)
     for r0 in range(0, lab.shape[0], _ROW_BLOCK):  # bincount makes an int64 copy: go by blocks
         sizes += np.bincount(lab[r0 : r0 + _ROW_BLOCK].ravel(), minlength=n + 1)
-    keep = sizes >= max(1, int(config.min_size))
+    keep = sizes >= max(1, int(min_size))
     keep[0] = False
     count = int(keep.sum())
     dtype = smallest_uint_dtype(count)
@@ -276,6 +315,8 @@ class SliceResults:
         self.probability: np.ndarray | None = None
         self.uncertainty: np.ndarray | None = None
         self.total_objects = 0
+        self.volume = self._volume_mode()  # 3-D labelling of z-runs (binary stacks)
+        self._run: list[tuple[Any, Any]] = []  # the current z-run's planes
 
     def add(self, idx: tuple[int, ...], acc: np.ndarray) -> None:
         """Post-process the blended probabilities ``acc`` ``(C, Y, X)`` of slice ``idx``."""
@@ -283,10 +324,10 @@ class SliceResults:
 
         cfg, plan = self.config, self.plan
         t1 = time.perf_counter()
-        unc = entropy(acc) if cfg.uncertainty else None
+        unc = entropy(acc[:1] if self.binary else acc) if cfg.uncertainty else None
         if self.binary:
             prob = acc[0]
-            lab, count = instances(prob, self.threshold, cfg)
+            head = acc[1:] if acc.shape[0] > 1 else None  # the instance head's maps
             conf = prob
             classes = None
         else:
@@ -298,6 +339,12 @@ class SliceResults:
             self.probability = self._store(self.probability, idx, prob)
         if unc is not None:
             self.uncertainty = self._store(self.uncertainty, idx, unc)
+        if self.volume is not None:
+            self._add_to_volume(idx, prob, head)
+            self.timings["postprocess"] += time.perf_counter() - t1
+            return
+        if self.binary:
+            lab, count = instances(prob, self.threshold, cfg, head)
         t2 = time.perf_counter()
         self.timings["postprocess"] += t2 - t1
 
@@ -319,6 +366,62 @@ class SliceResults:
         else:
             self.total_objects = max(self.total_objects, count)
 
+    def _volume_mode(self) -> str | None:
+        """``"stitch"`` / ``"watershed"`` for binary (..., Z, Y, X) stacks, else ``None``."""
+        from napari_s2mnet.instances import DEFAULT_LABELS_3D
+
+        plan = self.plan
+        if not self.binary or not plan.lead or plan.lead_names[-1] != "z" or plan.lead[-1] < 2:
+            return None
+        mode = DEFAULT_LABELS_3D if self.config.labels_3d == "auto" else self.config.labels_3d
+        return None if mode == "off" else mode
+
+    def _add_to_volume(self, idx: tuple[int, ...], prob: np.ndarray,
+                       head: np.ndarray | None) -> None:
+        """Collect one plane of the current z-run; label the run in 3-D at its last plane."""
+        if self.volume == "stitch":  # per-plane labels now, only the joining waits
+            lab, _ = instances(prob, self.threshold, self.config, head)
+            self._run.append((lab, prob if self.config.compute_features else None))
+        else:
+            self._run.append((prob, head))
+        if idx[-1] == self.plan.lead[-1] - 1:
+            self._finish_volume(idx[:-1])
+
+    def _finish_volume(self, outer: tuple[int, ...]) -> None:
+        """3-D labels and 3-D features of the z-run at outer index ``outer`` (time point)."""
+        from napari_s2mnet.instances import STITCH_THRESHOLD, stitch_planes
+        from napari_s2mnet.morphology3d import object_features_3d
+
+        t1 = time.perf_counter()
+        sp3 = tuple(self.spacing[-3:])
+        if self.volume == "stitch":
+            vol = stitch_planes(np.stack([lab for lab, _ in self._run]), STITCH_THRESHOLD)
+            n = int(vol.max()) if vol.size else 0
+            prob = (np.stack([p for _, p in self._run])
+                    if self.config.compute_features else None)
+        else:
+            prob = np.stack([p for p, _ in self._run])
+            heads = [h for _, h in self._run]
+            head = np.stack(heads, axis=1) if heads[0] is not None else None
+            vol, n = instances(prob, self.threshold, self.config, head, spacing=sp3)
+        self._run = []
+        t2 = time.perf_counter()
+        self.timings["postprocess"] += t2 - t1
+        offset = self.total_objects
+        if self.config.compute_features:
+            df = object_features_3d(vol, spacing=sp3, probability=prob)
+            if offset:
+                df["index"] += offset
+                df["label"] += offset
+            for name, i in zip(self.plan.lead_names[:-1], outer, strict=True):
+                df[name] = i
+            self.frames.append(df)
+        self.timings["features"] += time.perf_counter() - t2
+        for z in range(vol.shape[0]):
+            self.slice_labels.append(vol[z])
+            self.offsets.append(offset)
+        self.total_objects += n
+
     def _store(self, out: np.ndarray | None, idx: tuple[int, ...], plane: np.ndarray) -> np.ndarray:
         """``plane`` itself for a 2-D image; else written into the (new) stack ``out``."""
         if not self.plan.lead:
@@ -338,5 +441,21 @@ class SliceResults:
         return out
 
     def features(self) -> pd.DataFrame:
-        """The features table of all slices."""
+        """The features table of all slices (3-D labelled stacks: one 3-D row per object)."""
+        if self.volume is not None and self.config.compute_features:
+            import pandas as pd
+
+            from napari_s2mnet.morphology3d import object_features_3d
+
+            parts = [f for f in self.frames if len(f)]
+            if parts:
+                df = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+            else:
+                df = object_features_3d(np.zeros((1, 1, 1), dtype=np.uint8))
+                for name in self.plan.lead_names[:-1]:
+                    df[name] = pd.Series(dtype="int64")
+            attrs = dict(df.attrs)
+            df = df.reset_index(drop=True)
+            df.attrs.update(attrs)
+            return df
         return combine_features(self.frames, self.plan, self.binary, self.config.compute_features)

@@ -148,3 +148,113 @@ def test_bad_input_is_a_clear_error() -> None:
         instance_targets(np.zeros((4, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="spacing"):
         distance_watershed(np.ones((4, 4)), spacing=(1.0,))
+
+
+# --------------------------------------------------------------------------------------------
+# The inference engine with an instance head (an exact stand-in network) and old model files
+
+
+class _DistanceOracle:
+    """Stand-in for a trained instance-head network whose input IS the normalised distance map.
+
+    foreground = input > 0.05, boundary = never, distance = the input: what a perfect network
+    predicts for an image that shows each object's distance map.
+    """
+
+    @staticmethod
+    def build():
+        import torch
+        from torch import nn
+
+        from napari_s2mnet.checkpoint import ModelBundle
+        from napari_s2mnet.model import ModelConfig
+        from napari_s2mnet.preprocess import NormalizationConfig
+
+        class Oracle(nn.Module):
+            stride = 4
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                p = x.clamp(1e-4, 1 - 1e-4)
+                return torch.cat([40 * (x - 0.05), torch.full_like(x, -10.0),
+                                  torch.log(p / (1 - p))], dim=1)
+
+        cfg = ModelConfig(arch="unet", in_channels=1, num_classes=1, instance_head=True)
+        return ModelBundle(Oracle(), cfg, NormalizationConfig(method="none"))
+
+
+def _distance_image(gt: np.ndarray, spacing=None) -> np.ndarray:
+    from scipy import ndimage as ndi
+
+    out = np.zeros(gt.shape, dtype=np.float32)
+    for i in range(1, int(gt.max()) + 1):
+        d = ndi.distance_transform_edt(gt == i, sampling=spacing)
+        out[gt == i] = (d / d.max())[gt == i]
+    return out
+
+
+def test_segment_with_instance_head_separates_touching_disks() -> None:
+    from napari_s2mnet.inference import InferenceConfig, segment
+
+    gt = _disks()
+    bundle = _DistanceOracle.build()
+    lab, feats = segment(_distance_image(gt), bundle, InferenceConfig(device="cpu"))
+    assert lab.max() == 2 and len(feats) == 2  # defaults: no option needed
+    assert match_scores(lab.astype(np.int32), gt)["f1@0.5"] == 1.0
+
+
+@pytest.mark.parametrize("mode", ["stitch", "watershed"])
+def test_segment_labels_a_stack_in_3d(mode: str) -> None:
+    from napari_s2mnet.inference import InferenceConfig, segment
+    from napari_s2mnet.morphology3d import COLUMNS_3D
+
+    spacing = (2.0, 1.0, 1.0)
+    a = _ball(shape=(15, 40, 64), centre=(7, 20, 20), r=9.0, spacing=spacing)
+    b = _ball(shape=(15, 40, 64), centre=(7, 20, 37), r=9.0, spacing=spacing)
+    gt = np.where(b, 2, np.where(a, 1, 0)).astype(np.int32)  # two touching balls
+    img = _distance_image(gt, spacing)
+    lab, feats = segment(img, _DistanceOracle.build(),
+                         InferenceConfig(device="cpu", labels_3d=mode, min_size=0),
+                         spacing=spacing)
+    assert lab.max() == 2 and match_scores(lab.astype(np.int32), gt)["f1@0.5"] == 1.0
+    assert set(np.unique(lab[3:12, 20, 20])) == {1} or set(np.unique(lab[3:12, 20, 20])) == {2}
+    assert len(feats) == 2 and feats.attrs["columns_3d"] == COLUMNS_3D
+    assert feats["z_planes"].min() >= 7
+    assert feats["volume"].to_numpy() == pytest.approx(feats["volume_vox"].to_numpy() * 2.0)
+    # the plane-by-plane behaviour of old is one option away
+    flat, _ = segment(img, _DistanceOracle.build(),
+                      InferenceConfig(device="cpu", labels_3d="off", min_size=0),
+                      spacing=spacing)
+    assert flat.max() > 10
+
+
+def test_time_points_are_never_linked() -> None:
+    from napari_s2mnet.inference import InferenceConfig, segment
+    from napari_s2mnet.layout import ImageLayout
+
+    gt = _ball(shape=(9, 24, 24), centre=(4, 12, 12), r=5.0).astype(np.int32)
+    series = np.stack([_distance_image(gt)] * 3)  # (T, Z, Y, X): one object, three times
+    lab, feats = segment(series, _DistanceOracle.build(), InferenceConfig(device="cpu"),
+                         layout=ImageLayout(axis_names=("t", "z")))
+    assert [set(np.unique(lab[t])) - {0} for t in range(3)] == [{1}, {2}, {3}]
+    assert feats["t"].tolist() == [0, 1, 2]
+
+
+def test_old_binary_model_file_loads_and_works_as_before() -> None:
+    """A model file written before the instance head (tests/data, saved by that code)."""
+    from pathlib import Path
+
+    import torch
+
+    from napari_s2mnet.checkpoint import load_model
+    from napari_s2mnet.inference import InferenceConfig, segment
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    bundle = load_model(data / "old_binary_s2mnet_tiny.safetensors")
+    assert not bundle.config.instance_head and bundle.config.out_channels == 1
+    x = np.random.default_rng(0).random((1, 1, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        y = bundle.model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(y, np.load(data / "old_binary_s2mnet_tiny_logits.npy"),
+                               atol=1e-5)
+    lab, _ = segment(x[0, 0], bundle, InferenceConfig(device="cpu", min_size=0))
+    assert lab.shape == (32, 32)
