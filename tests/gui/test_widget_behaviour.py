@@ -239,7 +239,8 @@ def test_painting_a_label_above_255_on_a_result(viewer_with_plugin, qtbot):
 
 
 def test_features_table_shows_morphology(viewer_with_plugin, qtbot):
-    """napari's own Features table (Layers > Visualize) lists the morphology columns."""
+    """napari's own Features table (Layers > Metadata > Features table widget) lists the morphology
+    columns."""
     from qtpy.QtCore import Qt
 
     viewer, seg, _, _ = viewer_with_plugin
