@@ -52,22 +52,7 @@ checks live in :mod:`napari_s2mnet.layout`, the tile grid and blending in
 
 from napari_s2mnet.inference.config import InferenceConfig, Progress, SegmentationResult
 from napari_s2mnet.inference.run import run_to_end, segment, segment_iter
-from napari_s2mnet.layout import (
-    ImageLayout,
-    check_array,
-    check_finite,
-    check_spacing,
-    guess_layout,
-    plan_image,
-    resolve_layout,
-)
-
-# Old private names for code that still reaches in here; use napari_s2mnet.layout / .tiling.
-_check_array = check_array
-_resolve_layout = resolve_layout
-_plan = plan_image
-_check_finite = check_finite
-_check_spacing = check_spacing
+from napari_s2mnet.layout import ImageLayout, guess_layout
 
 __all__ = [
     "ImageLayout",
