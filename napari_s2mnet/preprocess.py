@@ -77,6 +77,12 @@ def fields_of(cls: type) -> list[str]:
 def normalize(image: np.ndarray, config: NormalizationConfig, channel_axis: int | None = 0) -> np.ndarray:
     """Normalise ``image`` to float32 following ``config``.
 
+    The statistics and the arithmetic run in float64 whenever float32 cannot hold the input
+    exactly (32/64-bit integers, float64), and wide integers are first shifted by an exact integer
+    offset, so large offsets (``int64 + 2**62``, ``uint64`` near its maximum, ``float64 + 1e9``),
+    tiny ranges (``x 1e-15``) and values beyond float32's range give the same result as the
+    well-scaled image. Same values as :func:`normalization_stats` + :func:`apply_normalization`.
+
     Args:
         image: Array of any numeric or bool dtype; must be finite (check before calling).
         config: Normalisation settings.
@@ -84,34 +90,51 @@ def normalize(image: np.ndarray, config: NormalizationConfig, channel_axis: int 
 
     Returns:
         float32 array of the same shape.
+
+    Raises:
+        ValueError: The values span more than float64 can represent as a difference.
     """
     img = np.asarray(image)
-    if img.dtype == bool:
-        img = img.astype(np.float32)
-    if config.method == "none":
-        return img.astype(np.float32, copy=False)
-    if config.method != "percentile":
-        raise ValueError(f"Unknown normalisation method {config.method!r}; use 'percentile' or 'none'.")
-    img = img.astype(np.float32, copy=False)
     if config.per_channel and channel_axis is not None and img.ndim > 1:
-        moved = np.moveaxis(img, channel_axis, 0)
-        out = np.stack([_percentile_norm(c, config) for c in moved])
-        return np.moveaxis(out, 0, channel_axis)
-    return _percentile_norm(img, config)
+        channels = np.moveaxis(img, channel_axis, -1)
+        stats = stats_from_samples(pixel_samples(channels, channels.ndim - 1), config)
+        return apply_normalization(img, stats, channel_axis if len(stats.lows) > 1 else None)
+    # one statistic over all values (every step-th value in C order)
+    stats = stats_from_samples(pixel_samples(img[..., None], img.ndim), config)
+    return apply_normalization(img, stats, None)
 
 
-def _percentile_norm(x: np.ndarray, config: NormalizationConfig) -> np.ndarray:
-    # Percentiles on a strided subsample keep this O(1) in memory and fast on huge images.
-    flat = x.reshape(-1)
-    step = max(1, flat.size // 1_000_000)
-    lo, hi = np.percentile(flat[::step], [config.low, config.high])
-    scale = hi - lo
-    if scale <= 1e-12:  # constant image: map to zeros instead of dividing by zero
-        return np.zeros_like(x, dtype=np.float32)
-    out = (x - lo) / scale
-    if config.clip:
-        np.clip(out, -config.clip, 1.0 + config.clip, out=out)
-    return out.astype(np.float32, copy=False)
+def work_dtype(dtype: np.dtype | type) -> type:
+    """float32 when it holds every value of ``dtype`` exactly, else float64."""
+    dt = np.dtype(dtype)
+    if dt.kind == "b" or (dt.kind in "iu" and dt.itemsize <= 2) or (dt.kind == "f" and dt.itemsize <= 4):
+        return np.float32
+    return np.float64
+
+
+def _wide_int(dtype: np.dtype) -> bool:
+    # 64-bit integers lose digits in float64 (53-bit mantissa): shift them by an exact offset.
+    return dtype.kind in "iu" and dtype.itemsize > 4
+
+
+def _ordered_u64(x: np.ndarray | int, dtype: np.dtype) -> np.ndarray:
+    """A monotone map of int64/uint64 values to uint64 (so differences can be taken exactly)."""
+    arr = np.asarray(x, dtype=dtype)
+    if dtype.kind == "i":
+        return arr.astype(np.int64).view(np.uint64) ^ np.uint64(1 << 63)
+    return arr.astype(np.uint64)
+
+
+def _centered(x: np.ndarray, offset: int) -> np.ndarray:
+    """``x - offset`` as float64, exact up to float64 rounding of the difference."""
+    if not _wide_int(x.dtype):
+        return x.astype(np.float64) - offset if offset else x.astype(np.float64, copy=False)
+    u = _ordered_u64(x, x.dtype)
+    o = _ordered_u64(offset, x.dtype)
+    with np.errstate(over="ignore"):  # the branch np.where discards may wrap around
+        up = (u - o).astype(np.float64)
+        down = (o - u).astype(np.float64)
+    return np.where(u >= o, up, -down)
 
 
 # --- Streaming normalisation (inference on large images) -----------------------------------------
@@ -129,12 +152,15 @@ class NormalizationStats:
         lows: One offset per channel (or a single one shared by all channels).
         scales: Matching ``high - low`` values; ``0`` marks a constant channel (mapped to zeros).
         clip: Clip bound as in :class:`NormalizationConfig`.
+        offsets: Exact integer offsets subtracted before ``lows`` (64-bit integer images, whose
+            values float64 cannot hold exactly); empty means 0.
     """
 
     method: str
     lows: tuple[float, ...]
     scales: tuple[float, ...]
     clip: float
+    offsets: tuple[int, ...] = ()
 
 
 def pixel_samples(image: np.ndarray, n_spatial: int) -> np.ndarray:
@@ -176,14 +202,34 @@ def stats_from_samples(samples: np.ndarray, config: NormalizationConfig) -> Norm
     if samples.ndim != 2 or samples.shape[0] == 0:
         raise ValueError(f"samples must be a non-empty (N, C) array, got shape {samples.shape}.")
     columns = samples.T if (config.per_channel and samples.shape[1] > 1) else samples.reshape(1, -1)
-    lows, scales = [], []
+    work = work_dtype(samples.dtype)
+    lows, scales, offsets = [], [], []
     for col in columns:
-        values = col.astype(np.float32)  # normalize() takes percentiles of float32 values
-        lo, hi = np.percentile(values, [config.low, config.high])
+        # normalize() takes percentiles of float32 values where float32 is exact, else float64
+        # relative to an exact integer offset (wide integers).
+        offset = int(col.min()) if _wide_int(col.dtype) else 0
+        values = _centered(col, offset) if offset or work is np.float64 else col.astype(work)
+        lo, hi = (float(v) for v in np.percentile(values, [config.low, config.high]))
         scale = hi - lo
-        lows.append(float(lo))
-        scales.append(float(scale) if scale > 1e-12 else 0.0)
-    return NormalizationStats("percentile", tuple(lows), tuple(scales), float(config.clip))
+        if not np.isfinite(scale):
+            raise ValueError(
+                f"The image values span more than float64 can represent ({lo:g} .. {hi:g}); "
+                "rescale the image (e.g. divide it by 1e10) first."
+            )
+        lows.append(lo)
+        offsets.append(offset)
+        scales.append(scale if scale > _resolution(lo, hi, work) else 0.0)
+    return NormalizationStats("percentile", tuple(lows), tuple(scales), float(config.clip),
+                              tuple(offsets))
+
+
+def _resolution(lo: float, hi: float, work: type) -> float:
+    """The smallest meaningful range at this magnitude: a few units in the last place.
+
+    A relative bound (not an absolute one such as 1e-12) so an image scaled by 1e-15 keeps its
+    contrast, while a constant image (up to float rounding) maps to zeros.
+    """
+    return 8 * float(np.finfo(work).eps) * max(abs(lo), abs(hi)) + float(np.finfo(work).tiny)
 
 
 def apply_normalization(
@@ -200,13 +246,13 @@ def apply_normalization(
         float32 array shaped like ``x``.
     """
     arr = np.asarray(x)
-    if arr.dtype == bool:
-        arr = arr.astype(np.float32)
-    arr = arr.astype(np.float32, copy=False)
+    if stats.method == "none" or arr.dtype == bool:
+        arr = arr.astype(np.float32, copy=False)
     if stats.method == "none":
         return arr
+    offsets = stats.offsets or (0,) * len(stats.lows)
     if len(stats.lows) == 1:
-        return _apply_one(arr, stats.lows[0], stats.scales[0], stats.clip)
+        return _apply_one(arr, stats.lows[0], stats.scales[0], stats.clip, offsets[0])
     if channel_axis is None:
         raise ValueError("Per-channel statistics need the channel_axis of the region.")
     moved = np.moveaxis(arr, channel_axis, 0)
@@ -214,16 +260,21 @@ def apply_normalization(
         raise ValueError(
             f"Region has {moved.shape[0]} channels but the statistics have {len(stats.lows)}."
         )
-    pairs = zip(moved, stats.lows, stats.scales, strict=True)
-    out = np.stack([_apply_one(c, lo, s, stats.clip) for c, lo, s in pairs])
+    parts = zip(moved, stats.lows, stats.scales, offsets, strict=True)
+    out = np.stack([_apply_one(c, lo, s, stats.clip, off) for c, lo, s, off in parts])
     return np.moveaxis(out, 0, channel_axis)
 
 
-def _apply_one(x: np.ndarray, lo: float, scale: float, clip: float) -> np.ndarray:
-    # Same arithmetic as _percentile_norm (float64 intermediate, then float32) so values agree.
+def _apply_one(x: np.ndarray, lo: float, scale: float, clip: float, offset: int = 0) -> np.ndarray:
+    # float64 arithmetic, then float32. Inputs float32 holds exactly are cast to float32 first
+    # (as the statistics were taken), wider ones go to float64 relative to their offset.
     if scale == 0.0:
         return np.zeros_like(x, dtype=np.float32)
-    out = (x - np.float64(lo)) / np.float64(scale)
+    if offset or work_dtype(x.dtype) is np.float64:
+        base = _centered(x, offset)
+    else:
+        base = x.astype(np.float32, copy=False)
+    out = (base - np.float64(lo)) / np.float64(scale)
     if clip:
         np.clip(out, -clip, 1.0 + clip, out=out)
     return out.astype(np.float32, copy=False)

@@ -298,3 +298,64 @@ def test_save_model_refuses_non_regular_targets(tmp_path: Path, small_bundle: ck
         with pytest.raises(ValueError, match="not a regular file"):
             ck.save_model(small_bundle, "/dev/full")
         assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+# --------------------------------------------------------------------------------------------
+# item 5: value ranges
+
+
+def _value_range_variants(img: np.ndarray) -> dict[str, np.ndarray]:
+    base = img.astype(np.int64)
+    return {
+        "float64 + 1e9": img.astype(np.float64) + 1e9,
+        "int64 + 2**62": base + np.int64(2**62),
+        "int64 near min": base + np.int64(-(2**63) + 7),
+        "uint64 near max": img.astype(np.uint64) + np.uint64(2**64 - 1 - int(img.max())),
+        "x 1e-15": img.astype(np.float64) * 1e-15,
+        "beyond float32": img.astype(np.float64) * 1e39,
+        "int32 offset": (base * 1000 - 2**31 + 5000).astype(np.int32),
+    }
+
+
+def test_normalisation_is_invariant_to_offsets_and_scales() -> None:
+    from napari_s2mnet.preprocess import normalize
+
+    rng = np.random.default_rng(0)
+    img = (rng.random((64, 48)) * 200).astype(np.uint8)
+    ref = normalize(img, NormalizationConfig(), None)
+    for name, variant in _value_range_variants(img).items():
+        out = normalize(variant, NormalizationConfig(), None)
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(out, ref, atol=1e-6, err_msg=name)
+    # per channel, with channels last
+    rgb = (rng.random((16, 16, 3)) * 4000).astype(np.uint16)
+    wide = rgb.astype(np.uint64) + np.uint64(2**63)
+    np.testing.assert_allclose(normalize(wide, NormalizationConfig(), -1),
+                               normalize(rgb, NormalizationConfig(), -1), atol=1e-6)
+    # a constant image (up to float rounding) is still all zeros
+    assert not normalize(np.full((8, 8), 1e9) + rng.random((8, 8)) * 1e-10,
+                         NormalizationConfig(), None).any()
+
+
+def test_values_spanning_more_than_float64_are_refused() -> None:
+    from napari_s2mnet.preprocess import normalize
+
+    img = np.zeros((8, 8))
+    img[:4] = -1.7e308
+    img[4:] = 1.7e308
+    with pytest.raises(ValueError, match="rescale the image"):
+        normalize(img, NormalizationConfig(low=0.0, high=100.0), None)
+
+
+def test_segment_gives_the_same_labels_for_badly_scaled_images() -> None:
+    from napari_s2mnet._sample_data import load_nuclei
+    from napari_s2mnet.inference import segment
+
+    image = load_nuclei()[0][:128, :128]
+    bundle = ck.load_default_model()
+    ref, _ = segment(image, bundle)
+    assert ref.max() > 5
+    variants = _value_range_variants(image)
+    for name in ("uint64 near max", "x 1e-15", "beyond float32"):
+        labels, _ = segment(variants[name], bundle)
+        assert np.array_equal(labels, ref), name
