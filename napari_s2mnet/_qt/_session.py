@@ -67,6 +67,14 @@ class ModelSession:
         self.set_active(bundle, str(path))
         return bundle
 
+    def use_bundled(self) -> ModelBundle:
+        """Make the model shipped with the plugin active (loaded again: it may be fine-tuned)."""
+        from napari_s2mnet.checkpoint import load_default_model
+
+        bundle = load_default_model()
+        self.set_active(bundle, "bundled default")
+        return bundle
+
     def revert(self) -> None:
         """Go back to the model that was active before the last change."""
         if not self._previous:
@@ -75,20 +83,31 @@ class ModelSession:
         self.changed.emit()
 
     def describe(self) -> str:
-        """One status line: name, parent, when trained, on how many images."""
+        """One line in plain words: which model, where it came from, what it was trained on."""
         if self._active is None:
-            return f"Model: {self._source} (loads on first use)"
+            return "Model: the bundled nuclei model (loads on first use)."
         meta: dict[str, Any] = self._active.metadata
-        parts = [f"Model: {self._active.name}", f"from {self._source}"]
+        line = f"Model: {self._active.name}, {_source_words(self._source)}"
         history = meta.get("history") or []
-        if history:
+        if history and self._source not in ("bundled default",):
             last = history[-1]
             when = str(last.get("date", last.get("finished", "")))[:16].replace("T", " ")
             n = last.get("n_images", meta.get("trained_on"))
-            parts.append(f"fine-tuned {when} on {n} image(s)" if n is not None else f"trained {when}")
-        if meta.get("parent"):
-            parts.append(f"parent {str(meta['parent'])[:8]}")
-        return " · ".join(parts)
+            images = f" on {n} image{'s' if n != 1 else ''}" if n is not None else ""
+            line += f"; last trained {when} UTC{images}" if when else f"; trained{images}"
+        return line + "."
+
+
+def _source_words(source: str) -> str:
+    """The session's source tag as a user reads it."""
+    words = {"bundled default": "bundled with the plugin",
+             "fine-tuned in this session": "fine-tuned in this window",
+             "new in this session": "untrained (fine-tune it before segmenting)"}
+    if source in words:
+        return words[source]
+    if source.endswith(".safetensors"):
+        return f"from file {Path(source).name}"
+    return source
 
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -10,9 +10,10 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, PushButton
 from napari.layers import Labels
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QLabel, QWidget
 
 from napari_s2mnet._qt import _layers
+from napari_s2mnet._qt.dock import scrolling_body
 
 FORMATS = {"TIFF (Fiji)": ".tif", "PNG": ".png", "NumPy": ".npy"}
 
@@ -35,7 +36,7 @@ class ExportWidget(QWidget):
                                        self.path, self.folder])
         self.status = QLabel("")
         self.status.setWordWrap(True)
-        layout = QVBoxLayout(self)
+        layout = scrolling_body(self)
         layout.addWidget(self.form.native)
         layout.addWidget(Container(widgets=[self.export_button, self.features_button],
                                    layout="horizontal", labels=False).native)
@@ -46,7 +47,15 @@ class ExportWidget(QWidget):
         self.features_button.changed.connect(self.compute_features)
         self._layer_watch = _layers.LayerWatcher(
             napari_viewer.layers, lambda: _layers.refresh_layer_combo(self.labels))
+        napari_viewer.layers.events.inserted.connect(self._pick_new_labels)
         self.labels.reset_choices()
+        if self.labels.value is None and self.labels.choices:
+            self.labels.value = self.labels.choices[-1]  # the newest labels layer
+
+    def _pick_new_labels(self, event: Any) -> None:
+        """A labels layer just added (e.g. a segmentation result) is the one to export."""
+        if isinstance(event.value, Labels) and any(c is event.value for c in self.labels.choices):
+            self.labels.value = event.value
 
     def _labels_layers(self, *_: Any) -> list[tuple[str, Labels]]:
         return [(lyr.name, lyr) for lyr in self.viewer.layers if isinstance(lyr, Labels)]
@@ -74,22 +83,23 @@ class ExportWidget(QWidget):
         from napari_s2mnet.io import write_features_csv, write_labels
 
         ext = FORMATS[self.fmt.value]
+        self.status.setText("")  # never leave an old "Wrote ..." next to a new attempt
         if self.all_layers.value:
             folder = Path(target or self.folder.value)
             layers = [lyr for _, lyr in self._labels_layers()]
             if not layers:
-                show_warning("There is no labels layer to export.")
+                self._fail("There is no labels layer to export.")
                 return []
             folder.mkdir(parents=True, exist_ok=True)
             jobs = [(lyr, folder / f"{_safe(lyr.name)}{ext}") for lyr in layers]
         else:
             layer = self.labels.value
             if layer is None:
-                show_warning("Choose a labels layer to export.")
+                self._fail("Choose a labels layer to export.")
                 return []
             path = Path(target or self.path.value)
             if str(path) in ("", ".") or path.is_dir():
-                show_warning("Choose a file name to export to.")
+                self._fail("Choose a file name to export to.")
                 return []
             jobs = [(layer, path.with_suffix(ext) if path.suffix.lower() not in
                      (".tif", ".tiff", ".png", ".npy") else path)]
@@ -110,6 +120,10 @@ class ExportWidget(QWidget):
         self.status.setText("Wrote " + ", ".join(p.name for p in written))
         show_info(f"Exported {len(written)} file(s) to {written[0].parent}" if written else "")
         return written
+
+    def _fail(self, text: str) -> None:
+        show_warning(text)
+        self.status.setText(f"Not exported: {text}")
 
 
 def _unit(layer: Labels) -> str | None:

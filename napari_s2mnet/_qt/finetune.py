@@ -15,19 +15,20 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QFileDialog,
+    QHBoxLayout,
     QLabel,
     QListWidget,
     QListWidgetItem,
-    QProgressBar,
-    QVBoxLayout,
     QWidget,
 )
 from superqt import QCollapsible
 
 from napari_s2mnet._qt import _layers
 from napari_s2mnet._qt._form import dataclass_form, form_values
+from napari_s2mnet._qt._models import remember_model
 from napari_s2mnet._qt._plot import LossPlot
 from napari_s2mnet._qt._session import get_session
+from napari_s2mnet._qt.dock import ProgressRow, scrolling_body
 from napari_s2mnet.losses import LOSS_NAMES
 from napari_s2mnet.training import DEFAULT_EPOCHS, FinetuneConfig
 from napari_s2mnet.training.config import FinetuneControl, FinetuneResult, ResumeState, TrainReport
@@ -78,13 +79,15 @@ class FinetuneWidget(QWidget):
         self._stopped_early = False  # Stop already settled this run's model (stop_now)
         self._final_status = ""  # the status to show once the interrupted step has finished
         self._steps_seen = 0
+        self._timed = False  # the running job has a time budget (its step total is an estimate)
         # Check marks the user set, per labels layer; the others follow "edited".
         self._user_checks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._listed_edited: weakref.WeakSet = weakref.WeakSet()
 
         self.pairs = QListWidget()
-        self.pairs.setMinimumHeight(70)
-        self.refresh_pairs = PushButton(text="Refresh list")
+        self.pairs.setMinimumHeight(48)
+        self.pairs.setMaximumHeight(96)  # about four pairs; more scroll
+        self.refresh_pairs = PushButton(text="Refresh")
         defaults = FinetuneConfig()
         by_time = defaults.seconds is not None and defaults.epochs is None
         self.budget_mode = ComboBox(label="budget", choices=["seconds", "epochs"],
@@ -108,7 +111,7 @@ class FinetuneWidget(QWidget):
                     "above (same pairs and settings)")
         self.revert_button = PushButton(text="Revert model", enabled=False)
         self.save_button = PushButton(text="Save model...")
-        self.progress = QProgressBar()
+        self.progress = ProgressRow()
         self.plot = LossPlot()
         self.model_label = QLabel()
         self.model_label.setWordWrap(True)
@@ -117,21 +120,30 @@ class FinetuneWidget(QWidget):
 
         collapsible = QCollapsible("Advanced")
         collapsible.addWidget(self.advanced.native)
-        layout = QVBoxLayout(self)
-        layout.addWidget(QLabel("Training pairs (image ↔ labels):"))
+        self.collapsible = collapsible
+
+        def row(*widgets: Any) -> QWidget:
+            box = Container(widgets=list(widgets), layout="horizontal", labels=False)
+            box.margins = (0, 0, 0, 0)
+            return box.native
+
+        budget = Container(widgets=[self.budget_mode, self.budget_value], layout="horizontal")
+        budget.margins = (0, 0, 0, 0)
+        layout = scrolling_body(self)
+        header = QHBoxLayout()
+        header.addWidget(QLabel("Training pairs (image ↔ labels):"), 1)
+        header.addWidget(self.refresh_pairs.native)
+        layout.addLayout(header)
         layout.addWidget(self.pairs)
-        layout.addWidget(self.refresh_pairs.native)
-        layout.addWidget(Container(widgets=[self.budget_mode, self.budget_value]).native)
-        layout.addWidget(collapsible)
-        layout.addWidget(Container(widgets=[self.run_button, self.stop_button,
-                                            self.continue_button],
-                                   layout="horizontal", labels=False).native)
+        layout.addWidget(budget.native)
+        layout.addWidget(row(self.run_button, self.stop_button, self.continue_button))
         layout.addWidget(self.progress)
         layout.addWidget(self.plot)
-        layout.addWidget(Container(widgets=[self.revert_button, self.save_button],
-                                   layout="horizontal", labels=False).native)
+        layout.addWidget(row(self.revert_button, self.save_button))
         layout.addWidget(self.model_label)
         layout.addWidget(self.status)
+        layout.addWidget(collapsible)
+        layout.addStretch(1)
 
         self.refresh_pairs.changed.connect(self.update_pairs)
         self.budget_mode.changed.connect(
@@ -250,8 +262,9 @@ class FinetuneWidget(QWidget):
         else:
             config = self.config()
             self.plot.clear()
-            self.progress.setValue(0)
+            self.progress.busy("preparing the training data...")
             self.status.setText(f"Fine-tuning on {len(pairs)} pair(s)...")
+        self._timed = config.seconds is not None
         self.control = FinetuneControl()
         self._stopped_early, self._final_status, self._steps_seen = False, "", 0
         self._resume_pairs = pairs
@@ -297,8 +310,9 @@ class FinetuneWidget(QWidget):
             return  # the interrupted step: not the model the user now has
         self._steps_seen = max(self._steps_seen, int(report.step))
         total = max(int(report.total_steps or 0), 1)
-        self.progress.setMaximum(total)
-        self.progress.setValue(min(int(report.step), total))
+        estimate = "~" if self._timed else ""  # a time budget's step count is an estimate
+        self.progress.report(int(report.step), total,
+                             f"step {int(report.step)}/{estimate}{total}, epoch {report.epoch}")
         self.plot.add_point(int(report.step), float(report.loss), report.train_dice, report.val_dice)
         if report.message:
             self.status.setText(report.message)
@@ -344,6 +358,7 @@ class FinetuneWidget(QWidget):
         self.run_button.enabled, self.stop_button.enabled = True, False
         self.continue_button.enabled = self._resume is not None
         self.revert_button.enabled = self.session.can_revert
+        self.progress.finish(f"{self._steps_seen} steps done", complete=self._steps_seen > 0)
         if self._stopped_early:
             self.status.setText(self._final_status)
 
@@ -373,6 +388,8 @@ class FinetuneWidget(QWidget):
             show_error(f"Could not save the model to {path}: {exc}")
             return None
         self.status.setText(f"Saved model to {path}")
+        remember_model(path, self.session.active().name)  # listed in Segment's model picker
+        self.session.changed.emit()
         return path
 
     def _show_model(self, *_: Any) -> None:

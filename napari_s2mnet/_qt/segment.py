@@ -9,20 +9,23 @@ from typing import Any
 
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, PushButton
-from napari.layers import Image
+from magicgui.widgets import ComboBox, Container, PushButton
+from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
-from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QFileDialog, QLabel, QWidget
 from superqt import QCollapsible
 
 from napari_s2mnet._qt import _layers
 from napari_s2mnet._qt._form import dataclass_form, form_values
+from napari_s2mnet._qt._models import BUNDLED, bundled_name, recent_models, remember_model
 from napari_s2mnet._qt._session import get_session
+from napari_s2mnet._qt.dock import ProgressRow, scrolling_body
 from napari_s2mnet.inference import InferenceConfig
-from napari_s2mnet.inference.config import SegmentationResult
+from napari_s2mnet.inference.config import Progress, SegmentationResult
 
 NO_CHANNEL_AXIS = -1  # the channel-axis picker's "none" (ComboBox data must not be None)
 ALL_CHANNELS = -1  # the model-input picker's "all": channels mapped automatically
+SESSION_MODEL = "session"  # the model picker's key for a model that exists only in this window
 ADVANCED_FIELDS = [
     "tile_size",
     "overlap",
@@ -81,19 +84,24 @@ class SegmentWidget(QWidget):
             tooltip="which channel feeds the model (e.g. the nuclear stain for a 1-channel "
                     "model); 'all' passes every channel (RGB is averaged to gray for a "
                     "1-channel model)")
-        self.model_file = FileEdit(label="model file", mode="r", filter="*.safetensors")
-        self.load_model = PushButton(text="Load model file")
-        self.new_arch = ComboBox(label="new model", choices=_architectures(), value="s2mnet",
+        self.model = ComboBox(label="model", choices=self._model_choices,
+                              tooltip="the bundled model, models fine-tuned in this window and "
+                                      "model files loaded or saved recently")
+        self.open_button = PushButton(text="Open...", tooltip="load a .safetensors model file")
+        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
+        self.new_arch = ComboBox(label="architecture", choices=_architectures(), value="s2mnet",
                                  tooltip="start an untrained model of this architecture, then "
                                          "fine-tune it on your labels")
-        self.new_button = PushButton(text="Start untrained model")
-        self.device = ComboBox(label="device", choices=available_devices(), value="auto")
+        self.new_button = PushButton(text="Start untrained model",
+                                     tooltip="random weights: segments nothing useful until "
+                                             "fine-tuned on your labels")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.controls = Container(widgets=[self.image, self.channel_axis, self.input_channel,
-                                           self.model_file,
-                                           self.load_model,
-                                           self.new_arch, self.new_button, self.device])
+                                           Container(widgets=[self.model, self.open_button],
+                                                     layout="horizontal", labels=False,
+                                                     label="model")])
+        self.controls.margins = (0, 0, 0, 0)
         self.advanced = dataclass_form(
             InferenceConfig,
             ADVANCED_FIELDS,
@@ -115,25 +123,33 @@ class SegmentWidget(QWidget):
         self.device_label = QLabel()
         self.model_label = QLabel()
         self.model_label.setWordWrap(True)
+        self.progress = ProgressRow()
         self.status = QLabel("Ready.")
         self.status.setWordWrap(True)
 
         collapsible = QCollapsible("Advanced")
+        collapsible.addWidget(Container(widgets=[self.device]).native)
         collapsible.addWidget(self.advanced.native)
+        collapsible.addWidget(Container(widgets=[self.new_arch, self.new_button],
+                                        layout="horizontal", labels=False).native)
+        self.collapsible = collapsible
         buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                             labels=False)
-        layout = QVBoxLayout(self)
+        buttons.margins = (0, 0, 0, 0)
+        layout = scrolling_body(self)
         layout.addWidget(self.controls.native)
-        layout.addWidget(self.device_label)
         layout.addWidget(self.model_label)
-        layout.addWidget(collapsible)
+        layout.addWidget(self.device_label)
         layout.addWidget(buttons.native)
+        layout.addWidget(self.progress)
         layout.addWidget(self.status)
+        layout.addWidget(collapsible)
         layout.addStretch(1)
 
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
-        self.load_model.changed.connect(self._load_model_file)
+        self.open_button.changed.connect(lambda: self.load_model_file())
+        self.model.changed.connect(self._model_picked)
         self.new_button.changed.connect(self.start_new_model)
         self.device.changed.connect(self._show_device)
         self.image.changed.connect(self._refresh_channel_axes)
@@ -177,6 +193,7 @@ class SegmentWidget(QWidget):
         if current not in values or current == NO_CHANNEL_AXIS:
             current = self._suggested_channel_axis(values)
         self.channel_axis.value = current
+        self.channel_axis.visible = len(values) > 1  # only stacks and multichannel layers
         self._refresh_input_channels()
 
     def _input_choices(self, *_: Any) -> list[tuple[str, int]]:
@@ -198,6 +215,7 @@ class SegmentWidget(QWidget):
         values = [v for _, v in self._input_choices()]
         self.input_channel.value = current if current in values else ALL_CHANNELS
         self.input_channel.enabled = len(values) > 1
+        self.input_channel.visible = len(values) > 1
 
     def _suggested_channel_axis(self, values: list[int]) -> int:
         """The first axis whose length equals a multichannel model's input channels, else none."""
@@ -221,18 +239,65 @@ class SegmentWidget(QWidget):
 
     def _show_model(self, *_: Any) -> None:
         self.model_label.setText(self.session.describe())
+        with self.model.changed.blocked():  # follow the session without loading anything
+            self.model.reset_choices()
+            self.model.value = self._current_model_key()
 
-    def _load_model_file(self, *_: Any) -> None:
-        path = Path(self.model_file.value)
-        if not path.is_file():
-            show_warning(f"Choose an existing .safetensors model file first (got {str(path)!r}).")
+    def _model_choices(self, *_: Any) -> list[tuple[str, str]]:
+        """Bundled model, this window's model if it has no file, recent model files."""
+        choices = [(f"{bundled_name()} (bundled)", BUNDLED)]
+        session = getattr(self, "session", None)
+        if session is not None and session.loaded and self._current_model_key() == SESSION_MODEL:
+            choices.insert(0, (f"{session.active().name} (this window)", SESSION_MODEL))
+        current = self._current_model_key() if session is not None else None
+        for name, path in recent_models():
+            choices.append((f"{name} ({path.name})", str(path)))
+        if current not in (None, BUNDLED, SESSION_MODEL) and current not in \
+                [c[1] for c in choices]:
+            choices.append((f"{Path(current).name}", current))
+        return choices
+
+    def _current_model_key(self) -> str:
+        source = self.session.source
+        if source == "bundled default":
+            return BUNDLED
+        if source.endswith(".safetensors"):
+            return str(Path(source).resolve())
+        return SESSION_MODEL
+
+    def _model_picked(self, key: str | None) -> None:
+        if key is None or key == self._current_model_key():
             return
+        try:
+            if key == BUNDLED:
+                self.session.use_bundled()
+            elif key != SESSION_MODEL:
+                self.load_model_file(key)
+        except (ValueError, OSError) as exc:
+            show_warning(f"Could not load the model: {exc}")
+            self._show_model()
+
+    def load_model_file(self, path: str | Path | None = None) -> Any:
+        """Load a ``.safetensors`` model file (asks for one if ``path`` is None); returns it."""
+        if path is None:
+            path, _ = QFileDialog.getOpenFileName(self, "Open S2M-Net model", "",
+                                                  "S2M-Net model (*.safetensors)")
+            if not path:
+                return None
+        path = Path(path).resolve()
+        if not path.is_file():
+            show_warning(f"Choose an existing .safetensors model file (got {str(path)!r}).")
+            return None
         try:
             bundle = self.session.load_file(path)
         except (ValueError, OSError) as exc:
             show_warning(f"Could not load {path.name}: {exc}")
-            return
+            self._show_model()
+            return None
+        remember_model(path, bundle.name)
+        self._show_model()
         show_info(f"Loaded model {bundle.name!r} from {path.name}")
+        return bundle
 
     def start_new_model(self, *_: Any) -> None:
         """Make a randomly initialised model of the chosen architecture active (for training)."""
@@ -274,6 +339,7 @@ class SegmentWidget(QWidget):
         spacing = tuple(float(s) for i, s in enumerate(layer.scale) if i != channel_axis)
         data = np.asarray(layer.data)
         self.status.setText(f"Segmenting {layer.name!r}...")
+        self.progress.busy("preparing...")
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         layer_ref = weakref.ref(layer)
@@ -286,12 +352,22 @@ class SegmentWidget(QWidget):
             layout=layout,
             spacing=spacing,
             desc=f"S2M-Net: {layer.name}",
+            on_yield=self._report,
             on_return=lambda result: self._add_result(layer_ref, result),
             on_finish=self._finished,
             on_error=self._errored,
         )
-        self.worker.aborted.connect(lambda: self.status.setText("Cancelled: nothing was added."))
+        self.worker.aborted.connect(self._aborted)
         return self.worker
+
+    def _report(self, report: Progress) -> None:
+        """Planes and tiles done, in the widget (the activity dock shows the same bar)."""
+        if report.total:
+            self.progress.report(report.done, report.total, report.message)
+
+    def _aborted(self) -> None:
+        self.status.setText("Cancelled: nothing was added.")
+        self.progress.finish("cancelled", complete=False)
 
     def _chosen_channel_axis(self) -> int | None:
         axis = self.channel_axis.value
@@ -310,6 +386,7 @@ class SegmentWidget(QWidget):
     def _errored(self, exc: BaseException) -> None:
         # start_worker already shows the error as a napari notification (with its traceback).
         self.status.setText(f"Failed: {exc}")
+        self.progress.finish("failed", complete=False)
 
     def _add_result(self, layer_ref: weakref.ref, result: SegmentationResult) -> None:
         image = layer_ref()
@@ -327,13 +404,15 @@ class SegmentWidget(QWidget):
             target.features = result.features
             out = target
         else:
-            out = self.viewer.add_labels(
-                labels, name=f"{image.name} S2M-Net", features=result.features, **meta
-            )
-            self._last_result[id(image)] = weakref.ref(out)
+            out = Labels(labels, name=f"{image.name} S2M-Net", features=result.features, **meta)
+        # Before the layer is added: widgets that list (image, labels) pairs on insertion
+        # must see where it came from, not guess an image of the same shape.
         inf = _layers.info(out)
         inf.source, inf.made_by_plugin, inf.edited = weakref.ref(image), True, False
         inf.spacing = tuple(float(s) for s in out.scale[-2:])
+        if out not in self.viewer.layers:
+            self.viewer.add_layer(out)
+            self._last_result[id(image)] = weakref.ref(out)
         if result.uncertainty is not None:
             self.viewer.add_image(result.uncertainty, name=f"{image.name} uncertainty",
                                   colormap="inferno", opacity=0.5, blending="additive",
@@ -341,6 +420,7 @@ class SegmentWidget(QWidget):
         n = len(result.features) if result.features is not None else 0
         messages = "; ".join(result.messages)
         self.status.setText(f"Done: {n} objects in {out.name!r} ({result.device}). {messages}".strip())
+        self.progress.finish(f"done: {n} objects")
 
 
 def paintable_labels(labels: np.ndarray) -> np.ndarray:

@@ -1,0 +1,127 @@
+"""The window a biologist gets (issue 16): it fits the screen, the plot reads from the first step,
+progress shows in the widgets, the model picker lists models by name, small things stay right."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from qtpy.QtWidgets import QApplication
+
+pytestmark = pytest.mark.gui
+
+
+def _wait_worker(qtbot, widget, timeout=60_000):
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
+
+
+def test_window_fits_with_every_widget_docked(viewer_with_plugin):
+    """All plugin docks (and napari's features table) side by side: the window fits 1080 px."""
+    viewer, seg, ft, ex = viewer_with_plugin
+    _, main = viewer.window.add_plugin_dock_widget("napari-s2mnet", "S2M-Net")
+    viewer.window.add_plugin_dock_widget("napari", "Features table widget")
+    win = viewer.window._qt_window
+    QApplication.processEvents()
+    assert win.minimumSizeHint().height() <= 1000, win.minimumSizeHint()
+    assert max(win.minimumSize().height(), win.minimumSizeHint().height()) <= 1000
+    # Each panel's own content fits a 1366 x 768 screen's dock (Advanced collapsed).
+    assert seg.body.sizeHint().height() <= 450, seg.body.sizeHint()
+    assert ex.body.sizeHint().height() <= 400, ex.body.sizeHint()
+    assert ft.body.sizeHint().height() <= 680, ft.body.sizeHint()
+    assert not seg.collapsible.isExpanded() and not ft.collapsible.isExpanded()
+    # The untrained model is under Advanced, not on the main panel.
+    assert seg.collapsible.isAncestorOf(seg.new_button.native)
+    assert main.tabs.count() == 3
+
+
+def test_plot_is_readable_from_the_first_step(viewer_with_plugin):
+    _, _, ft, _ = viewer_with_plugin
+    plot = ft.plot
+    plot.add_point(1, 0.8, None, 0.3)
+    plot.canvas.draw()
+    assert plot.ax.get_ylabel() == "loss" and plot.ax.get_xlabel() == "step"
+    assert plot.ax_dice.get_ylabel() == "Dice"
+    assert plot.ax_dice.yaxis.get_label_position() == "right"
+    assert [t.get_text() for t in plot.ax.get_xticklabels() if t.get_text()], "x ticks"
+    line = plot.ax.get_lines()[0]
+    assert line.get_marker() not in (None, "", "None") and len(line.get_xdata()) == 1
+    lo, hi = plot.ax.get_xlim()
+    assert lo < 1 < hi
+    # Nothing sits on the plot: the widgets around it do not overlap its rectangle.
+    rect = plot.geometry()
+    for child in plot.parentWidget().children():
+        if child is not plot and hasattr(child, "geometry") and child.isWidgetType() \
+                and child.isVisible():
+            assert not rect.intersects(child.geometry()), child
+
+
+def test_segment_shows_progress_and_lists_the_right_pair(viewer_with_plugin, qtbot):
+    viewer, seg, ft, ex = viewer_with_plugin
+    seg.image.value = viewer.layers["nuclei"]
+    seg.advanced["tile_size"].value = 128  # several tiles: the bar moves
+    seg.run_button.native.click()
+    reports = []
+    seg.worker.yielded.connect(lambda r: reports.append(seg.progress.detail.text()))
+    _wait_worker(qtbot, seg)
+    out = viewer.layers[-1]
+    assert out.name == "nuclei S2M-Net"
+    assert any("tile" in r for r in reports), reports
+    assert seg.progress.maximum > 1 and seg.progress.value == seg.progress.maximum
+    assert "objects" in seg.progress.detail.text()
+    # The pair list knows the result's image at once (no Refresh).
+    pairs = [(img.name, lab.name) for img, lab in ft._pair_objs]
+    assert ("nuclei", "nuclei S2M-Net") in pairs
+    # Export picks the newest labels layer.
+    assert ex.labels.value is out
+
+
+def test_export_failure_clears_the_old_status(viewer_with_plugin, tmp_path):
+    viewer, _, _, ex = viewer_with_plugin
+    assert ex.labels.value is viewer.layers["nuclei ground truth"]  # not empty at start
+    written = ex.export(tmp_path / "gt.tif")
+    assert written and "Wrote" in ex.status.text()
+    ex.labels.value = None
+    assert ex.export(tmp_path / "x.tif") == []
+    assert "Wrote" not in ex.status.text() and "Not exported" in ex.status.text()
+
+
+def test_model_picker_lists_bundled_and_saved_models(viewer_with_plugin, tmp_path):
+    viewer, seg, ft, _ = viewer_with_plugin
+    from napari_s2mnet._qt._session import get_session
+
+    session = get_session(viewer)
+    names = [seg.model.native.itemText(i) for i in range(seg.model.native.count())]
+    assert any("(bundled)" in n for n in names), names
+    assert "tiny test model" in seg.model_label.text()
+    assert "parent" not in seg.model_label.text()
+    path = ft.save_model(tmp_path / "mine.safetensors")
+    assert path is not None
+    names = [seg.model.native.itemText(i) for i in range(seg.model.native.count())]
+    assert "tiny test model (mine.safetensors)" in names, names
+    # Picking the bundled model by name loads it; picking the saved one loads that file.
+    seg.model.value = "bundled"
+    assert session.source == "bundled default" and "bundled with the plugin" in \
+        seg.model_label.text()
+    seg.model.value = str(path.resolve())
+    assert session.active().name == "tiny test model"
+    assert "from file mine.safetensors" in seg.model_label.text()
+    # A second window (fresh session) lists the saved model too.
+    seg2 = type(seg)(viewer)
+    assert str(path.resolve()) in [c for c in seg2.model.choices]
+
+
+def test_finetune_progress_in_the_widget(viewer_with_plugin, qtbot):
+    viewer, _, ft, _ = viewer_with_plugin
+    gt = viewer.layers["nuclei ground truth"]
+    ft.update_pairs()
+    ft.set_checked(gt, True)
+    ft.budget_mode.value = "epochs"
+    ft.budget_value.value = 1
+    ft.advanced["crop_size"].value = 64
+    ft.advanced["batch_size"].value = 2
+    ft.run()
+    qtbot.waitUntil(lambda: ft.plot.n_points >= 1, timeout=180_000)
+    assert "step" in ft.progress.detail.text()
+    ft.stop()
+    _wait_worker(qtbot, ft, timeout=60_000)
+    assert ft.progress.value >= 1 and "steps done" in ft.progress.detail.text()
+    assert np.isfinite(ft.plot.losses[0])
