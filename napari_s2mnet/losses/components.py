@@ -215,7 +215,17 @@ def loss_bnd(p: Tensor, y: Tensor) -> Tensor:
 
 
 def loss_str(p: Tensor, y: Tensor, c: Tensor, *, eps_inside_sqrt: bool = False) -> Tensor:
-    """Shape consistency ``c * |kappa(y) - kappa(p)|``, ``kappa = (sum m + EPS) / (P(m)^2 + EPS)``.
+    """Shape consistency ``c * |kappa(y) - kappa(p)|``, bounded by ``c / (4 pi)``.
+
+    The spec's ``kappa = (A + EPS) / (P^2 + EPS)`` (``A = sum m``, ``P`` the soft perimeter) has
+    no upper bound: a crop without a boundary (all foreground, or one object larger than the crop)
+    has ``P ~ 0`` and gives ``kappa ~ 1e9``, which swamps every other term and can fool the
+    divergence guard. The default uses the saturating form ``kappa' = A / (P^2 + 4 pi A)``, which
+    equals ``kappa / (1 + 4 pi kappa)``: nearly ``kappa`` for the usual crops with many objects
+    (``kappa << 1 / (4 pi)``), monotone in it, and never above ``1 / (4 pi)`` (the value of a
+    disc's isoperimetric ratio, reached only without a boundary).
+    ``eps_inside_sqrt=True`` (reference-code parity) keeps the spec's formula; its perimeter has
+    the floor ``sqrt(EPS) * H * W``, so it is bounded by ``1e6 / (H W)`` there.
 
     Args:
         c: Compactness of the ground truth, ``(B,)`` (per sample or the batch value repeated).
@@ -223,7 +233,11 @@ def loss_str(p: Tensor, y: Tensor, c: Tensor, *, eps_inside_sqrt: bool = False) 
     dims = (1, 2, 3)
 
     def kappa(m: Tensor) -> Tensor:
-        return (m.sum(dims) + EPS) / (soft_perimeter(m, eps_inside_sqrt=eps_inside_sqrt) ** 2 + EPS)
+        area = m.sum(dims)
+        per2 = soft_perimeter(m, eps_inside_sqrt=eps_inside_sqrt) ** 2
+        if eps_inside_sqrt:
+            return (area + EPS) / (per2 + EPS)
+        return area / (per2 + 4.0 * math.pi * area + EPS)  # 0 for an empty map
 
     return c * (kappa(y) - kappa(p)).abs()
 

@@ -359,3 +359,47 @@ def test_segment_gives_the_same_labels_for_badly_scaled_images() -> None:
     for name in ("uint64 near max", "x 1e-15", "beyond float32"):
         labels, _ = segment(variants[name], bundle)
         assert np.array_equal(labels, ref), name
+
+
+# --------------------------------------------------------------------------------------------
+# item 7: the MASL shape term is bounded
+
+
+def test_masl_is_bounded_on_all_foreground_crops() -> None:
+    import math
+
+    import torch
+
+    from napari_s2mnet.losses import components as C
+    from napari_s2mnet.losses.masl import MASL
+
+    torch.manual_seed(0)
+    full = torch.ones(4, 1, 64, 64)  # no boundary anywhere: an object larger than the crop
+    logits = torch.randn(4, 1, 64, 64, requires_grad=True)
+    crit = MASL(1, learned_weights=False)
+    total = crit(logits, full)
+    total.backward()
+    assert torch.isfinite(total) and 0 <= float(total) < 2.0
+    assert crit.last_components["str"] <= 1 / (4 * math.pi) + 1e-6
+    assert torch.isfinite(logits.grad).all()
+    # perfect all-foreground prediction: the shape term vanishes, no 1e9 spike
+    perfect = C.loss_str(torch.ones(2, 1, 32, 32), torch.ones(2, 1, 32, 32), torch.ones(2))
+    assert float(perfect.max()) < 1e-6
+    # the worst case, a boundary-free target against an empty prediction, stays below c / (4 pi)
+    worst = C.loss_str(torch.zeros(2, 1, 32, 32), torch.ones(2, 1, 32, 32), torch.ones(2))
+    assert float(worst.max()) <= 1 / (4 * math.pi)
+
+
+def test_masl_mixed_batches_stay_in_the_usual_range() -> None:
+    import torch
+
+    from napari_s2mnet.losses.masl import MASL
+
+    torch.manual_seed(1)
+    y = torch.zeros(4, 1, 64, 64)
+    y[0] = 1.0  # all foreground
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    for k, (cy, cx) in enumerate([(20, 20), (40, 44), (12, 50)]):
+        y[k + 1, 0] = (((yy - cy) ** 2 + (xx - cx) ** 2) < 100).float()
+    losses = [float(MASL(1)(torch.randn(4, 1, 64, 64) * s, y)) for s in (0.1, 1.0, 5.0)]
+    assert all(0.0 < v < 5.0 for v in losses), losses
