@@ -125,10 +125,11 @@ class ChannelLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.eps = eps
+        self.channels = int(channels)  # a constant in traced / exported graphs
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise ``x`` over dim 1."""
-        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (self.channels,), self.weight, self.bias, self.eps)
         return y.permute(0, 3, 1, 2)
 
 
@@ -304,9 +305,10 @@ class SpectralFilter(nn.Module):
     def _make_layout(self, h: int, w: int) -> tuple[tuple[int, ...], np.ndarray]:
         """Compute the layout (see :meth:`_layout`); small loops, run once per input size."""
         kh, kw = min(self.k, h), min(self.k, w)
-        rows = tuple(crop_rows(kh, h).tolist())
+        # numpy, not crop_rows' torch ops: under torch.export those would be symbolic.
+        rows = tuple(int(r) for r in (np.arange(kh) - kh // 2) % h)
         row_set = set(rows)
-        col_set = set(crop_rows(kw, w).tolist())
+        col_set = {int(c) for c in (np.arange(kw) - kw // 2) % w}
         # 1 where the half-plane element or its mirror lies in the centred crop (mod H, W).
         mask = np.ones((kh, kw // 2 + 1), dtype=np.float32)
         for i, r in enumerate(rows):
@@ -340,7 +342,8 @@ class SpectralFilter(nn.Module):
         the same numbers to float rounding, exportable to ONNX, and copy-free in
         channels-last layout.
         """
-        h, w = x.shape[-2:]
+        # Python ints: the DFT basis is a constant of the (traced or exported) graph.
+        h, w = int(x.shape[-2]), int(x.shape[-1])
         with fp32_region(x.device):
             xf = x.float()
             if self.mode == "crop":

@@ -115,24 +115,25 @@ def truncated_spectral_filter(x: Tensor, filt: Tensor, rows: tuple[int, ...]) ->
     Returns:
         ``(B, C, H, W)`` float32, in channels-last memory layout.
     """
-    b, c, h, w = x.shape
-    kh, q = filt.shape[1], filt.shape[2]
+    # Python ints fix the basis; the batch stays symbolic (-1) so exported graphs keep it dynamic.
+    c, h, w = (int(n) for n in x.shape[1:])
+    kh, q = int(filt.shape[1]), int(filt.shape[2])
     col_fwd, row_fwd, row_inv, col_inv = torch_bases(h, w, tuple(rows), q, x.device, x.dtype)
-    xt = x.permute(0, 2, 3, 1).reshape(b * h, w, c)  # free for channels-last input
+    xt = x.permute(0, 2, 3, 1).reshape(-1, w, c)  # free for channels-last input
     x1 = torch.matmul(col_fwd, xt)  # (B*H, 2Q, C): [Re | Im] of the column rDFT
-    m = torch.matmul(row_fwd, x1.reshape(b, h, 2 * q * c)).view(b, 2, kh, 2, q, c)
+    m = torch.matmul(row_fwd, x1.reshape(-1, h, 2 * q * c)).reshape(-1, 2, kh, 2, q, c)
     f = filt.permute(1, 2, 0)  # (Kh, Q, C)
     # (cos - i sin)(Xr + i Xi) with the cos / sin products from one matmul
     yr = (m[:, 0, :, 0] + m[:, 1, :, 1]) * f
     yi = (m[:, 0, :, 1] - m[:, 1, :, 0]) * f
-    v = torch.stack([yr, yi], dim=2).reshape(b, kh, 2 * q * c)
-    p = torch.matmul(row_inv, v).view(b, 2, h, 2, q, c)
+    v = torch.stack([yr, yi], dim=2).reshape(-1, kh, 2 * q * c)
+    p = torch.matmul(row_inv, v).reshape(-1, 2, h, 2, q, c)
     # (cos + i sin)(Yr + i Yi)
     zr = p[:, 0, :, 0] - p[:, 1, :, 1]
     zi = p[:, 0, :, 1] + p[:, 1, :, 0]
-    z = torch.stack([zr, zi], dim=2).reshape(b * h, 2 * q, c)
+    z = torch.stack([zr, zi], dim=2).reshape(-1, 2 * q, c)
     out = torch.matmul(col_inv, z)  # (B*H, W, C)
-    return out.view(b, h, w, c).permute(0, 3, 1, 2)
+    return out.reshape(-1, h, w, c).permute(0, 3, 1, 2)
 
 
 __all__ = ["dft_bases", "torch_bases", "truncated_spectral_filter"]
