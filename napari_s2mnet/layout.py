@@ -218,7 +218,7 @@ def plan_image(
             f"axis_names {names} must name the {len(lead)} leading axes of shape {arr.shape}."
         )
 
-    # Channel mapping, the same rule as training (napari_s2mnet.training._channel_mode): the
+    # Channel mapping, shared by inference and training (both plan through here): the
     # channels are normalised first, then averaged (RGB -> 1-channel model) or replicated.
     c_img = view.shape[-1]
     c_model = int(in_channels)

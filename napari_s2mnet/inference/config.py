@@ -14,6 +14,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["InferenceConfig", "Progress", "SegmentationResult"]
 
+#: Largest split_min_distance in pixels (objects of up to ~2000 px across).
+MAX_SPLIT_DISTANCE = 1000
+
 
 @dataclass
 class InferenceConfig:
@@ -98,10 +101,12 @@ class InferenceConfig:
             )
         if not isinstance(self.min_size, int | np.integer) or self.min_size < 0:
             raise ValueError(f"min_size must be an integer >= 0 pixels, got {self.min_size!r}.")
-        if not isinstance(self.split_min_distance, int | np.integer) or self.split_min_distance < 1:
+        if (not isinstance(self.split_min_distance, int | np.integer)
+                or not 1 <= self.split_min_distance <= MAX_SPLIT_DISTANCE):
+            # The peak search's window is (2 d + 1) pixels wide: 10**9 asked for exabytes.
             raise ValueError(
-                "split_min_distance must be an integer >= 1 pixel, got "
-                f"{self.split_min_distance!r}."
+                f"split_min_distance must be an integer from 1 to {MAX_SPLIT_DISTANCE} pixels, "
+                f"got {self.split_min_distance!r}."
             )
         if not isinstance(self.z_context, int | np.integer) or self.z_context < 0:
             raise ValueError(

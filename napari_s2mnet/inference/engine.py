@@ -67,6 +67,12 @@ class Engine:
         self.device: Any = None
         self.n_tiles = 0
         self._set_device(device)
+        from napari_s2mnet.inference.backends import resolve_backend
+
+        # "torch" or a compiled CPU runtime (inference/backends.py); a compile failure falls
+        # back to "torch" with a note.
+        self.backend = resolve_backend(getattr(config, "backend", "auto"), self.device.type)
+        self._model_hash: str | None = None
 
     # -- device handling -----------------------------------------------------------------
     def _set_device(self, device: torch.device) -> None:
@@ -187,7 +193,7 @@ class Engine:
             for dims in flips:
                 xi = torch.flip(x, dims) if dims else x
                 with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                    logits = self.net(xi)
+                    logits = self._logits(xi)
                 self._check_output(logits, xi)
                 logits = logits.float()
                 p = torch.sigmoid(logits) if self.binary else torch.softmax(logits, dim=1)
@@ -205,6 +211,39 @@ class Engine:
                 log.warning(note)
             np.nan_to_num(out, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
         return out
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's logits for a batch, from eager torch or the compiled runtime."""
+        if self.backend == "torch" or not hasattr(self.net, "forward_padded"):
+            return self.net(x)
+        import torch
+
+        xp, pads = self.net.pad(x)  # pad to the stride as forward() does, outside the graph
+        runner = self._runner((int(xp.shape[-2]), int(xp.shape[-1])))
+        if runner is None:
+            return self.net(x)
+        y = torch.from_numpy(runner(xp.contiguous().numpy()))
+        return self.net.crop(y, pads)
+
+    def _runner(self, tile: tuple[int, int]) -> Any:
+        """The compiled runner for ``tile``; ``None`` (and eager torch from now on) on failure."""
+        import torch
+
+        from napari_s2mnet.checkpoint import model_hash
+        from napari_s2mnet.inference.backends import get_runner
+
+        try:
+            if self._model_hash is None:
+                self._model_hash = model_hash(self.bundle.model)
+            return get_runner(
+                self.net, self._model_hash, self.backend, tile, torch.get_num_threads()
+            )
+        except Exception as exc:  # any export / compile failure: eager torch still works
+            note = f"The {self.backend} backend failed ({exc}); running eager PyTorch instead."
+            log.warning(note)
+            self.notes.append(note)
+            self.backend = "torch"
+            return None
 
     def _check_output(self, logits: Any, x: Any) -> None:
         expected = (x.shape[0], self.out_channels, x.shape[2], x.shape[3])

@@ -128,6 +128,7 @@ def segment_iter(
             probability=out.probability,
             uncertainty=out.uncertainty,
             device=engine.description,
+            backend=engine.backend,
             messages=list(notes),
             threshold=threshold if binary else None,
             semantic=not binary,

@@ -329,6 +329,21 @@ class FinetuneControl:
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._make_result: Callable[[], FinetuneResult | None] | None = None
+        self._ended = False  # a run that used this control has finished
+
+    def _begin_run(self) -> None:
+        """Called when a run starts: a control whose earlier run has ended is reset, so a stop
+        meant for that run does not end this one at step 0. (A stop requested before the first
+        run still applies: that is Stop pressed before training began.)"""
+        with self._lock:
+            if self._ended:
+                self._event.clear()
+                self._make_result = None
+                self._ended = False
+
+    def _end_run(self) -> None:
+        with self._lock:
+            self._ended = True
 
     def stop(self) -> None:
         """Ask the run to stop at the next step."""

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from napari_s2mnet.checkpoint import ModelBundle
+from napari_s2mnet.io import check_float_label_range
 from napari_s2mnet.layout import ImageLayout, check_array, check_finite, plan_image, resolve_layout
 from napari_s2mnet.training.config import FinetuneConfig
 
@@ -160,6 +161,7 @@ def _prepare(
             if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
                 raise ValueError(f"{name}: labels must hold whole numbers (label ids); got "
                                  f"fractional or non-finite {labels.dtype} values.")
+            check_float_label_range(labels, name)  # before the cast wraps 1e30 to a negative
             labels = labels.astype(np.int64)
         elif labels.dtype.kind not in "biu":
             raise TypeError(f"{name}: labels dtype {labels.dtype} is not an integer type.")

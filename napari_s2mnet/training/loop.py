@@ -678,6 +678,8 @@ def finetune(
             state that does not fit the pairs or the config).
     """
     job = _Finetune(pairs, model, config, control, val_pairs, names, resume)
+    if isinstance(control, FinetuneControl):
+        control._begin_run()  # reused after an earlier run: forget that run's stop
     try:
         yield job.start()
         while (report := job.step()) is not None:
@@ -688,6 +690,8 @@ def finetune(
         job.drop_step()
     finally:
         job.detach()
+        if isinstance(control, FinetuneControl):
+            control._end_run()
     last, result = job.finish()
     yield last
     return result
