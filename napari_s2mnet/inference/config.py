@@ -58,6 +58,13 @@ class InferenceConfig:
             ``"watershed"``: 3-D (seeded) watershed on the stacked probabilities with the
             layer's anisotropic spacing; ``"off"``: every plane on its own (ids never span
             planes, the behaviour before issue 15). Time points are never linked.
+        backend: What runs the network: ``"auto"`` (a compiled runtime on the CPU when one is
+            installed, eager PyTorch on CUDA / MPS), ``"torch"``, ``"openvino"`` or
+            ``"onnxruntime"`` (CPU only); see :mod:`napari_s2mnet.inference.backends`.
+        input_transform: What the image goes through before the model
+            (:data:`napari_s2mnet.stain.INPUT_TRANSFORMS`): ``"none"``; ``"invert"`` for dark
+            objects on a bright background (brightfield); ``"hematoxylin"`` for H&E / IHC RGB
+            images (the hematoxylin stain of scikit-image's ``rgb2hed``: nuclei become bright).
     """
 
     tile_size: int | None = None
@@ -77,9 +84,14 @@ class InferenceConfig:
     normalize_per_slice: bool = False
     z_context: int = 0
     labels_3d: str = "auto"
+    backend: str = "auto"
+    input_transform: str = "none"
 
     def validate(self) -> None:
         """Raise ``ValueError`` with an actionable message for impossible settings."""
+        from napari_s2mnet.stain import check_transform
+
+        check_transform(self.input_transform)
         if self.tile_size is not None and (
             not isinstance(self.tile_size, int | np.integer) or self.tile_size < 16
         ):
@@ -117,6 +129,11 @@ class InferenceConfig:
             raise ValueError(
                 f"labels_3d must be 'auto', 'stitch', 'watershed' or 'off', got "
                 f"{self.labels_3d!r}."
+            )
+        if self.backend not in ("auto", "torch", "openvino", "onnxruntime"):
+            raise ValueError(
+                "backend must be 'auto', 'torch', 'openvino' or 'onnxruntime', got "
+                f"{self.backend!r}."
             )
         if not isinstance(self.device, str):
             raise TypeError(
@@ -159,6 +176,7 @@ class SegmentationResult:
             ``p`` for binary models, ``1 - p(background)`` for multi-class models.
         uncertainty: Normalised entropy in ``[0, 1]`` (float32, labels' shape) when requested.
         device: Description of the device that did the work (e.g. ``"CPU (2 threads)"``).
+        backend: What ran the network: ``"torch"``, ``"openvino"`` or ``"onnxruntime"``.
         messages: Notes for the user (channel conversions, out-of-memory fallbacks ...).
         threshold: Threshold used (binary models), else ``None``.
         semantic: True for multi-class (class-id) labels.
@@ -173,6 +191,7 @@ class SegmentationResult:
     probability: np.ndarray | None = None
     uncertainty: np.ndarray | None = None
     device: str = ""
+    backend: str = ""
     messages: list[str] = field(default_factory=list)
     threshold: float | None = None
     semantic: bool = False
