@@ -32,6 +32,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                         "third channel and a 1-channel model); default: all")
     p.add_argument("--z-context", type=int, default=0,
                    help="stacks: 2.5-D smoothing over +-N neighbouring slices (default 0: off)")
+    p.add_argument("--input-transform", default="none", choices=["none", "invert", "hematoxylin"],
+                   help="invert: dark objects on a bright background (brightfield); hematoxylin: "
+                        "H&E/IHC RGB images (nuclei from the hematoxylin stain)")
     p.set_defaults(func=_run_predict)
 
 
@@ -48,7 +51,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         channel_axis=args.channel_axis,
         channels=args.channels,
-        config=InferenceConfig(z_context=args.z_context),
+        config=InferenceConfig(z_context=args.z_context, input_transform=args.input_transform),
     )
 
 
@@ -127,6 +130,28 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export a model (default: the bundled model) to ONNX or bioimage.io"
+    )
+    p.add_argument("model", nargs="?", type=Path, default=None,
+                   help="a .safetensors model file (default: the bundled model)")
+    p.add_argument("--format", dest="fmt", choices=["onnx", "bioimageio"], default=None,
+                   help="onnx (.onnx file) or bioimageio (.zip package); default: from -o's suffix")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .onnx or .zip file")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="square tile side the graph is built for (default: the model's tile size)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from napari_s2mnet.export import export_model
+
+    path = export_model(args.output, args.fmt, model_path=args.model, tile_size=args.tile_size)
+    print(f"wrote {path}")
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="open napari with the S2M-Net widget and the sample image segmented"
@@ -153,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_train(sub)
     _add_info(sub)
+    _add_export(sub)
     _add_demo(sub)
     return parser
 
