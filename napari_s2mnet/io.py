@@ -75,6 +75,27 @@ def smallest_uint_dtype(max_value: int | np.integer) -> np.dtype:
     raise ValueError(f"Label value {value} does not fit in 64 bits.")
 
 
+def check_float_label_range(labels: np.ndarray, name: str) -> None:
+    """Refuse float label ids that no integer id type holds exactly (above 2**53, or negative).
+
+    Casting ``1e30`` to int64 wraps to a negative number; say what is really wrong instead.
+    """
+    if labels.size == 0:
+        return
+    lo, hi = float(labels.min()), float(labels.max())
+    if lo < 0:
+        raise ValueError(f"{name}: labels must be >= 0 (0 = background); found {lo:g}.")
+    if hi > _MAX_EXACT_FLOAT_ID:
+        raise ValueError(
+            f"{name}: label value {hi:g} is too large for a label id (float labels must be whole "
+            f"numbers up to 2**53 = {_MAX_EXACT_FLOAT_ID}); save the labels with an integer dtype "
+            "or renumber them (e.g. skimage.segmentation.relabel_sequential)."
+        )
+
+
+_MAX_EXACT_FLOAT_ID = 2**53
+
+
 def _as_uint_labels(labels: Any) -> np.ndarray:
     """Validate a label image and cast it to the smallest unsigned dtype (no copy if already so)."""
     arr = np.asarray(labels)
@@ -90,6 +111,7 @@ def _as_uint_labels(labels: Any) -> np.ndarray:
                 "Labels must be whole numbers; this float array has fractional or NaN/Inf values. "
                 "Is it a probability image? Threshold it or round it first."
             )
+        check_float_label_range(arr, "labels")
     elif arr.dtype.kind not in "ui":
         raise TypeError(f"Labels must be integers, got dtype {arr.dtype}.")
     lo, hi = (int(arr.min()), int(arr.max()))
@@ -184,8 +206,12 @@ def write_labels(
             )
         import imageio.v3 as iio
 
-        with _atomic_path(path) as tmp:
-            iio.imwrite(tmp, arr, extension=".png")
+        # Encoded in memory, then written with a plain file: on a full disk the write fails once
+        # with OSError (imageio writing to the file would also raise again from a finaliser,
+        # printing an extra "Exception ignored" traceback).
+        data = iio.imwrite("<bytes>", arr, extension=".png")
+        with _atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            fh.write(data)
         return path
 
     _write_tiff(path, arr, spacing=spacing, unit=unit, axes=axes)

@@ -355,7 +355,8 @@ def _object_slices(
 ) -> dict[int, tuple[slice, ...]]:
     """Bounding boxes of the requested (or all) label ids present in ``labels``."""
     if label_ids is not None:
-        wanted = np.unique(np.asarray(list(label_ids), dtype=np.int64))
+        ids = [int(i) for i in label_ids]
+        wanted = np.unique(np.asarray(ids, dtype=_id_dtype(max(ids, default=0))))
         wanted = wanted[wanted > 0]
         if wanted.size == 0:
             return {}
@@ -478,7 +479,22 @@ def object_features(
             )
         )
     df = pd.DataFrame.from_records(rows, columns=list(FEATURE_COLUMNS))
-    return df.astype({"index": "int64", "label": "int64", "area_px": "int64", "class": "int64"})
+    ids = _id_dtype(max(slices)).name  # uint64 ids above 2**63 must not wrap to negatives
+    return df.astype({"index": ids, "label": ids, "area_px": "int64", "class": "int64"})
+
+
+def _id_dtype(max_id: int) -> np.dtype:
+    """int64 for label ids (napari's convention), uint64 for ids beyond its range."""
+    return np.dtype(np.uint64 if max_id > np.iinfo(np.int64).max else np.int64)
+
+
+def _concat_ids(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate feature tables, keeping uint64 ids exact (int64 + uint64 would give floats)."""
+    import pandas as pd
+
+    if any(p["label"].dtype == np.uint64 for p in parts):
+        parts = [p.astype({"index": "uint64", "label": "uint64"}) for p in parts]
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].copy()
 
 
 def update_features(
@@ -501,7 +517,6 @@ def update_features(
         touched_ids: Label ids whose pixels changed (painted over, erased, or new).
         **kwargs: ``spacing``, ``probability``, ``classes`` as in :func:`object_features`.
     """
-    import pandas as pd
 
     unknown = set(kwargs) - {"spacing", "probability", "classes"}
     if unknown:
@@ -518,7 +533,7 @@ def update_features(
     parts = [p for p in (base, fresh) if len(p)]
     if not parts:
         return empty_features()
-    out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].copy()
+    out = _concat_ids(parts)
     out = out.sort_values("label", kind="stable").reset_index(drop=True)
     return out[list(FEATURE_COLUMNS)]
 
@@ -580,12 +595,12 @@ def update_stack_features(
             raise ValueError(f"df is not a stack features table: missing columns {sorted(missing)}.")
         base = df[~df["label"].isin(touched)]
     if fresh:
-        new = pd.concat(fresh, ignore_index=True)
+        new = _concat_ids(fresh)
         new = new.sort_values("area_px", ascending=False, kind="stable")
         fresh = [new.drop_duplicates("label")]
     parts = [p for p in (base, *fresh) if len(p)]
     if not parts:
         return base[columns].reset_index(drop=True)
-    out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].copy()
+    out = _concat_ids(parts)
     out = out.sort_values("label", kind="stable").reset_index(drop=True)
     return out[columns]

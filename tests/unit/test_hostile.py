@@ -403,3 +403,113 @@ def test_masl_mixed_batches_stay_in_the_usual_range() -> None:
         y[k + 1, 0] = (((yy - cy) ** 2 + (xx - cx) ** 2) < 100).float()
     losses = [float(MASL(1)(torch.randn(4, 1, 64, 64) * s, y)) for s in (0.1, 1.0, 5.0)]
     assert all(0.0 < v < 5.0 for v in losses), losses
+
+
+# --------------------------------------------------------------------------------------------
+# item 9: minor
+
+
+def test_png_export_on_a_full_disk_fails_once_without_a_second_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full to simulate a full disk")
+    script = f"""
+import gc, os
+from pathlib import Path
+import numpy as np
+from napari_s2mnet import _atomic
+from napari_s2mnet.io import write_labels
+
+def full_disk_temp(target):  # the temporary file lies on a full disk
+    tmp = target.parent / ".full.tmp.png"
+    tmp.symlink_to("/dev/full")
+    return tmp
+
+_atomic.new_temp_file = full_disk_temp
+out = Path({str(tmp_path)!r}) / "labels.png"
+try:
+    write_labels(out, np.ones((64, 64), np.uint8))
+except OSError as exc:
+    print("refused:", exc.errno)
+gc.collect()
+print("exists:", out.exists(), sorted(p.name for p in out.parent.iterdir()))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "refused: 28" in run.stdout
+    assert "exists: False []" in run.stdout
+    assert "Exception ignored" not in run.stderr and "Traceback" not in run.stderr
+
+
+def test_float_label_1e30_is_called_too_large(tmp_path: Path) -> None:
+    from napari_s2mnet.io import write_labels
+    from napari_s2mnet.training import FinetuneConfig, finetune
+
+    labels = np.zeros((32, 32))
+    labels[4:12, 4:12] = 1e30
+    with pytest.raises(ValueError, match="too large for a label id"):
+        write_labels(tmp_path / "x.tif", labels)
+    bundle = ck.new_model(ModelConfig(arch="unet", in_channels=1, options=TINY_UNET))
+    image = np.random.default_rng(0).random((32, 32)).astype(np.float32)
+    with pytest.raises(ValueError, match="too large for a label id") as info:
+        next(finetune([(image, labels)], bundle, FinetuneConfig(epochs=1, device="cpu")))
+    assert "negative" not in str(info.value)
+
+
+def test_uint64_ids_above_2_63_keep_their_value_in_features() -> None:
+    from napari_s2mnet.morphology import object_features, update_features
+
+    big, bigger = 2**63 + 5, 2**64 - 1
+    lab = np.zeros((24, 24), np.uint64)
+    lab[2:6, 2:6] = np.uint64(bigger)
+    lab[10:14, 10:14] = np.uint64(big)
+    lab[18:21, 1:4] = 3
+    df = object_features(lab)
+    assert [int(v) for v in df["label"]] == [3, big, bigger]
+    assert [int(v) for v in df["index"]] == [3, big, bigger]
+    lab[18:21, 1:4] = 4  # an edit of a small id keeps the big ones exact
+    df2 = update_features(df, lab, [3, 4])
+    assert [int(v) for v in df2["label"]] == [4, big, bigger]
+    assert [int(v) for v in object_features(lab, label_ids=[bigger])["label"]] == [bigger]
+    small = object_features(np.array([[0, 1], [2, 2]], np.uint64))
+    assert small["label"].dtype == np.int64  # the usual case keeps napari's int64 ids
+
+
+def test_split_min_distance_has_an_upper_bound() -> None:
+    from napari_s2mnet.inference import InferenceConfig
+
+    with pytest.raises(ValueError, match="split_min_distance must be an integer from 1 to"):
+        InferenceConfig(split_min_distance=10**9).validate()
+    InferenceConfig(split_min_distance=1000).validate()
+
+
+def test_a_finetune_control_reused_after_a_stopped_run_does_not_stop_the_next() -> None:
+    from napari_s2mnet.training import FinetuneConfig, FinetuneControl, finetune
+
+    rng = np.random.default_rng(0)
+    image = rng.random((32, 32)).astype(np.float32)
+    labels = np.zeros((32, 32), np.uint8)
+    labels[4:12, 4:12] = 1
+    labels[18:28, 16:26] = 2
+    image[labels > 0] += 1.0
+    bundle = ck.new_model(ModelConfig(arch="unet", in_channels=1, options=TINY_UNET))
+    config = FinetuneConfig(epochs=1, steps_per_epoch=3, batch_size=2, crop_size=32,
+                            val_fraction=0.0, device="cpu")
+    control = FinetuneControl()
+
+    def run() -> Any:
+        gen = finetune([(image, labels)], bundle, config, control=control)
+        try:
+            while True:
+                next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+    control.stop()  # Stop before the first run: that run ends at once
+    first = run()
+    assert first.stopped_reason == "cancelled" and first.steps == 0
+    second = run()  # same control: the old stop no longer applies
+    assert second.steps == 3 and second.stopped_reason != "cancelled"
+    assert not control.stop_requested
