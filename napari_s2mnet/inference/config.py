@@ -61,10 +61,6 @@ class InferenceConfig:
         backend: What runs the network: ``"auto"`` (a compiled runtime on the CPU when one is
             installed, eager PyTorch on CUDA / MPS), ``"torch"``, ``"openvino"`` or
             ``"onnxruntime"`` (CPU only); see :mod:`napari_s2mnet.inference.backends`.
-        input_transform: What the image goes through before the model
-            (:data:`napari_s2mnet.stain.INPUT_TRANSFORMS`): ``"none"``; ``"invert"`` for dark
-            objects on a bright background (brightfield); ``"hematoxylin"`` for H&E / IHC RGB
-            images (the hematoxylin stain of scikit-image's ``rgb2hed``: nuclei become bright).
     """
 
     tile_size: int | None = None
@@ -85,13 +81,9 @@ class InferenceConfig:
     z_context: int = 0
     labels_3d: str = "auto"
     backend: str = "auto"
-    input_transform: str = "none"
 
     def validate(self) -> None:
         """Raise ``ValueError`` with an actionable message for impossible settings."""
-        from napari_s2mnet.stain import check_transform
-
-        check_transform(self.input_transform)
         if self.tile_size is not None and (
             not isinstance(self.tile_size, int | np.integer) or self.tile_size < 16
         ):
