@@ -22,6 +22,7 @@ from napari_s2mnet._qt._session import get_session
 from napari_s2mnet._qt.dock import ProgressRow, scrolling_body
 from napari_s2mnet.inference import InferenceConfig
 from napari_s2mnet.inference.config import Progress, SegmentationResult
+from napari_s2mnet.stain import INPUT_TRANSFORMS
 
 NO_CHANNEL_AXIS = -1  # the channel-axis picker's "none" (ComboBox data must not be None)
 ALL_CHANNELS = -1  # the model-input picker's "all": channels mapped automatically
@@ -84,6 +85,11 @@ class SegmentWidget(QWidget):
             tooltip="which channel feeds the model (e.g. the nuclear stain for a 1-channel "
                     "model); 'all' passes every channel (RGB is averaged to gray for a "
                     "1-channel model)")
+        self.input_transform = ComboBox(
+            label="input", choices=[(text, key) for key, text in INPUT_TRANSFORMS.items()],
+            value=InferenceConfig().input_transform,
+            tooltip="brightfield: 'invert' makes dark objects bright; H&E / IHC RGB: the "
+                    "hematoxylin stain (nuclei) feeds the model as bright objects")
         self.model = ComboBox(label="model", choices=self._model_choices,
                               tooltip="the bundled model, models fine-tuned in this window and "
                                       "model files loaded or saved recently")
@@ -98,6 +104,7 @@ class SegmentWidget(QWidget):
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.controls = Container(widgets=[self.image, self.channel_axis, self.input_channel,
+                                           self.input_transform,
                                            Container(widgets=[self.model, self.open_button],
                                                      layout="horizontal", labels=False,
                                                      label="model")])
@@ -312,7 +319,8 @@ class SegmentWidget(QWidget):
     # -- running -------------------------------------------------------------------------------
     def config(self) -> InferenceConfig:
         """The inference config the widget currently describes."""
-        return InferenceConfig(device=self.device.value, **form_values(self.advanced))
+        return InferenceConfig(device=self.device.value, input_transform=self.input_transform.value,
+                               **form_values(self.advanced))
 
     def run(self) -> Any:
         """Start segmentation of the selected image layer; returns the worker."""

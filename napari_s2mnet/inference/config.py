@@ -61,6 +61,14 @@ class InferenceConfig:
         backend: What runs the network: ``"auto"`` (a compiled runtime on the CPU when one is
             installed, eager PyTorch on CUDA / MPS), ``"torch"``, ``"openvino"`` or
             ``"onnxruntime"`` (CPU only); see :mod:`napari_s2mnet.inference.backends`.
+        input_transform: What the image goes through before the model
+            (:data:`napari_s2mnet.stain.INPUT_TRANSFORMS`): ``"none"``; ``"invert"`` for dark
+            objects on a bright background (brightfield); ``"hematoxylin"`` for H&E / IHC RGB
+            images (the hematoxylin stain of scikit-image's ``rgb2hed``: nuclei become bright).
+        diameter: Typical object diameter in the image, in pixels; ``None``: as the model was
+            trained (no rescaling; :func:`napari_s2mnet.diameter.estimate_diameter` measures
+            it). Each slice is rescaled by ``model diameter / diameter`` before the network and
+            the probabilities are resized back, so labels stay on the image's grid.
     """
 
     tile_size: int | None = None
@@ -81,9 +89,19 @@ class InferenceConfig:
     z_context: int = 0
     labels_3d: str = "auto"
     backend: str = "auto"
+    input_transform: str = "none"
+    diameter: float | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` with an actionable message for impossible settings."""
+        from napari_s2mnet.stain import check_transform
+
+        check_transform(self.input_transform)
+        if self.diameter is not None and (isinstance(self.diameter, bool) or
+                                          not isinstance(self.diameter, int | float | np.number)
+                                          or not 2 <= float(self.diameter) <= 2000):
+            raise ValueError(f"diameter must be a number of pixels in [2, 2000] or None (as "
+                             f"the model was trained), got {self.diameter!r}.")
         if self.tile_size is not None and (
             not isinstance(self.tile_size, int | np.integer) or self.tile_size < 16
         ):

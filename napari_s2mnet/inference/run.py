@@ -23,6 +23,7 @@ from napari_s2mnet.layout import (
     plan_image,
     resolve_layout,
 )
+from napari_s2mnet.stain import brightfield_warning, transform_input
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -88,11 +89,17 @@ def segment_iter(
     lay = resolve_layout(arr, layout)
     bundle = _resolve_model(model)
     notes: list[str] = []
+    warning = brightfield_warning(arr, lay, cfg.input_transform)
+    if warning:
+        notes.append(warning)
+        log.warning(warning)
+    arr, lay = transform_input(arr, lay, cfg.input_transform)
     plan = plan_image(arr, lay, int(bundle.config.in_channels), notes)
     spacing_t = check_spacing(spacing, arr, plan)
     check_finite(plan)
     binary = int(bundle.config.num_classes) == 1
     threshold = float(cfg.threshold if cfg.threshold is not None else bundle.threshold)
+    factor = _diameter_factor(bundle, cfg, notes)
     if binary and not 0.0 < threshold < 1.0:
         raise ValueError(f"The model's stored threshold {threshold} is not in (0, 1); set one.")
     for note in notes:
@@ -101,12 +108,12 @@ def segment_iter(
     n_slices = plan.n_slices
     engine = Engine(bundle, cfg, notes)
     try:
-        tiles = engine.grid(plan.spatial).n_tiles
+        tiles = engine.grid(_scaled(plan.spatial, factor)).n_tiles
         counter = Counter(total=n_slices * (tiles + 1), tiles_per_slice=tiles, n_slices=n_slices)
         timings["prepare"] += time.perf_counter() - t_start
         yield counter.progress("prepare", f"{n_slices * tiles} tiles on {engine.description}")
 
-        stream = _predictions(plan, bundle, cfg, engine, counter, timings)
+        stream = _predictions(plan, bundle, cfg, engine, counter, timings, factor)
         if cfg.z_context and plan.lead:
             stream = z_smoothed(stream, int(cfg.z_context), plan.lead)
         out = SliceResults(plan, cfg, binary, threshold, spacing_t, timings)
@@ -143,6 +150,30 @@ def segment_iter(
         engine.close()
 
 
+def _scaled(shape: tuple[int, int], factor: float) -> tuple[int, int]:
+    from napari_s2mnet.diameter import scaled_shape
+
+    return scaled_shape(shape, factor) if factor != 1.0 else shape
+
+
+def _diameter_factor(bundle: ModelBundle, cfg: InferenceConfig, notes: list[str]) -> float:
+    """Zoom factor for ``cfg.diameter`` (1.0 without one, or for a model without its own)."""
+    from napari_s2mnet.diameter import model_diameter, scale_factor
+
+    if cfg.diameter is None:
+        return 1.0
+    trained = model_diameter(bundle)
+    if trained is None:
+        notes.append(f"The model file does not say which object size it was trained on, so "
+                     f"the diameter {cfg.diameter:g} px is not used (no rescaling).")
+        return 1.0
+    factor = scale_factor(trained, float(cfg.diameter))
+    if factor != 1.0:
+        notes.append(f"Rescaled by {factor:.2f}: objects of {cfg.diameter:g} px reach the model "
+                     f"at its training diameter ({trained:g} px).")
+    return factor
+
+
 def _predictions(
     plan: ImagePlan,
     bundle: ModelBundle,
@@ -150,6 +181,7 @@ def _predictions(
     engine: Engine,
     counter: Counter,
     timings: dict[str, float],
+    factor: float = 1.0,
 ) -> Generator[Progress | Predicted, None, None]:
     """The blended probabilities of every slice in turn, with the engine's progress between.
 
@@ -170,7 +202,15 @@ def _predictions(
         region = plan.view[idx]
         t0 = time.perf_counter()
         slice_stats = stats if stats is not None else stats_for(region, 2)
-        acc = yield from engine.predict(region, plan, slice_stats, counter)
+        if factor != 1.0:  # objects reach the network at its training diameter
+            from napari_s2mnet.diameter import resize_plane
+
+            shape = _scaled(region.shape[:2], factor)
+            zoomed = np.moveaxis(resize_plane(np.moveaxis(region, -1, 0), shape, 1), 0, -1)
+            acc = yield from engine.predict(zoomed, plan, slice_stats, counter)
+            acc = np.clip(resize_plane(acc, region.shape[:2], 1), 0.0, 1.0)
+        else:
+            acc = yield from engine.predict(region, plan, slice_stats, counter)
         timings["predict"] += time.perf_counter() - t0
         yield Predicted(idx, acc)
 

@@ -125,3 +125,31 @@ def test_finetune_progress_in_the_widget(viewer_with_plugin, qtbot):
     _wait_worker(qtbot, ft, timeout=60_000)
     assert ft.progress.value >= 1 and "steps done" in ft.progress.detail.text()
     assert np.isfinite(ft.plot.losses[0])
+
+
+@pytest.mark.slow
+def test_ihc_image_gives_nuclei_with_the_hematoxylin_input(viewer_with_plugin, qtbot):
+    """scikit-image's IHC image with the bundled model: as is, a warning names the fix (the pale
+    background becomes giant objects); with 'H&E: hematoxylin channel' the objects are nuclei."""
+    from skimage import data
+
+    from napari_s2mnet._qt._session import get_session
+
+    viewer, seg, _, _ = viewer_with_plugin
+    get_session(viewer).use_bundled()
+    layer = viewer.add_image(data.immunohistochemistry(), name="IHC", rgb=True)
+    seg.image.value = layer
+    seg.device.value = "cpu"
+    seg.run()
+    _wait_worker(qtbot, seg, timeout=300_000)
+    assert "looks like brightfield" in seg.status.text() and "hematoxylin" in seg.status.text()
+    seg.input_transform.value = "hematoxylin"
+    seg.run()
+    _wait_worker(qtbot, seg, timeout=300_000)
+    out = viewer.layers[-1]
+    areas = np.bincount(np.asarray(out.data).ravel())[1:]
+    areas = areas[areas > 0]
+    assert len(areas) >= 50, len(areas)  # the image holds well over a hundred nuclei
+    assert 30 <= np.median(areas) <= 400, np.median(areas)  # nuclei of ~6-22 px diameter
+    assert areas.max() < 0.1 * out.data.size  # no background object
+    assert "looks like brightfield" not in seg.status.text()
