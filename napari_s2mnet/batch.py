@@ -165,7 +165,9 @@ def predict_paths(
 ) -> int:
     """Segment image files and folders; write ``<stem>_labels.tif`` and ``<stem>_features.csv``.
 
-    Unreadable files are logged and skipped; the others are still processed.
+    An image that cannot be read, segmented or written (full disk, read-only output ...) is
+    reported with the reason and skipped; the others are still processed, and a summary at the
+    end lists every failure.
 
     Args:
         inputs: Image files (TIFF, PNG, JPG) or folders of them (not recursive).
@@ -181,7 +183,7 @@ def predict_paths(
         stream: Where the progress line goes (default ``sys.stderr``).
 
     Returns:
-        Exit code: 0 when every image was segmented, 1 when some were skipped.
+        Exit code: 0 when every image was segmented and written, 1 when some failed.
 
     Raises:
         FileNotFoundError / ValueError: No model, no input image at all, or a bad setting.
@@ -214,11 +216,12 @@ def predict_paths(
     log.info("model: %s; %d image(s) -> %s", bundle.name, len(files), out_dir)
 
     bar = TextProgress(stream)
-    skipped = len(missing)
+    failed: list[tuple[Path, str]] = [(p, "no such file or folder") for p in missing]
     used: set[str] = set()
     for n, path in enumerate(files, start=1):
         head = f"[{n}/{len(files)}] {path.name}"
         try:
+            stem = _unique_stem(path, used)
             img = load_image(path)
             if channel_axis is not None:
                 layout = ImageLayout(channel_axis=channel_axis)
@@ -236,34 +239,45 @@ def predict_paths(
                 segment_iter(img.data, bundle, cfg, layout, spacing),
                 lambda p, head=head: _show_progress(bar, head, p),
             )
+            bar.finish()
+            for note in result.messages:
+                log.info("%s: %s", path.name, note)
+            # Writing is part of the image's work: a full disk or a read-only folder fails this
+            # image (reported below) and the run goes on with the next one.
+            axes = {2: "YX", 3: "ZYX", 4: "TZYX"}[result.labels.ndim]
+            write_labels(out_dir / f"{stem}_labels.tif", result.labels,
+                         spacing=result.spacing if img.spacing is not None else None,
+                         unit=img.unit, axes=axes)
+            write_features_csv(result.features, out_dir / f"{stem}_features.csv")
         except (ValueError, TypeError, RuntimeError, OSError, MemoryError) as exc:
             bar.finish()
-            log.error("%s: skipped: %s", path, exc)
-            skipped += 1
+            reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)
+            log.error("%s: skipped: %s", path, reason)
+            failed.append((path, reason))
             continue
-        bar.finish()
-        for note in result.messages:
-            log.info("%s: %s", path.name, note)
-        stem = path.stem
-        if stem in used:  # same name from two folders: keep both
-            i = 2
-            while f"{path.stem}_{i}" in used:
-                i += 1
-            stem = f"{path.stem}_{i}"
-            log.warning("%s: another input has the same name; writing %s_*", path, stem)
-        used.add(stem)
-        axes = {2: "YX", 3: "ZYX", 4: "TZYX"}[result.labels.ndim]
-        write_labels(out_dir / f"{stem}_labels.tif", result.labels,
-                     spacing=result.spacing if img.spacing is not None else None,
-                     unit=img.unit, axes=axes)
-        write_features_csv(result.features, out_dir / f"{stem}_features.csv")
         log.info("%s: %d objects, %.1f s on %s", path.name, len(result.features),
                  result.timings.get("total", math.nan), result.device)
-    if skipped:
-        log.warning("%d of %d input(s) skipped (see the errors above).", skipped,
-                    len(files) + len(missing))
+    total = len(files) + len(missing)
+    if failed:
+        lines = [f"{len(failed)} of {total} input(s) failed:"]
+        lines += [f"  {p}: {why}" for p, why in failed]
+        bar.line("\n".join(lines))
         return 1
+    bar.line(f"All {total} image(s) segmented; results in {out_dir}.")
     return 0
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    """``path``'s stem, numbered when another input already had it (same name, two folders)."""
+    stem = path.stem
+    if stem in used:
+        i = 2
+        while f"{path.stem}_{i}" in used:
+            i += 1
+        stem = f"{path.stem}_{i}"
+        log.warning("%s: another input has the same name; writing %s_*", path, stem)
+    used.add(stem)
+    return stem
 
 
 def _show_training(bar: TextProgress, r: TrainReport) -> None:

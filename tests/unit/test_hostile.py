@@ -513,3 +513,73 @@ def test_a_finetune_control_reused_after_a_stopped_run_does_not_stop_the_next() 
     second = run()  # same control: the old stop no longer applies
     assert second.steps == 3 and second.stopped_reason != "cancelled"
     assert not control.stop_requested
+
+
+# --------------------------------------------------------------------------------------------
+# item 1: batch predict goes on after a failed write
+
+
+@pytest.fixture(scope="module")
+def tiny_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    torch.manual_seed(2)
+    path = tmp_path_factory.mktemp("batch") / "tiny.safetensors"
+    ck.save_model(ck.new_model(ModelConfig(arch="unet", in_channels=1, options=TINY_UNET)), path)
+    return path
+
+
+def test_batch_predict_reports_a_failed_write_and_goes_on(
+    tmp_path: Path, tiny_model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import io as _io
+
+    import tifffile
+
+    from napari_s2mnet import io as s2io
+    from napari_s2mnet._sample_data import load_nuclei
+    from napari_s2mnet.batch import predict_paths
+
+    image = load_nuclei()[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, name in enumerate(("a", "b", "c")):
+        tifffile.imwrite(folder / f"{name}.tif", image[i * 64:(i + 1) * 64, :64])
+    real = s2io.write_labels
+
+    def full_disk_for_b(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path).name.startswith("b_"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(s2io, "write_labels", full_disk_for_b)
+    out, stream = tmp_path / "out", _io.StringIO()
+    rc = predict_paths([folder], out, model_path=tiny_model_file, device="cpu", stream=stream)
+    assert rc == 1  # some failed
+    produced = sorted(p.name for p in out.iterdir())
+    assert produced == ["a_features.csv", "a_labels.tif", "c_features.csv", "c_labels.tif"]
+    summary = stream.getvalue()
+    assert "1 of 3 input(s) failed:" in summary
+    assert "b.tif: OSError: [Errno 28] No space left on device" in summary
+
+    monkeypatch.setattr(s2io, "write_labels", real)
+    stream = _io.StringIO()
+    assert predict_paths([folder], out, model_path=tiny_model_file, device="cpu",
+                         stream=stream) == 0
+    assert "All 3 image(s) segmented" in stream.getvalue()
+
+
+def test_cli_predict_into_an_unusable_output_is_a_message_not_a_traceback(
+    tmp_path: Path, tiny_model_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((32, 32), np.uint8))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = cli_main(["predict", str(tmp_path / "a.tif"), "-o", str(blocker / "sub"), "--model",
+                   str(tiny_model_file), "--device", "cpu"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
