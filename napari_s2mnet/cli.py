@@ -32,6 +32,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                         "third channel and a 1-channel model); default: all")
     p.add_argument("--z-context", type=int, default=0,
                    help="stacks: 2.5-D smoothing over +-N neighbouring slices (default 0: off)")
+    p.add_argument("--input-transform", default="none", choices=["none", "invert", "hematoxylin"],
+                   help="invert: dark objects on a bright background (brightfield); hematoxylin: "
+                        "H&E/IHC RGB images (nuclei from the hematoxylin stain)")
     p.set_defaults(func=_run_predict)
 
 
@@ -48,7 +51,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         channel_axis=args.channel_axis,
         channels=args.channels,
-        config=InferenceConfig(z_context=args.z_context),
+        config=InferenceConfig(z_context=args.z_context, input_transform=args.input_transform),
     )
 
 
