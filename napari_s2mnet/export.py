@@ -230,6 +230,13 @@ def export_model(
     """
     from napari_s2mnet.checkpoint import load_default_model, load_model
 
+    fmt = export_format(output, fmt)  # bad names fail before the model is loaded
+    bundle = load_default_model() if model_path is None else load_model(model_path)
+    return export_bundle(bundle, output, fmt, tile_size)
+
+
+def export_format(output: str | os.PathLike, fmt: str | None = None) -> str:
+    """``fmt`` checked, or guessed from the suffix of ``output`` (``.onnx`` / ``.zip``)."""
     output = Path(output)
     if fmt is None:
         suffix = output.suffix.lower()
@@ -241,7 +248,18 @@ def export_model(
             )
     if fmt not in FORMATS:
         raise ValueError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
-    bundle = load_default_model() if model_path is None else load_model(model_path)
+    return fmt
+
+
+def export_bundle(
+    bundle: ModelBundle,
+    output: str | os.PathLike,
+    fmt: str | None = None,
+    tile_size: int | None = None,
+) -> Path:
+    """Export a loaded model (e.g. the one a widget holds); see :func:`export_model`."""
+    output = Path(output)
+    fmt = export_format(output, fmt)
     tile = default_tile(bundle, tile_size)
     if fmt == "onnx":
         return export_onnx(bundle.model, output, (tile, tile))
@@ -265,6 +283,8 @@ __all__ = [
     "S2MNET_DOI",
     "check_tile",
     "default_tile",
+    "export_bundle",
+    "export_format",
     "export_model",
     "export_onnx",
     "fold_batchnorm",

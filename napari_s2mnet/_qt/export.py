@@ -40,8 +40,11 @@ class ExportWidget(QWidget):
         layout.addWidget(self.form.native)
         layout.addWidget(Container(widgets=[self.export_button, self.features_button],
                                    layout="horizontal", labels=False).native)
+        self.model_button = PushButton(text="Export model...")  # ONNX / bioimage.io (issue 18)
+        layout.addWidget(self.model_button.native)
         layout.addWidget(self.status)
         layout.addStretch(1)
+        self.model_button.changed.connect(lambda: self.export_model_dialog())
         self.all_layers.changed.connect(self._toggle_mode)
         self.export_button.changed.connect(lambda: self.export())
         self.features_button.changed.connect(self.compute_features)
@@ -120,6 +123,38 @@ class ExportWidget(QWidget):
         self.status.setText("Wrote " + ", ".join(p.name for p in written))
         show_info(f"Exported {len(written)} file(s) to {written[0].parent}" if written else "")
         return written
+
+    def export_model_dialog(self) -> Any:
+        """Ask where to write the active model (.onnx or bioimage.io .zip), then export it."""
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export model", "s2mnet_model.onnx",
+            "ONNX (*.onnx);;bioimage.io package (*.zip)")
+        return self.export_model(path) if path else None
+
+    def export_model(self, target: str | Path) -> Any:
+        """Export the model the Segment widget uses (default: the bundled one) in a worker."""
+        from napari_s2mnet._qt._session import get_session
+        from napari_s2mnet._qt._workers import start_worker
+        from napari_s2mnet.export import export_bundle, export_format
+
+        try:
+            export_format(target)
+            bundle = get_session(self.viewer).active()
+        except (ValueError, OSError) as exc:
+            self._fail(f"Model export: {exc}")
+            return None
+
+        def job() -> Any:
+            yield None
+            return export_bundle(bundle, target)
+
+        self.status.setText(f"Exporting {bundle.name!r} to {Path(target).name}...")
+        return start_worker(
+            job, desc="Export model",
+            on_return=lambda p: self.status.setText(f"Model exported to {p}"),
+            on_error=lambda e: self.status.setText(f"Model export failed: {e}"))
 
     def _fail(self, text: str) -> None:
         show_warning(text)

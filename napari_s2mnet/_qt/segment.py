@@ -427,7 +427,7 @@ class SegmentWidget(QWidget):
                                   contrast_limits=(0.0, 1.0), **meta)
         n = len(result.features) if result.features is not None else 0
         messages = "; ".join(result.messages)
-        self.status.setText(f"Done: {n} objects in {out.name!r} ({result.device}). {messages}".strip())
+        self.status.setText(f"Done: {n} objects in {out.name!r} ({result.device}, {result.backend}). {messages}".strip())
         self.progress.finish(f"done: {n} objects")
 
 
