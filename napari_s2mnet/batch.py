@@ -24,7 +24,8 @@ from napari_s2mnet.layout import ImageLayout, guess_layout
 if TYPE_CHECKING:  # pragma: no cover
     from napari_s2mnet.training import TrainReport
 
-__all__ = ["TextProgress", "expand_paths", "predict_paths", "train_paths"]
+__all__ = ["LABEL_SUFFIXES", "TextProgress", "expand_paths", "pair_files", "predict_paths",
+           "train_paths"]
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,93 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
+#: Name endings that mark a label file: ``day1_labels.tif`` pairs with the image ``day1.tif``.
+LABEL_SUFFIXES = ("_labels", "_label", "_masks", "_mask", "_seg", "_segmentation",
+                  "_instances", "_gt")
+
+
+def _stem(path: Path) -> str:
+    """File name without its image suffix (``.ome.tif`` counts as one), lower case."""
+    name = path.name.lower()
+    for double in (".ome.tiff", ".ome.tif"):
+        if name.endswith(double):
+            return name[: -len(double)]
+    return Path(name).stem
+
+
+def _label_key(path: Path) -> tuple[str, bool]:
+    """The image stem a label file belongs to, and whether its name carried a label suffix."""
+    stem = _stem(path)
+    for suffix in LABEL_SUFFIXES:
+        for sep in ("_", "-", " ", "."):
+            tail = sep + suffix[1:]
+            if stem.endswith(tail) and len(stem) > len(tail):
+                return stem[: -len(tail)], True
+    return stem, False
+
+
+def pair_files(images: Sequence[Path], labels: Sequence[Path]) -> list[tuple[Path, Path]]:
+    """Pair image and label files by name: ``x.tif`` with ``x.tif`` (in another folder) or with
+    ``x_labels.tif`` / ``x_masks.tif`` / ``x_mask.tif`` / ``x_seg.tif`` (see
+    :data:`LABEL_SUFFIXES`; case, ``-`` and the image suffix do not matter).
+
+    When images and labels come from one folder, the label-named files are the labels.
+
+    Returns:
+        ``(image, labels)`` pairs in the images' order.
+
+    Raises:
+        ValueError: Some files have no partner, or a name fits several files; every such file
+            is listed, with how to fix it (rename, or ``--pair-by-order``).
+    """
+    label_set = set(labels)
+    # One folder for both: drop from each side the files that belong to the other.
+    images = [p for p in images if not (p in label_set and _label_key(p)[1])]
+    image_set = set(images)
+    labels = [p for p in labels if not (p in image_set and not _label_key(p)[1])]
+
+    seen: dict[str, list[Path]] = {}
+    for img in images:
+        seen.setdefault(_stem(img), []).append(img)
+    by_key: dict[str, list[Path]] = {}
+    lonely_labels = []
+    for lab in labels:
+        # "x_seg.tif" belongs to "x.tif", or to an image really named "x_seg.tif".
+        stripped, full = _label_key(lab)[0], _stem(lab)
+        key = next((k for k in (stripped, full) if k in seen), None)
+        if key is None:
+            lonely_labels.append(lab)
+        else:
+            by_key.setdefault(key, []).append(lab)
+    problems = []
+    for key, found in sorted(by_key.items()):
+        if len(found) > 1:
+            problems.append(f"labels {', '.join(p.name for p in found)} all fit the image name "
+                            f"{key!r}")
+    for key, found in sorted(seen.items()):
+        if len(found) > 1:
+            problems.append(f"images {', '.join(str(p) for p in found)} have the same name {key!r}")
+    lonely_images = [img for img in images if _stem(img) not in by_key]
+    if lonely_images:
+        problems.append("images without labels: " + _names(lonely_images))
+    if lonely_labels:
+        problems.append("labels without images: " + _names(lonely_labels))
+    if problems:
+        raise ValueError(
+            "Cannot pair the image and label files by name: " + "; ".join(problems) + ". A label "
+            "file pairs with the image of the same name (in another folder) or with the name "
+            f"plus one of {', '.join(LABEL_SUFFIXES)} (e.g. day1.tif -> day1_labels.tif). Rename "
+            "the files, leave the unpaired ones out, or pass --pair-by-order to pair them in "
+            "sorted order instead."
+        )
+    return [(img, by_key[_stem(img)][0]) for img in images]
+
+
+def _names(paths: Sequence[Path], limit: int = 10) -> str:
+    shown = ", ".join(p.name for p in paths[:limit])
+    return shown + (f" ... ({len(paths)} in all)" if len(paths) > limit else "")
+
+
 def _show_training(bar: TextProgress, r: TrainReport) -> None:
     """One training report: the bar in place on a terminal, elsewhere a line per validation
     (and at least every 30 s); the start message and warnings always as lines of their own."""
@@ -315,11 +403,15 @@ def train_paths(
     lr: float | None = None,
     val_fraction: float | None = None,
     allow_empty: bool = False,
+    pair_by_order: bool = False,
     stream: Any = None,
 ) -> int:
     """Train or fine-tune from image/label files and save the model (the ``train`` command).
 
-    Images and labels (files or folders) are paired in sorted order. ``model_path`` ``None``
+    Images and labels (files or folders) are paired by name (:func:`pair_files`:
+    ``day1.tif`` with ``day1_labels.tif``, ``_masks``, ``_mask``, ``_seg`` ... or the same name in
+    another folder); unpaired files are refused with a list. ``pair_by_order`` pairs them in
+    sorted order instead (explicit fallback for names that do not match). ``model_path`` ``None``
     starts from the bundled model, ``"new"`` from a random initialisation of ``arch``
     (default ``"s2mnet"``; input channels taken from the images). Ctrl-C stops training and
     saves the best state so far. Under ``torchrun`` only rank 0 prints and saves.
@@ -347,14 +439,21 @@ def train_paths(
         raise FileNotFoundError(f"Output folder {out.parent} does not exist; create it first.")
     img_files, _ = expand_paths(images, "image", strict=True)
     lab_files, _ = expand_paths(labels, "label", strict=True)
-    if len(img_files) != len(lab_files):
+    if not pair_by_order:
+        file_pairs = pair_files(img_files, lab_files)
+    elif len(img_files) != len(lab_files):
         raise ValueError(
-            f"Found {len(img_files)} image file(s) but {len(lab_files)} label file(s); they are "
-            "paired in sorted order, so give the same number of each (first images: "
-            f"{[f.name for f in img_files[:3]]}, first labels: {[f.name for f in lab_files[:3]]})."
+            f"Found {len(img_files)} image file(s) but {len(lab_files)} label file(s); with "
+            "--pair-by-order they are paired in sorted order, so give the same number of each "
+            f"(first images: {[f.name for f in img_files[:3]]}, first labels: "
+            f"{[f.name for f in lab_files[:3]]})."
         )
+    else:
+        file_pairs = list(zip(img_files, lab_files, strict=True))
     pairs = []
-    for fi, fl in zip(img_files, lab_files, strict=True):
+    for fi, fl in file_pairs:
+        if pair_by_order:
+            log.info("pairing %s with %s (by order)", fi.name, fl.name)
         pairs.append((read_image(fi), read_labels(fl), fi.name))
 
     if model_path is not None and str(model_path).lower() == "new":

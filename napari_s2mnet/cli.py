@@ -59,7 +59,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train or fine-tune a model on image/label files")
     p.add_argument("--images", nargs="+", type=Path, required=True, help="image files or folders")
     p.add_argument("--labels", nargs="+", type=Path, required=True,
-                   help="label files or folders (paired with --images in sorted order)")
+                   help="label files or folders, paired with --images by name: x.tif with x.tif "
+                        "(another folder) or x_labels/_masks/_mask/_seg.tif")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors file")
     p.add_argument("--model", type=Path, default=None,
                    help="start from this model (default: the bundled model; 'new' for random init)")
@@ -81,6 +82,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="share held out for validation (0 disables)")
     p.add_argument("--allow-empty", action="store_true",
                    help="use images without labelled objects as background-only examples")
+    p.add_argument("--pair-by-order", action="store_true",
+                   help="pair images and labels in sorted order instead of by name")
     p.set_defaults(func=_run_train)
 
 
@@ -104,6 +107,7 @@ def _run_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         val_fraction=args.val_fraction,
         allow_empty=args.allow_empty,
+        pair_by_order=args.pair_by_order,
     )
 
 

@@ -583,3 +583,84 @@ def test_cli_predict_into_an_unusable_output_is_a_message_not_a_traceback(
     assert rc == 2
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# item 4: train pairs files by name
+
+
+def _touch(folder: Path, *names: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in names:
+        (folder / name).write_bytes(b"")
+        out.append(folder / name)
+    return out
+
+
+def test_pairs_by_name_with_the_usual_label_suffixes(tmp_path: Path) -> None:
+    from napari_s2mnet.batch import pair_files
+
+    images = _touch(tmp_path / "img", "a.tif", "B.tif", "c.ome.tif", "d.png", "e_seg.tif")
+    labels = _touch(tmp_path / "lab", "a_labels.tif", "b_masks.TIF", "c_mask.tif", "d-seg.png",
+                    "e_seg.tif")
+    pairs = pair_files(images, labels)
+    assert [(i.name, lab.name) for i, lab in pairs] == [
+        ("a.tif", "a_labels.tif"), ("B.tif", "b_masks.TIF"), ("c.ome.tif", "c_mask.tif"),
+        ("d.png", "d-seg.png"), ("e_seg.tif", "e_seg.tif")]
+    # one folder holding both
+    both = _touch(tmp_path / "both", "x.tif", "x_labels.tif", "y.tif", "y_labels.tif")
+    assert [(i.name, lab.name) for i, lab in pair_files(both, both)] == [
+        ("x.tif", "x_labels.tif"), ("y.tif", "y_labels.tif")]
+
+
+def test_unpaired_files_are_refused_with_a_list(tmp_path: Path) -> None:
+    from napari_s2mnet.batch import pair_files
+
+    images = _touch(tmp_path / "img", "day1.tif", "day2.tif")
+    labels = _touch(tmp_path / "lab", "day2_labels.tif", "day3_labels.tif")
+    with pytest.raises(ValueError) as info:
+        pair_files(images, labels)
+    msg = str(info.value)
+    assert "images without labels: day1.tif" in msg
+    assert "labels without images: day3_labels.tif" in msg
+    assert "--pair-by-order" in msg
+    dup = _touch(tmp_path / "lab2", "day1_labels.tif", "day1_masks.tif", "day2_seg.tif")
+    with pytest.raises(ValueError, match=r"day1_labels\.tif, day1_masks\.tif all fit"):
+        pair_files(images, dup)
+
+
+def test_cli_train_refuses_wrong_pairs_unless_told_to_pair_by_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tifffile
+
+    from napari_s2mnet import batch
+
+    img = np.zeros((32, 32), np.uint8)
+    lab = np.zeros((32, 32), np.uint8)
+    lab[4:12, 4:12] = 1
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    for name in ("day1", "day2"):
+        tifffile.imwrite(tmp_path / "img" / f"{name}.tif", img)
+    for name in ("day2", "day3"):
+        tifffile.imwrite(tmp_path / "lab" / f"{name}_labels.tif", lab)
+    args = ["train", "--images", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"),
+            "-o", str(tmp_path / "m.safetensors"), "--model", "new", "--arch", "unet",
+            "--device", "cpu"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "images without labels: day1.tif" in err and "day3_labels.tif" in err
+    assert not (tmp_path / "m.safetensors").exists()
+
+    seen: list[list[str]] = []
+
+    def fake_train(pairs: Any, *a: Any, **k: Any) -> Any:
+        seen.append([p[2] for p in pairs])
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("napari_s2mnet.training.train", fake_train)
+    assert cli_main([*args, "--pair-by-order"]) == 2
+    assert seen == [["day1.tif", "day2.tif"]]
+    assert batch.LABEL_SUFFIXES[0] == "_labels"
