@@ -225,7 +225,7 @@ def _describe(hint: Any) -> str:
 
 def validate_metadata(meta: Mapping[str, Any]) -> None:
     """Check the metadata fields the package reads (``name``, ``threshold``, ``tile_size``,
-    ``history[].config.crop_size``); other entries are free-form provenance.
+    ``diameter``, ``history[].config.crop_size``); other entries are free-form provenance.
 
     Raises:
         ValueError: One of those fields has the wrong type or an unusable value.
@@ -236,6 +236,8 @@ def validate_metadata(meta: Mapping[str, Any]) -> None:
         check_real(meta["threshold"], "metadata threshold", 0.0, 1.0)
     if meta.get("tile_size") not in (None, 0):
         check_int(meta["tile_size"], "metadata tile_size", MIN_TILE, MAX_TILE)
+    if meta.get("diameter") is not None:  # training object diameter in pixels (issue 14)
+        check_real(meta["diameter"], "metadata diameter", 2.0, 2000.0)
     history = meta.get("history")
     if history is None:
         return

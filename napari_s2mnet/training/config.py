@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "DEFAULT_EPOCHS",
+    "SCOPES",
     "FinetuneConfig",
     "FinetuneControl",
     "FinetuneResult",
@@ -31,6 +32,26 @@ __all__ = [
 ]
 
 DEFAULT_EPOCHS = 30
+SCOPES = ("all", "decoder+head", "head+norm")
+# Interactive (correct-and-fine-tune) presets, chosen from benchmarks/finetune_scope.py and
+# benchmarks/hitl_annotator.py (docs/benchmarks.md): see FinetuneConfig.interactive.
+INTERACTIVE_CPU: dict[str, Any] = {"seconds": 60.0, "epochs": None, "crop_size": 128,
+                                   "batch_size": 2, "lr": 3e-4, "scope": "all",
+                                   "warmup_fraction": 0.05}
+INTERACTIVE_GPU: dict[str, Any] = {"seconds": 60.0, "epochs": None, "crop_size": 256,
+                                   "batch_size": 8, "lr": 3e-4, "scope": "all",
+                                   "warmup_fraction": 0.05}
+
+
+def _is_gpu(device: str) -> bool:
+    """Whether ``device`` names (or ``"auto"`` resolves to) a GPU; no torch import for "cpu"."""
+    if device == "cpu":
+        return False
+    if device != "auto":
+        return True
+    from napari_s2mnet.devices import resolve_device
+
+    return resolve_device("auto").type != "cpu"
 
 
 @dataclass
@@ -77,6 +98,16 @@ class FinetuneConfig:
         max_recoveries: Divergence recoveries (restore + halve the learning rate) before the
             run stops with ``"diverged"``.
         divergence_factor: A loss above this multiple of the running median counts as exploding.
+        scope: Which weights train: ``"all"``, ``"decoder+head"`` (the encoder is frozen: a
+            cheaper backward pass) or ``"head+norm"`` (the output head and every normalisation
+            layer's scale and shift).
+        uncorrected_weight: With ``corrected`` masks (see :func:`finetune`): loss weight of the
+            pixels outside the corrected regions (the model's own, unchecked output) relative to
+            1 for corrected pixels. ``0`` ignores them (measured best, docs/methods.md).
+        diameter: Typical object diameter in pixels in these images (``None``: taken as the
+            model's training diameter, i.e. no rescaling). Images are rescaled by
+            ``model diameter / diameter`` so objects reach the network at the size it was
+            trained on (as :class:`~napari_s2mnet.inference.InferenceConfig` does).
     """
 
     epochs: int | None = None
@@ -108,6 +139,23 @@ class FinetuneConfig:
     sync_batchnorm: bool = False
     max_recoveries: int = 3
     divergence_factor: float = 10.0
+    scope: str = "all"
+    uncorrected_weight: float = 0.0
+    diameter: float | None = None
+
+    @classmethod
+    def interactive(cls, device: str = "auto", **overrides: Any) -> FinetuneConfig:
+        """Defaults for correct-and-fine-tune in the viewer (measured, docs/benchmarks.md).
+
+        A time budget instead of epochs, a higher learning rate and, on a CPU, small crops and
+        batches, so the first loss point comes within seconds and a minute does dozens of
+        steps. ``device`` is resolved to pick the CPU or the GPU preset.
+        """
+        gpu = _is_gpu(device)
+        base: dict[str, Any] = dict(INTERACTIVE_GPU if gpu else INTERACTIVE_CPU)
+        base["device"] = device
+        base.update(overrides)
+        return cls(**base)
 
     def validate(self) -> None:
         """Raise ``ValueError`` with an actionable message for out-of-range settings."""
@@ -139,6 +187,13 @@ class FinetuneConfig:
             (self.max_recoveries >= 0, f"max_recoveries must be >= 0, got {self.max_recoveries}"),
             (self.divergence_factor > 1,
              f"divergence_factor must be > 1, got {self.divergence_factor}"),
+            (self.scope in SCOPES, f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}"),
+            (0 <= self.uncorrected_weight <= 1,
+             f"uncorrected_weight must be in [0, 1], got {self.uncorrected_weight}"),
+            (self.diameter is None or (isinstance(self.diameter, int | float)
+                                       and 2 <= self.diameter <= 2000),
+             f"diameter must be a number of pixels in [2, 2000] or None (automatic), got "
+             f"{self.diameter!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -214,6 +269,11 @@ class FinetuneResult:
         best_step: Step of the returned state (0 = the starting model).
         elapsed: Seconds the run took.
         message: One-line summary for the user.
+        corrected_before: Dice of the starting model on the corrected regions (all of them,
+            trained on or held out), ``None`` without ``corrected`` masks.
+        corrected_after: The same for the returned model.
+        kept_previous: The returned model is the starting model, because the corrected data
+            said the fine-tuned one was not better.
     """
 
     bundle: ModelBundle
@@ -226,6 +286,9 @@ class FinetuneResult:
     elapsed: float = 0.0
     message: str = ""
     resume: ResumeState | None = field(default=None, repr=False)
+    corrected_before: float | None = None
+    corrected_after: float | None = None
+    kept_previous: bool = False
 
 
 @dataclass(repr=False)
@@ -274,6 +337,7 @@ class LoopState:
         best_state: Weights with the best validation Dice.
         since_best: Validations without an improvement of at least ``min_delta``.
         pending_val: A validation was under way (a stop inside it is redone on resume).
+        corrected_before: Dice of the starting model on all corrected regions.
     """
 
     step: int = 0
@@ -289,6 +353,7 @@ class LoopState:
     best_state: dict[str, Any] | None = None
     since_best: int = 0
     pending_val: bool = False
+    corrected_before: float | None = None
 
 
 def _check_resume(state: ResumeState, model: ModelBundle, config: FinetuneConfig | None,

@@ -19,6 +19,14 @@ from napari_s2mnet.checkpoint import ModelBundle
 from napari_s2mnet.io import check_float_label_range
 from napari_s2mnet.layout import ImageLayout, check_array, check_finite, plan_image, resolve_layout
 from napari_s2mnet.training.config import FinetuneConfig
+from napari_s2mnet.training.region import (
+    MIN_VAL_REGIONS,
+    Regions,
+    build_regions,
+    check_mask,
+    choose_held_out,
+    count_regions,
+)
 
 _MIN_VAL_OBJECTS = 3
 _MIN_BAND = 32  # smallest held-out band / remaining training strip, in pixels
@@ -37,6 +45,7 @@ class _Item:
     target: np.ndarray
     fg: np.ndarray
     name: str
+    regions: Regions | None = None  # corrected regions (training with corrections)
 
 
 @dataclass
@@ -46,6 +55,7 @@ class _Data:
     split: str  # how validation was chosen, for the user
     info: list[dict[str, Any]]  # provenance per input image
     n_objects: int
+    corrected: bool = False  # trained from corrected regions (region-weighted loss)
 
 
 def layout_for_pair(image: np.ndarray, labels: np.ndarray, channel_axis: int | None,
@@ -143,8 +153,20 @@ def _prepare(
     config: FinetuneConfig,
     names: Sequence[str] | None,
     role: str,
+    corrected: Sequence[Any] | None = None,
 ) -> tuple[list[_Item], list[dict[str, Any]]]:
-    """Normalise and check the pairs; one :class:`_Item` per pair (all planes kept)."""
+    """Normalise and check the pairs; one :class:`_Item` per pair (all planes kept).
+
+    Images and labels are zoomed by the object-diameter factor (``config.diameter``); with
+    ``corrected`` masks (one per pair, ``None`` = the whole pair is checked), each item carries
+    its mask, zoomed alike, in ``regions.all_mask`` (regions are built by :func:`_prepare_data`).
+    """
+    from napari_s2mnet.diameter import model_diameter, resize_plane, scale_factor, scaled_shape
+
+    factor = scale_factor(model_diameter(bundle), config.diameter)
+    if corrected is not None and len(corrected) != len(pairs):
+        raise ValueError(f"corrected has {len(corrected)} masks for {len(pairs)} pairs; give one "
+                         "per pair (None for a pair whose labels are all checked).")
     if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], np.ndarray):
         pairs = [pairs]  # a single (image, labels) pair
     if not isinstance(pairs, Sequence) or len(pairs) == 0:
@@ -172,7 +194,16 @@ def _prepare(
             raise ValueError(f"{name}: labels contain negative values; use 0 for background and "
                              "positive ids for objects.")
         lay = layout_for_pair(image, labels, config.channel_axis, layout, name)
+        mask = check_mask(corrected[i], labels.shape, name) if corrected is not None else None
         planes, lab = _normalized_planes(image, labels, lay, bundle, name)
+        if mask is not None:
+            mask = mask.reshape(lab.shape)
+        if factor != 1.0:  # objects reach the network at its training diameter
+            shape = scaled_shape(lab.shape[-2:], factor)
+            planes = np.ascontiguousarray(resize_plane(planes, shape, 1))
+            lab = resize_plane(lab, shape, 0)
+            if mask is not None:
+                mask = resize_plane(mask, shape, 0)
         if ncls == 1 and bundle.config.instance_head:
             # Instance ids: the instance head's targets are derived per crop (loop._Run.batch).
             target = lab.astype(np.int32)
@@ -194,9 +225,14 @@ def _prepare(
                 "object, remove this image, or allow images without objects as background-only "
                 "examples (allow_empty=True)."
             )
-        items.append(_Item(planes, target, _fg_index(target), name))
+        item = _Item(planes, target, _fg_index(target), name)
+        if mask is not None:
+            item.regions = Regions(weight=np.empty(0, np.float32), centres=np.empty(0, np.int64),
+                                   val=None, val_boxes=[], all_mask=mask, all_boxes=[],
+                                   n_regions=0, n_val=0)
+        items.append(item)
         info.append({"name": name, "shape": list(image.shape), "dtype": str(image.dtype),
-                     "n_objects": n_obj, "planes": int(target.shape[0])})
+                     "n_objects": n_obj, "planes": int(target.shape[0]), "scale": factor})
     if role == "training" and not any(it.fg.size for it in items):
         raise ValueError("None of the training images has a labelled object; label some objects.")
     return items, info
@@ -274,9 +310,12 @@ def _prepare_data(
     config: FinetuneConfig,
     names: Sequence[str] | None,
     val_pairs: Sequence[Any] | None,
+    corrected: Sequence[Any] | None = None,
 ) -> _Data:
-    items, info = _prepare(pairs, bundle, config, names, "training")
+    items, info = _prepare(pairs, bundle, config, names, "training", corrected)
     n_objects = sum(d["n_objects"] for d in info)
+    if corrected is not None and any(m is not None for m in corrected):
+        return _corrected_data(items, info, config, n_objects)
     if val_pairs is not None:
         val, _ = _prepare(val_pairs, bundle, config, None, "validation")
         n_val = sum(_count_objects(v.target > 0) for v in val)
@@ -285,6 +324,43 @@ def _prepare_data(
     train, val, split = _split(items, config)
     return _Data(train, val, split, info, n_objects)
 
+
+
+def _corrected_data(items: list[_Item], info: list[dict[str, Any]], config: FinetuneConfig,
+                    n_objects: int) -> _Data:
+    """Training from corrections: region weights, crop centres, held-out corrected regions."""
+    masks = [it.regions.all_mask if it.regions is not None else None for it in items]
+    n_total = sum(count_regions(m) for m in masks if m is not None)
+    if n_total == 0 and all(m is not None for m in masks):
+        raise ValueError("No corrected pixels: paint, fill or erase labels where the model was "
+                         "wrong first (or train on whole labels without corrected masks).")
+    held = choose_held_out(n_total, config)
+    offset = 0
+    val: list[_Item] = []
+    n_val = 0
+    for it, mask in zip(items, masks, strict=True):
+        if mask is None:  # a fully checked pair: every pixel counts, none held out
+            mask = np.ones(it.target.shape, bool)
+            regions = Regions(weight=np.ones(it.target.shape, np.float32),
+                              centres=_fg_index(it.target), val=None, val_boxes=[],
+                              all_mask=mask, all_boxes=[], n_regions=0, n_val=0)
+        else:
+            regions, offset = build_regions(mask, config, held, offset)
+        it.regions = regions
+        if regions.val is not None:
+            val.append(_Item(it.image, it.target, it.fg, f"{it.name} (held-out corrections)",
+                             regions))
+            n_val += regions.n_val
+    if not any(it.regions.centres.size for it in items if it.regions is not None):
+        raise ValueError("Every corrected region is held out for validation; correct more "
+                         "objects or set val_fraction=0.")
+    if n_val:
+        split = (f"validation on {n_val} of {n_total} corrected regions (held out from "
+                 "training)")
+    else:
+        split = (f"no validation: {n_total} corrected region(s), validation needs at least "
+                 f"{MIN_VAL_REGIONS}; the result is the final state")
+    return _Data(items, val, split, info, n_objects, corrected=True)
 
 
 def _fingerprint(data: _Data) -> str:

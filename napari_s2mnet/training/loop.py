@@ -54,7 +54,10 @@ from napari_s2mnet.training.metrics import (
     _evaluate,
     _predict_classes,
     _val_tiles,
+    region_masks,
+    region_tiles,
 )
+from napari_s2mnet.training.region import apply_scope, region_loss, unfreeze
 from napari_s2mnet.training.sampler import _Sampler
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,9 +66,21 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from napari_s2mnet._ddp import DistContext
 
-__all__ = ["finetune", "train"]
+__all__ = ["finetune", "train", "warm_up"]
 
 _SNAPSHOT_EVERY = 10  # steps between "last good state" snapshots
+_WORSE = 0.005  # Dice drop on the corrected regions that counts as worse
+
+
+def warm_up() -> None:
+    """Import what the first fine-tuning step needs (torch.optim pulls in torch._dynamo, several
+    seconds on a laptop CPU; the losses). The Fine-tune widget calls it in the background when
+    it opens, so pressing Run shows a loss point within seconds."""
+    import torch
+
+    from napari_s2mnet.losses import build_loss  # noqa: F401
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
 
 
 def _make_loss(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
@@ -127,6 +142,7 @@ class _Run:
             self.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(self.net))
         self.net.to(device)
         self.set_train_mode()
+        self.n_trainable = apply_scope(self.net, config.scope)  # before DDP sees the weights
         self.ddp = _ddp.wrap_model(self.net, ctx, device, bundle.config.in_channels)
         self.loss_fn = _make_loss(config.loss, self.num_classes, dict(config.loss_options))
         self.instance_head = bool(getattr(bundle.config, "instance_head", False))
@@ -151,6 +167,13 @@ class _Run:
         # Validate on tiles of the size the model will segment with (its first training crop).
         tile = bundle.trained_tile_size or config.crop_size
         self.val_tiles = _val_tiles(data.val, tile) if data.val else []
+        self.val_masks: list[np.ndarray] | None = None
+        self.region_tiles: list[tuple[int, int, int, int, int, int]] = []
+        if data.corrected:  # corrected regions only: the rest is the model's own output
+            self.val_tiles = region_tiles(data.val, held_out=True)
+            self.val_masks = region_masks(data.val, held_out=True)
+            self.region_tiles = region_tiles(data.train, held_out=False)
+            self.region_masks = region_masks(data.train, held_out=False)
 
     def set_train_mode(self) -> None:
         self.net.train()
@@ -159,10 +182,16 @@ class _Run:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of the batch of ``step`` as tensors on the device."""
+        return self.batch_weighted(step)[:2]
+
+    def batch_weighted(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`batch` plus the loss weights of corrected regions (``None`` without)."""
         import torch
 
         b = self.cfg.batch_size
-        x, y = self.sampler.batch(step, self.ctx.rank * b, b)
+        arrays = self.sampler.batch(step, self.ctx.rank * b, b)
+        x, y = arrays[0], arrays[1]
+        wt = torch.from_numpy(arrays[2]).to(self.device) if len(arrays) > 2 else None
         xt = torch.from_numpy(x).to(self.device, non_blocking=True)
         if self.instance_head:
             from napari_s2mnet.instances import instance_target_batch
@@ -172,13 +201,16 @@ class _Run:
             yt = torch.from_numpy(y.astype(np.float32))[:, None].to(self.device)
         else:
             yt = torch.from_numpy(y.astype(np.int64)).to(self.device)
-        return xt, yt
+        return xt, yt, wt
 
-    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             logits = self.ddp(x)
+        if weight is not None:  # corrections: the loss counts where the user looked
+            return region_loss(logits.float(), y, weight, self.num_classes), logits.detach()
         # Losses run in float32 on the logits (MASL's learnable weights never see fp16).
         return self.loss_fn(logits.float(), y), logits.detach()
 
@@ -227,7 +259,17 @@ class _Run:
             return None
         dice = _evaluate(self.net, self.data.val, self.val_tiles,
                          self.num_classes, self.threshold, self.device, self.ctx,
-                         self.amp)
+                         self.amp, masks=self.val_masks)
+        self.set_train_mode()
+        return dice
+
+    def corrected_dice(self) -> float | None:
+        """Dice on every corrected region (trained on or held out); ``None`` without."""
+        if not self.region_tiles:
+            return None
+        dice = _evaluate(self.net, self.data.train, self.region_tiles, self.num_classes,
+                         self.threshold, self.device, self.ctx, self.amp,
+                         masks=self.region_masks)
         self.set_train_mode()
         return dice
 
@@ -268,6 +310,7 @@ class _Finetune:
         val_pairs: Sequence[Any] | None,
         names: Sequence[str] | None,
         resume: ResumeState | None,
+        corrected: Sequence[Any] | None = None,
     ) -> None:
         import torch
 
@@ -288,7 +331,7 @@ class _Finetune:
         if resume is not None and ctx.enabled:
             raise ValueError("resume is not supported in data-parallel runs; continue on one "
                              "process or start a new run from the saved model.")
-        data = _prepare_data(pairs, model, config, names, val_pairs)
+        data = _prepare_data(pairs, model, config, names, val_pairs, corrected)
         self.key = _fingerprint(data) if resume is not None else ""
         if resume is not None:
             config = _check_resume(resume, model, config, self.key)
@@ -384,6 +427,7 @@ class _Finetune:
         s, cfg = self.state, self.config
         if not self.resumed:
             s.init_val = s.best_val = self.run.validate()
+            s.corrected_before = self.run.corrected_dice()
             s.best_state = self.weights()
             mode_text = f"data-parallel x{self.ctx.world_size}, " if self.ctx.enabled else ""
             msg = (f"training on {len(self.data.info)} image(s) with {self.data.n_objects} "
@@ -391,6 +435,8 @@ class _Finetune:
                    f"{self.data.split}")
             if s.init_val is not None:
                 msg += f"; starting validation Dice {s.init_val:.3f}"
+            if s.corrected_before is not None:
+                msg += f"; starting Dice on the corrected regions {s.corrected_before:.3f}"
         else:
             msg = f"resuming at step {s.step} ({cfg.budget_text()}, device {self.device})"
             if s.pending_val:  # the stopped run was interrupted in this validation
@@ -462,8 +508,8 @@ class _Finetune:
             # BatchNorm statistics of a step that never happened
             self.buffers_at_step = {k: b.detach().clone() for k, b in run.net.named_buffers()}
         self.in_step = True
-        x, y = run.batch(s.step)
-        loss, logits = run.forward_loss(x, y)
+        x, y, w = run.batch_weighted(s.step)
+        loss, logits = run.forward_loss(x, y, w)
         loss_mean, bad = self._agree(float(loss.detach()))
         exploding = (not bad and len(s.good_losses) >= 10
                      and loss_mean > cfg.divergence_factor * float(np.median(s.good_losses)))
@@ -588,6 +634,20 @@ class _Finetune:
             rng=self.rng_at_step, cuda_rng=self.cuda_rng_at_step, loop=loop,
             history=list(self.history))
 
+    def _check_corrected(self, best_step: int) -> tuple[float | None, bool]:
+        """Dice of the state about to be returned on the corrected regions, and whether the
+        starting model is put back because that state is worse there (never worse by
+        surprise). With held-out corrected regions, validation already chose the state."""
+        s, run = self.state, self.run
+        if s.corrected_before is None or best_step == 0:
+            return s.corrected_before, False
+        after = run.corrected_dice()
+        run.net.eval()
+        if run.val_tiles or after is None or after >= s.corrected_before - _WORSE:
+            return after, False
+        run.net.load_state_dict(self.model.model.state_dict())
+        return s.corrected_before, True
+
     def finish(self) -> tuple[TrainReport, FinetuneResult]:
         """The final validation when due, the best state loaded, metadata; the last report and
         the result."""
@@ -614,6 +674,10 @@ class _Finetune:
             best_step = s.last_good_step
         else:
             best_step = s.step
+        unfreeze(run.net)
+        after, kept = self._check_corrected(best_step)
+        if kept:
+            best_step = 0
         if run.net is not self.work.model:  # SyncBatchNorm was swapped in: plain modules back
             from napari_s2mnet.model import build_model
 
@@ -627,6 +691,12 @@ class _Finetune:
                                               s.step, best_step, best_val, s.init_val, reason,
                                               elapsed, self.device, self.ctx)
         summary = _summary(reason, s.step, best_val, s.init_val, best_step, elapsed, self.data)
+        if s.corrected_before is not None and after is not None:
+            summary += (f"; Dice on the corrected regions {s.corrected_before:.3f} -> "
+                        f"{after:.3f}")
+            if kept and not run.val_tiles:
+                summary += ("; the fine-tuned model was worse there, so the starting model is "
+                            "kept")
         last = self.report(step=s.step, epoch=cfg.epoch_of(s.step), total_steps=s.step,
                            loss=float("nan"), val_dice=final_val, best_val_dice=best_val,
                            lr=0.0, elapsed=elapsed, message=summary)
@@ -634,7 +704,9 @@ class _Finetune:
                                     best_val_dice=best_val, stopped_reason=reason,
                                     initial_val_dice=s.init_val, steps=s.step,
                                     best_step=best_step, elapsed=elapsed, message=summary,
-                                    resume=resumable)
+                                    resume=resumable, corrected_before=s.corrected_before,
+                                    corrected_after=after,
+                                    kept_previous=kept or (best_step == 0 and s.step > 0))
 
 
 def finetune(
@@ -646,6 +718,7 @@ def finetune(
     val_pairs: Sequence[Any] | None = None,
     names: Sequence[str] | None = None,
     resume: ResumeState | None = None,
+    corrected: Sequence[Any] | None = None,
 ) -> Generator[TrainReport, None, FinetuneResult]:
     """Fine-tune (or train) a copy of ``model`` on (image, labels) pairs.
 
@@ -664,6 +737,12 @@ def finetune(
         resume: :attr:`FinetuneResult.resume` of a run that was stopped or ran out of time:
             continue it (weights, optimiser, schedule, random streams, best state) instead of
             starting afresh. Needs the same pairs; ``model`` gives the architecture only.
+        corrected: Learning from corrections: one mask per pair (bool, the labels' shape) of
+            the pixels the user painted, filled or erased, or ``None`` for a pair whose labels
+            are all checked. Crops are centred on corrected pixels, the loss counts there
+            (``config.uncorrected_weight`` elsewhere), validation holds out corrected regions
+            (when there are enough), and a state that scores worse on them than the starting
+            model is not returned (see :mod:`napari_s2mnet.training.region`).
 
     Yields:
         A :class:`TrainReport` at the start (with the starting model's validation Dice), after
@@ -677,7 +756,7 @@ def finetune(
             ``allow_empty``, channels that do not fit the model, bad config values, a ``resume``
             state that does not fit the pairs or the config).
     """
-    job = _Finetune(pairs, model, config, control, val_pairs, names, resume)
+    job = _Finetune(pairs, model, config, control, val_pairs, names, resume, corrected)
     if isinstance(control, FinetuneControl):
         control._begin_run()  # reused after an earlier run: forget that run's stop
     try:

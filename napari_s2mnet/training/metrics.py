@@ -73,13 +73,22 @@ def _evaluate(
     device: torch.device,
     ctx: DistContext | None = None,
     amp: bool = False,
+    masks: Sequence[np.ndarray] | None = None,
 ) -> float:
-    """Dice of ``net`` on validation tiles (pixels pooled over all tiles; ranks share the work)."""
+    """Dice of ``net`` on validation tiles (pixels pooled over all tiles; ranks share the work).
+
+    With ``masks`` (one bool ``(S, Y, X)`` per item), only the masked pixels of each tile count
+    (corrected regions: the tile around them gives the network its context), and binary models
+    score the mean of the foreground and the background Dice there: a corrected region may hold
+    no foreground at all (a deleted false object), where foreground Dice alone says nothing.
+    """
     import torch
 
     was_training = net.training
     net.eval()
     k = 1 if num_classes == 1 else num_classes - 1
+    if masks is not None and num_classes == 1:
+        k = 2  # corrected regions: foreground and background Dice, averaged
     stats = torch.zeros(k, 3, dtype=torch.float64)
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
     with torch.no_grad():
@@ -93,11 +102,39 @@ def _evaluate(
             tgt = torch.from_numpy(np.ascontiguousarray(it.target[s, y0:y0 + h, x0:x0 + w]))
             if num_classes == 1:  # instance-head models keep instance ids in the target
                 tgt = tgt > 0
+            if masks is not None:
+                sel = torch.from_numpy(np.ascontiguousarray(masks[i][s, y0:y0 + h, x0:x0 + w]))
+                pred, tgt = pred[sel].long(), tgt[sel].long()
+                if num_classes == 1:  # background counts too: a deleted object is all background
+                    both = torch.cat([_dice_stats(pred, tgt, 1), _dice_stats(1 - pred, 1 - tgt, 1)])
+                    stats += both
+                    continue
             stats += _dice_stats(pred.long(), tgt.long(), num_classes)
     if ctx is not None and ctx.enabled:
         stats = ctx.all_reduce_sum(stats.to(device)).cpu()
     net.train(was_training)
     return _dice_from_stats(stats)
+
+
+def region_tiles(items: list[_Item], held_out: bool) -> list[tuple[int, int, int, int, int, int]]:
+    """Scoring tiles around the corrected regions of ``items`` (held-out ones, or all)."""
+    tiles = []
+    for i, it in enumerate(items):
+        if it.regions is None:
+            continue
+        for box in (it.regions.val_boxes if held_out else it.regions.all_boxes):
+            tiles.append((i, *box))
+    return tiles
+
+
+def region_masks(items: list[_Item], held_out: bool) -> list[np.ndarray]:
+    """The pixels :func:`region_tiles` score, per item."""
+    out = []
+    for it in items:
+        r = it.regions
+        mask = None if r is None else (r.val if held_out else r.all_mask)
+        out.append(mask if mask is not None else np.zeros(it.target.shape, bool))
+    return out
 
 
 def evaluate_dice(

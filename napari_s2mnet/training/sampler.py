@@ -49,9 +49,18 @@ class _Sampler:
         area = np.array([it.target.size for it in self.items], dtype=np.float64)
         self.p_fg = fg / fg.sum() if fg.sum() else None
         self.p_area = area / area.sum()
+        # Learning from corrections: crops centred on corrected pixels, with loss weights.
+        self.weighted = bool(data.corrected)
+        if self.weighted:
+            cen = np.array([it.regions.centres.size if it.regions is not None else 0
+                            for it in self.items], dtype=np.float64)
+            self.p_fg = cen / cen.sum()
+            # Uncorrected pixels that count a little are worth some uniform crops too.
+            self.p_centre = 1.0 if config.uncorrected_weight == 0 else config.foreground_fraction
 
-    def crop(self, step: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Crop number ``index`` (global index within the step) of step ``step``."""
+    def crop(self, step: int, index: int) -> tuple[np.ndarray, ...]:
+        """Crop number ``index`` (global index within the step) of step ``step``: image and
+        target, plus the loss weights when training from corrections."""
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, step, index])
         size = cfg.crop_size
@@ -59,9 +68,11 @@ class _Sampler:
         if cfg.augment and cfg.scale_jitter > 0:
             scale = math.exp(rng.uniform(-1, 1) * math.log1p(cfg.scale_jitter))
         win = max(8, round(size / scale))
-        if self.p_fg is not None and rng.random() < cfg.foreground_fraction:
+        p_centre = self.p_centre if self.weighted else cfg.foreground_fraction
+        if self.p_fg is not None and rng.random() < p_centre:
             item = self.items[rng.choice(len(self.items), p=self.p_fg)]
-            flat = int(item.fg[rng.integers(item.fg.size)])
+            pool = item.regions.centres if self.weighted else item.fg
+            flat = int(pool[rng.integers(pool.size)])
             s, y, x = np.unravel_index(flat, item.target.shape)
             jitter = rng.integers(-(win // 4), win // 4 + 1, size=2)
             cy, cx = int(y) + int(jitter[0]), int(x) + int(jitter[1])
@@ -73,16 +84,26 @@ class _Sampler:
         y0, x0 = cy - win // 2, cx - win // 2
         img = _window(item.image[s], y0, x0, win, win)
         tgt = _window(item.target[s], y0, x0, win, win)
+        wgt = _window(item.regions.weight[s], y0, x0, win, win) if self.weighted else None
         if win != size:
             img = _resize(img, size, labels=False)
             tgt = _resize(tgt, size, labels=True)
+            if wgt is not None:
+                wgt = _resize(wgt, size, labels=True)
         if cfg.augment:
             k = int(rng.integers(4))
             img, tgt = np.rot90(img, k, axes=(-2, -1)), np.rot90(tgt, k, axes=(-2, -1))
-            if rng.random() < 0.5:
+            flip = rng.random() < 0.5
+            if flip:
                 img, tgt = img[..., ::-1], tgt[..., ::-1]
+            if wgt is not None:
+                wgt = np.rot90(wgt, k, axes=(-2, -1))
+                wgt = wgt[..., ::-1] if flip else wgt
             img = self._intensity(np.array(img, dtype=np.float32), rng)
-        return np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(tgt)
+        out = (np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(tgt))
+        if wgt is not None:
+            out += (np.ascontiguousarray(wgt, dtype=np.float32),)
+        return out
 
     def _intensity(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         j = self.cfg.intensity_jitter
@@ -97,7 +118,8 @@ class _Sampler:
             img = lo + (hi - lo) * ((img - lo) / (hi - lo)) ** gamma
         return (img * gain + offset).astype(np.float32)
 
-    def batch(self, step: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, step: int, start: int, count: int) -> tuple[np.ndarray, ...]:
+        """Stacked crops: images, targets (and weights when training from corrections)."""
         crops = [self.crop(step, start + i) for i in range(count)]
-        return np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops])
+        return tuple(np.stack([c[j] for c in crops]) for j in range(len(crops[0])))
 

@@ -1,0 +1,236 @@
+"""Learning from corrections: corrected regions, their validation split, region-weighted loss,
+and the fine-tune scope (which weights train).
+
+A *corrected* mask marks the pixels the user painted, filled or erased (the Fine-tune widget
+records them from napari's paint events; :mod:`benchmarks.hitl_annotator` makes them for a
+simulated annotator). Only those pixels are known to be right: the rest of a labels layer is the
+model's own output. So, when masks are given,
+
+* crops are centred on corrected pixels;
+* the loss is a pixel-weighted BCE + soft Dice: weight 1 on corrected pixels,
+  :attr:`FinetuneConfig.uncorrected_weight` elsewhere (0 by default: measured best,
+  docs/methods.md), 0 around held-out regions;
+* validation uses held-out corrected regions only (connected components of the mask), when there
+  are at least :data:`MIN_VAL_REGIONS` of them; otherwise there is no validation and the final
+  state is returned;
+* :func:`region_dice` scores a model on all corrected regions (before / after, for the user).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from napari_s2mnet.training.config import FinetuneConfig
+
+MIN_VAL_REGIONS = 4  # fewer corrected regions: all train, no validation
+_JOIN = 2  # strokes closer than this many pixels belong to one region
+_GUARD = 8  # pixels around a held-out region that training ignores (no leak through the crop)
+_CONTEXT = 32  # pixels of image context around a region when it is scored
+_MIN_TILE = 64
+_MAX_CENTRES = 200_000
+
+_ENCODER = {"stem", "encoders", "encoder", "down"}
+_HEAD = {"head", "classifier"}
+
+
+@dataclass
+class Regions:
+    """Corrected regions of one prepared item ``(S, Y, X)``.
+
+    Attributes:
+        weight: Training loss weight per pixel (float32).
+        centres: Flat indices of corrected training pixels (crop centres).
+        val: Held-out corrected pixels (bool) or ``None``.
+        val_boxes: Scoring tiles ``(plane, y0, x0, h, w)`` around the held-out regions.
+        all_mask: Every corrected pixel (bool).
+        all_boxes: Scoring tiles around every corrected region.
+        n_regions: Connected corrected regions.
+        n_val: Held-out regions.
+    """
+
+    weight: np.ndarray
+    centres: np.ndarray
+    val: np.ndarray | None
+    val_boxes: list[tuple[int, int, int, int, int]]
+    all_mask: np.ndarray
+    all_boxes: list[tuple[int, int, int, int, int]]
+    n_regions: int
+    n_val: int
+
+
+def grow_corrected(labels: np.ndarray, painted: np.ndarray, margin: int = 2) -> np.ndarray:
+    """The corrected region of a labels layer from the pixels the user painted.
+
+    Painted pixels, plus the whole objects a stroke now belongs to (painting over part of an
+    object says its label is right), plus ``margin`` pixels around (where the boundary was set).
+    Dilation is per 2-D plane of a stack.
+    """
+    from scipy import ndimage
+
+    labels, painted = np.asarray(labels), np.asarray(painted, bool)
+    if labels.shape != painted.shape:
+        raise ValueError(f"painted mask shape {painted.shape} differs from the labels' "
+                         f"{labels.shape}.")
+    ids = np.unique(labels[painted])
+    out = painted | np.isin(labels, ids[ids > 0])
+    if margin > 0 and out.any():
+        flat = out.reshape(-1, *out.shape[-2:])
+        for k in range(flat.shape[0]):
+            if flat[k].any():
+                flat[k] = ndimage.binary_dilation(flat[k], iterations=margin)
+    return out
+
+
+def check_mask(mask: Any, shape: tuple[int, ...], name: str) -> np.ndarray | None:
+    """``mask`` as bool ``shape`` (or ``None``); a clear error when it does not fit."""
+    if mask is None:
+        return None
+    arr = np.asarray(mask)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name}: the corrected mask has shape {arr.shape} but the labels have "
+                         f"{tuple(shape)}; it must mark pixels of the labels.")
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name}: the corrected mask must be boolean or numeric, got {arr.dtype}.")
+    return arr != 0
+
+
+def _components(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(plane, component mask) of every corrected region of ``mask`` ``(S, Y, X)``."""
+    from scipy import ndimage
+
+    out = []
+    for s, plane in enumerate(mask):
+        if not plane.any():
+            continue
+        joined = ndimage.binary_dilation(plane, iterations=_JOIN)
+        lab, n = ndimage.label(joined, structure=np.ones((3, 3), bool))
+        for k in range(1, n + 1):
+            out.append((s, (lab == k) & plane))
+    return out
+
+
+def _box(comp: np.ndarray, s: int, stride: int = 32) -> tuple[int, int, int, int, int]:
+    """A scoring tile around ``comp`` with context, at least ``_MIN_TILE`` px, inside the plane."""
+    ys, xs = np.nonzero(comp)
+    ny, nx = comp.shape
+
+    def span(lo: int, hi: int, n: int) -> tuple[int, int]:
+        lo, hi = lo - _CONTEXT, hi + 1 + _CONTEXT
+        size = max(hi - lo, _MIN_TILE)
+        size = min(-(-size // stride) * stride, n)
+        lo = min(max(0, (lo + hi - size) // 2), n - size)
+        return lo, size
+
+    y0, h = span(int(ys.min()), int(ys.max()), ny)
+    x0, w = span(int(xs.min()), int(xs.max()), nx)
+    return (s, y0, x0, h, w)
+
+
+def build_regions(mask: np.ndarray, config: FinetuneConfig, held: set[int], offset: int
+                  ) -> tuple[Regions, int]:
+    """The :class:`Regions` of one item; components numbered from ``offset`` are held out when
+    their number is in ``held``. Returns the regions and the next number."""
+    from scipy import ndimage
+
+    comps = _components(mask)
+    weight = np.full(mask.shape, float(config.uncorrected_weight), np.float32)
+    weight[mask] = 1.0
+    val = np.zeros_like(mask)
+    val_boxes, all_boxes = [], []
+    n_val = 0
+    for k, (s, comp) in enumerate(comps):
+        box = _box(comp, s)
+        all_boxes.append(box)
+        if offset + k in held:
+            n_val += 1
+            val[s] |= comp
+            val_boxes.append(box)
+            guard = ndimage.binary_dilation(comp, iterations=_GUARD)
+            weight[s][guard] = 0.0
+    train_px = np.flatnonzero((weight >= 1.0).reshape(-1))
+    if train_px.size > _MAX_CENTRES:
+        train_px = train_px[:: -(-train_px.size // _MAX_CENTRES)]
+    regions = Regions(weight=weight, centres=train_px, val=val if n_val else None,
+                      val_boxes=val_boxes, all_mask=mask, all_boxes=all_boxes,
+                      n_regions=len(comps), n_val=n_val)
+    return regions, offset + len(comps)
+
+
+def choose_held_out(n_regions: int, config: FinetuneConfig) -> set[int]:
+    """Numbers of the regions held out for validation (none when too few)."""
+    if config.val_fraction <= 0 or n_regions < MIN_VAL_REGIONS:
+        return set()
+    n_val = max(1, round(config.val_fraction * n_regions))
+    rng = np.random.default_rng([config.seed, 11])
+    return {int(k) for k in rng.permutation(n_regions)[:n_val]}
+
+
+def count_regions(mask: np.ndarray) -> int:
+    """Connected corrected regions of ``mask`` ``(S, Y, X)``."""
+    return len(_components(mask))
+
+
+def region_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                num_classes: int) -> torch.Tensor:
+    """Pixel-weighted BCE + soft Dice (binary, every output channel) or weighted cross-entropy.
+
+    ``weight`` is ``(B, H, W)``. MASL's components are image-level (shape, boundary, texture
+    descriptors of the whole crop) and cannot be restricted to a region, so corrections train
+    with this loss.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    w = weight[:, None]
+    total = w.sum().clamp_min(1.0)
+    if num_classes == 1:
+        t = target if target.ndim == 4 else target[:, None]
+        bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+        loss = (bce * w).sum() / (total * logits.shape[1])
+        p = torch.sigmoid(logits[:, :1])
+        t0 = t[:, :1]
+        inter = (w * p * t0).sum()
+        dice = 1.0 - (2.0 * inter + 1.0) / ((w * p).sum() + (w * t0).sum() + 1.0)
+        return loss + dice
+    ce = F.cross_entropy(logits, target.long(), reduction="none")
+    return (ce * weight).sum() / total
+
+
+def apply_scope(net: nn.Module, scope: str) -> int:
+    """Freeze the weights outside ``scope``; returns the number of trainable parameters."""
+    if scope not in ("all", "decoder+head", "head+norm"):
+        raise ValueError(f"scope must be 'all', 'decoder+head' or 'head+norm', got {scope!r}.")
+    for p in net.parameters():
+        p.requires_grad_(scope == "all")
+    if scope == "decoder+head":
+        for name, child in net.named_children():
+            if name not in _ENCODER:
+                for p in child.parameters():
+                    p.requires_grad_(True)
+    elif scope == "head+norm":
+        for name, child in net.named_children():
+            if name in _HEAD:
+                for p in child.parameters():
+                    p.requires_grad_(True)
+        for m in net.modules():
+            if "Norm" in type(m).__name__:
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(True)
+    n = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    if n == 0:
+        raise ValueError(f"scope {scope!r} leaves nothing to train in this architecture; use "
+                         "scope='all'.")
+    return n
+
+
+def unfreeze(net: nn.Module) -> None:
+    """Make every weight trainable again (the returned model must not carry a frozen scope)."""
+    for p in net.parameters():
+        p.requires_grad_(True)

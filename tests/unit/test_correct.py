@@ -1,0 +1,178 @@
+"""Learning from corrections, fine-tune scope and object diameter (issue 14)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_s2mnet.training import FinetuneConfig
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import torch
+
+    from napari_s2mnet.checkpoint import new_model
+    from napari_s2mnet.model import ModelConfig
+
+    torch.manual_seed(0)
+    bundle = new_model(ModelConfig(arch="unet", in_channels=1, num_classes=1,
+                                   options={"base": 4, "depth": 3}), name="tiny")
+    bundle.model.eval()
+    return bundle
+
+
+def _discs(n: int = 6, size: int = 96, r: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    lab = np.zeros((size, size), np.int32)
+    for k in range(1, n + 1):
+        cy, cx = rng.integers(r + 2, size - r - 2, 2)
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = k
+    img = (lab > 0).astype(np.float32) + 0.05 * rng.standard_normal((size, size)).astype(np.float32)
+    return img, lab
+
+
+def _masks(lab: np.ndarray, ids: list[int]) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(np.isin(lab, ids), iterations=2)
+
+
+def test_grow_corrected_takes_the_touched_objects_and_a_margin() -> None:
+    from napari_s2mnet.training.region import grow_corrected
+
+    lab = np.zeros((20, 20), np.int32)
+    lab[2:6, 2:6] = 1
+    lab[10:15, 10:15] = 2
+    painted = np.zeros_like(lab, bool)
+    painted[3, 3] = True  # one pixel of object 1
+    out = grow_corrected(lab, painted, margin=1)
+    assert out[2:6, 2:6].all() and out[1, 2] and not out[12, 12]
+    with pytest.raises(ValueError, match="shape"):
+        grow_corrected(lab, painted[:5])
+
+
+def test_regions_hold_out_validation_only_with_enough_corrections(tiny) -> None:
+    from napari_s2mnet.training.data import _prepare_data
+
+    img, lab = _discs(n=6)
+    cfg = FinetuneConfig(val_fraction=0.25)
+    few = _prepare_data([(img, lab)], tiny, cfg, None, None, [_masks(lab, [1, 2])])
+    assert few.corrected and few.val == [] and "no validation" in few.split
+    w = few.train[0].regions.weight
+    assert w.max() == 1.0 and w.min() == 0.0  # uncorrected pixels do not count by default
+    many = _prepare_data([(img, lab)], tiny, cfg, None, None, [_masks(lab, [1, 2, 3, 4, 5, 6])])
+    regions = many.train[0].regions
+    assert len(many.val) == 1 and regions.n_regions >= 4 and regions.n_val >= 1
+    held = regions.val
+    assert not (regions.weight[held] > 0).any()  # held-out pixels never train
+    assert "corrected regions" in many.split
+    with pytest.raises(ValueError, match="give one per pair"):
+        _prepare_data([(img, lab)], tiny, cfg, None, None, [None, None])
+    with pytest.raises(ValueError, match="No corrected pixels"):
+        _prepare_data([(img, lab)], tiny, cfg, None, None, [np.zeros_like(lab, bool)])
+
+
+def test_weighted_crops_stay_aligned_with_their_targets(tiny) -> None:
+    from napari_s2mnet.training.data import _prepare_data
+    from napari_s2mnet.training.sampler import _Sampler
+
+    img, lab = _discs(n=6)
+    mask = _masks(lab, [1, 2])
+    cfg = FinetuneConfig(crop_size=32, scale_jitter=0.0, intensity_jitter=0.0, val_fraction=0)
+    data = _prepare_data([(img, lab)], tiny, cfg, None, None, [mask])
+    sampler = _Sampler(data, cfg)
+    for step in range(10):
+        _x, y, w = sampler.crop(step, 0)
+        assert w.shape == y.shape and w.max() == 1.0  # centred on a corrected pixel
+        # corrected pixels carry the labels of the corrected objects (rotations and flips
+        # applied alike)
+        assert set(np.unique(y[w > 0])) <= {0, 1}
+
+
+def test_finetune_from_corrections_reports_before_and_after(tiny) -> None:
+    from napari_s2mnet.training import train
+
+    img, lab = _discs(n=3)
+    cfg = FinetuneConfig(epochs=1, steps_per_epoch=2, batch_size=2, crop_size=32, device="cpu",
+                         lr=1e-3)
+    res = train([(img, lab)], tiny, cfg, corrected=[_masks(lab, [1])])
+    assert res.steps == 2 and res.best_val_dice is None  # one region: no validation
+    assert res.corrected_before is not None and res.corrected_after is not None
+    assert "corrected regions" in res.message
+
+
+def test_a_worse_model_on_the_corrections_is_not_returned(tiny, monkeypatch) -> None:
+    import torch
+
+    from napari_s2mnet.training import loop, train
+
+    scores = iter([0.9, 0.5])  # before, after
+    monkeypatch.setattr(loop._Run, "corrected_dice", lambda self: next(scores))
+    img, lab = _discs(n=3)
+    cfg = FinetuneConfig(epochs=1, steps_per_epoch=2, batch_size=2, crop_size=32, device="cpu",
+                         lr=1e-2)
+    res = train([(img, lab)], tiny, cfg, corrected=[_masks(lab, [1])])
+    assert res.kept_previous and res.best_step == 0
+    assert "starting model is kept" in res.message
+    for k, v in res.bundle.model.state_dict().items():
+        assert torch.equal(v, tiny.model.state_dict()[k])
+
+
+def test_scopes_freeze_what_they_say(tiny) -> None:
+    import copy
+
+    from napari_s2mnet.training.region import apply_scope, unfreeze
+
+    net = copy.deepcopy(tiny.model)
+    n_all = apply_scope(net, "all")
+    n_dec = apply_scope(net, "decoder+head")
+    n_norm = apply_scope(net, "head+norm")
+    assert n_all > n_dec > n_norm > 0
+    assert not any(p.requires_grad for p in net.down.parameters() if p.ndim > 1)
+    unfreeze(net)
+    assert all(p.requires_grad for p in net.parameters())
+    with pytest.raises(ValueError, match="scope"):
+        FinetuneConfig(scope="encoder").validate()
+
+
+def test_interactive_preset_is_a_time_budget() -> None:
+    cfg = FinetuneConfig.interactive("cpu")
+    cfg.validate()
+    assert cfg.seconds is not None and cfg.epochs is None and cfg.total_steps is None
+    assert FinetuneConfig.interactive("cpu", scope="head+norm").scope == "head+norm"
+
+
+def test_equivalent_diameter_and_scale_factor() -> None:
+    from napari_s2mnet.diameter import equivalent_diameter, scale_factor
+
+    yy, xx = np.mgrid[:100, :100]
+    lab = np.zeros((100, 100), np.int32)
+    for k, (cy, cx) in enumerate([(20, 20), (20, 70), (70, 45)], start=1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= 10 ** 2] = k
+    assert equivalent_diameter(lab) == pytest.approx(20, rel=0.05)
+    assert equivalent_diameter(np.zeros((5, 5), int)) is None
+    assert scale_factor(18.0, None) == 1.0 and scale_factor(None, 30.0) == 1.0
+    assert scale_factor(18.0, 36.0) == pytest.approx(0.5)
+    assert scale_factor(18.0, 18.5) == 1.0  # within 5 %: not worth interpolating
+    with pytest.raises(ValueError, match="diameter"):
+        scale_factor(18.0, 1000.0)
+
+
+def test_segment_with_a_diameter_keeps_the_image_grid(tiny) -> None:
+    import copy
+
+    from napari_s2mnet.inference import InferenceConfig, segment_iter
+    from napari_s2mnet.inference.run import run_to_end
+
+    bundle = copy.copy(tiny)
+    bundle.metadata = {**tiny.metadata, "diameter": 12.0}
+    img, _ = _discs(n=4, size=90)
+    cfg = InferenceConfig(device="cpu", diameter=24.0, compute_features=False,
+                          return_probability=True)
+    res = run_to_end(segment_iter(img, bundle, cfg))
+    assert res.labels.shape == img.shape and res.probability.shape == img.shape
+    assert any("Rescaled by 0.50" in m for m in res.messages)
+    with pytest.raises(ValueError, match="diameter"):
+        InferenceConfig(diameter=0.5).validate()
