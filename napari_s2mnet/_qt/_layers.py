@@ -25,6 +25,7 @@ class LabelsInfo:
     touched: set[int] = field(default_factory=set)
     planes: set[tuple[int, ...]] = field(default_factory=set)  # edited planes of a stack
     timer: QTimer | None = None
+    core: Any = None  # the core features table; layer.features shows it with units (_table)
 
     def source_layer(self) -> Any | None:
         """The source image layer, if it still exists."""
@@ -164,7 +165,7 @@ def refresh_features(layer: Any, full: bool = False) -> None:
     touched = set() if inf is None else inf.touched
     data = np.asarray(layer.data)
     spacing = inf.spacing if inf is not None else tuple(layer.scale[-2:])
-    df = layer.features
+    df = inf.core if inf is not None and inf.core is not None else layer.features
     if data.ndim == 2:
         if full or df is None or len(df) == 0 or "label" not in df:
             layer.features = object_features(data, spacing=spacing)
@@ -176,6 +177,9 @@ def refresh_features(layer: Any, full: bool = False) -> None:
         if len(lead) == data.ndim - 2:  # instance stacks (semantic ones are per class)
             layer.features = update_stack_features(df, data, touched, inf.planes, lead,
                                                    spacing=spacing)
+    from napari_s2mnet._qt._table import present
+
+    present(layer)  # units, centroid, intensity: the table the user reads
     if inf is not None:
         inf.touched = set()
         inf.planes = set()

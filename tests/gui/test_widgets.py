@@ -55,13 +55,17 @@ def test_segment_adds_labels_with_features_and_scale(viewer_with_plugin, qtbot):
     np.testing.assert_allclose(out.scale, image.scale)
     np.testing.assert_allclose(out.translate, image.translate)
     feats = out.features
-    for col in ("index", "label", "area_px", "area", "compactness", "tubularity",
-                "irregularity", "scale", "class", "mean_probability"):
+    # Scale without a unit: physical columns say "units" (issue 16: units in the names).
+    for col in ("index", "label", "area_px", "area_units2", "centroid_y_units",
+                "centroid_x_units", "bbox_y0", "bbox_x1", "compactness", "tubularity",
+                "irregularity", "area_fraction", "class", "mean_probability", "mean_intensity",
+                "max_intensity", "integrated_intensity"):
         assert col in feats.columns
+    assert "scale" not in feats.columns and "area" not in feats.columns
     ids = np.unique(out.data)
     assert list(feats["index"]) == [int(i) for i in ids if i != 0]
     if len(feats):
-        np.testing.assert_allclose(feats["area"], feats["area_px"] * 0.5 * 0.25)
+        np.testing.assert_allclose(feats["area_units2"], feats["area_px"] * 0.5 * 0.25)
 
 
 def test_rerun_never_overwrites_an_edited_layer(viewer_with_plugin, qtbot):
