@@ -242,7 +242,7 @@ def predict_paths(
             )
             bar.finish()
             for note in result.messages:
-                log.info("%s: %s", path.name, note)
+                log.warning("%s: %s", path.name, note)
             # Writing is part of the image's work: a full disk or a read-only folder fails this
             # image (reported below) and the run goes on with the next one.
             axes = {2: "YX", 3: "ZYX", 4: "TZYX"}[result.labels.ndim]

@@ -231,8 +231,6 @@ def _write_tiff(
     axes = (axes or _default_axes(arr.ndim)).upper()
     if axes and len(axes) != arr.ndim:
         raise ValueError(f"axes {axes!r} does not match the label shape {arr.shape}.")
-    kwargs: dict[str, Any] = {}
-    metadata: dict[str, Any] = {}
     if spacing is not None:
         spacing = [float(s) for s in spacing]
         if len(spacing) < 2 or len(spacing) > arr.ndim:
@@ -242,6 +240,15 @@ def _write_tiff(
             )
         if any(not np.isfinite(s) or s <= 0 for s in spacing):
             raise ValueError(f"spacing values must be positive and finite; got {spacing}.")
+    full_shape = None
+    if arr.ndim > 2 and 1 in arr.shape:
+        # ImageJ drops length-1 axes, so (Y, X, 1) would read back as (Y, X): write the
+        # squeezed array (which Fiji reads cleanly) and record the full shape for read_labels.
+        full_shape = arr.shape
+        arr, axes, spacing = _squeeze_for_tiff(arr, axes, spacing)
+    kwargs: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+    if spacing is not None:
         sy, sx = spacing[-2], spacing[-1]
         kwargs["resolution"] = (1.0 / sx, 1.0 / sy)  # TIFF stores pixels per unit
         if "Z" in axes and len(spacing) >= 3:
@@ -249,6 +256,8 @@ def _write_tiff(
     ij_unit = _imagej_unit(unit)
     if ij_unit is not None:
         metadata["unit"] = ij_unit
+    if full_shape is not None:
+        metadata[_SHAPE_KEY] = ",".join(str(n) for n in full_shape)
 
     hi = int(arr.max())
     imagej = True
@@ -268,7 +277,33 @@ def _write_tiff(
                 metadata["axes"] = axes
             tifffile.imwrite(tmp, arr, imagej=True, metadata=metadata, **kwargs)
         else:
-            tifffile.imwrite(tmp, arr, metadata={"axes": axes} if axes else None, **kwargs)
+            plain: dict[str, Any] | None = {"axes": axes} if axes else None
+            if full_shape is not None:
+                arr = arr.reshape(full_shape)
+                plain = {}  # tifffile's shaped description then records the full shape
+            tifffile.imwrite(tmp, arr, metadata=plain, **kwargs)
+
+
+_SHAPE_KEY = "s2mnet_shape"  # ImageJ description entry: the labels' shape with length-1 axes
+
+
+def _squeeze_for_tiff(
+    arr: np.ndarray, axes: str, spacing: list[float] | None
+) -> tuple[np.ndarray, str, list[float] | None]:
+    """Drop length-1 axes (keeping Y and X), with their axis letters and spacing entries."""
+    keep = [i for i, n in enumerate(arr.shape) if n != 1]
+    while len(keep) < 2:  # a (1, 1, X) or (1, Y, 1) array: keep the last axes as Y, X
+        keep = sorted(set(keep) | {max(set(range(arr.ndim)) - set(keep))})
+    out = arr.reshape([arr.shape[i] for i in keep])
+    letters = "".join(axes[i] for i in keep) if axes else ""
+    if not letters.endswith("YX"):
+        letters = _default_axes(out.ndim)
+    if spacing is not None:
+        offset = arr.ndim - len(spacing)  # spacing covers the last axes
+        spacing = [spacing[i - offset] for i in keep if i >= offset] or None
+        if spacing is not None and len(spacing) < 2:
+            spacing = None
+    return out, letters, spacing
 
 
 def read_labels(path: str | os.PathLike) -> np.ndarray:
@@ -301,8 +336,31 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
     except Exception as exc:
         raise ValueError(f"Could not read {path.name!r} as labels: {exc}") from exc
     arr = np.asarray(arr)
+    if suffix in (".tif", ".tiff"):
+        arr = _full_shape(path, arr)
     if arr.dtype.kind == "f":
         return _as_uint_labels(arr)
+    return arr
+
+
+def _full_shape(path: Path, arr: np.ndarray) -> np.ndarray:
+    """Restore length-1 axes that :func:`write_labels` recorded (ImageJ files drop them)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            note = (tif.imagej_metadata or {}).get(_SHAPE_KEY)
+            shaped = tif.shaped_metadata  # plain TIFFs written by tifffile keep their shape here
+        if note:
+            shape = tuple(int(n) for n in str(note).split(","))
+        elif shaped and isinstance(shaped[0], dict) and shaped[0].get("shape"):
+            shape = tuple(int(n) for n in shaped[0]["shape"])
+        else:
+            shape = None
+    except (ValueError, OSError, TypeError):
+        return arr
+    if shape and int(np.prod(shape)) == arr.size:
+        return arr.reshape(shape)
     return arr
 
 

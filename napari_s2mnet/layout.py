@@ -35,6 +35,7 @@ __all__ = [
     "guess_layout",
     "plan_image",
     "resolve_layout",
+    "squeeze_singletons",
 ]
 
 
@@ -176,6 +177,106 @@ def resolve_layout(arr: np.ndarray, layout: ImageLayout | None) -> ImageLayout:
             raise ValueError(f"An image of shape {arr.shape} has no room for a channel axis.")
         return dataclasses.replace(layout, channel_axis=ax)
     return layout
+
+
+@dataclass(frozen=True)
+class Squeezed:
+    """Length-1 axes :func:`squeeze_singletons` dropped, to put back on the results.
+
+    Attributes:
+        axes: Dropped axes of the original array (sorted).
+        spatial_shape: The original shape without its channel axis (the labels' shape).
+    """
+
+    axes: tuple[int, ...]
+    spatial_shape: tuple[int, ...]
+    channel_axis: int | None = None
+
+    def _dropped_spatial(self) -> list[int]:
+        """Positions of the dropped axes among the non-channel axes."""
+        ndim = len(self.spatial_shape) + (self.channel_axis is not None)
+        plain = [i for i in range(ndim) if i != self.channel_axis]
+        return [k for k, i in enumerate(plain) if i in self.axes]
+
+    def restore(self, result: np.ndarray | None) -> np.ndarray | None:
+        """``result`` (labels, probability ...) reshaped to :attr:`spatial_shape`."""
+        if result is None or not self.axes or result.size != int(np.prod(self.spatial_shape)):
+            return result
+        return result.reshape(self.spatial_shape)
+
+    def squeeze_spacing(self, spacing: Any) -> Any:
+        """Drop the entries of the dropped axes from a per-axis spacing (napari's scale)."""
+        if spacing is None or not self.axes:
+            return spacing
+        values = list(spacing)
+        ndim = len(self.spatial_shape) + (self.channel_axis is not None)
+        if len(values) == ndim and self.channel_axis is not None:
+            values = [v for i, v in enumerate(values) if i not in self.axes]
+        elif len(values) == len(self.spatial_shape):
+            dropped = self._dropped_spatial()
+            values = [v for k, v in enumerate(values) if k not in dropped]
+        return values
+
+    def restore_spacing(self, spacing: tuple[float, ...]) -> tuple[float, ...]:
+        """Spacing per axis of the restored labels (1.0 for a dropped axis)."""
+        if not self.axes:
+            return spacing
+        dropped = set(self._dropped_spatial())
+        it = iter(spacing)
+        return tuple(1.0 if k in dropped else next(it) for k in range(len(self.spatial_shape)))
+
+
+def squeeze_singletons(
+    arr: np.ndarray, layout: ImageLayout, notes: list[str]
+) -> tuple[np.ndarray, ImageLayout, Squeezed]:
+    """Drop length-1 axes (other than the channel axis) so they are not read as spatial axes.
+
+    Without this, ``(Y, X, 1)`` is a stack of ``Y`` one-pixel-wide ``(X, 1)`` slices and
+    ``(Y, 1, X)`` a stack of ``Y`` one-row images: hundreds of wrong objects, very slowly. A
+    length-1 axis carries no spatial extent, so dropping it changes nothing else; results are
+    reshaped back with :meth:`Squeezed.restore`. A warning note is added when one of the two
+    last axes (where Y and X are expected) was dropped.
+
+    Args:
+        arr: The checked image.
+        layout: Its resolved layout (channel axis >= 0).
+        notes: Messages for the user (warnings).
+
+    Returns:
+        The squeezed view, its layout (channel axis renumbered), and what to restore.
+
+    Raises:
+        ValueError: The layout names leading axes (``axis_names``) and a dropped axis makes those
+            names ambiguous.
+    """
+    ax = layout.channel_axis
+    spatial_shape = tuple(n for i, n in enumerate(arr.shape) if i != ax)
+    plain = [i for i in range(arr.ndim) if i != ax]
+    drop_set = {i for i in plain if arr.shape[i] == 1}
+    # Y and X stay: a (1, 7) or (1, 1, 7) image is one row, not nothing.
+    while len(plain) - len(drop_set) < 2:
+        drop_set.discard(max(drop_set))
+    drop = tuple(sorted(drop_set))
+    if not drop:
+        return arr, layout, Squeezed((), spatial_shape, ax)
+    if layout.axis_names is not None:
+        raise ValueError(
+            f"Axes {list(drop)} of shape {arr.shape} have length 1 but axis_names="
+            f"{layout.axis_names} names the leading axes; squeeze the array (image.squeeze()) "
+            "and give the names of the remaining leading axes, or set channel_axis="
+            f"{drop[-1]} if that axis holds the (single) channel."
+        )
+    new_ax = None if ax is None else ax - sum(1 for i in drop if i < ax)
+    out = arr.reshape([n for i, n in enumerate(arr.shape) if i not in drop])
+    trailing = [i for i in drop if i >= arr.ndim - 2]
+    if trailing:
+        notes.append(
+            f"Axis {trailing[-1]} of shape {arr.shape} has length 1 and was dropped, so the image "
+            f"is segmented as shape {out.shape} (a length-1 axis is read as a single channel "
+            "plane, not as slices of one pixel); the labels keep the original shape. If that is "
+            "not what you meant, reshape the array or set channel_axis."
+        )
+    return out, dataclasses.replace(layout, channel_axis=new_ax), Squeezed(drop, spatial_shape, ax)
 
 
 def plan_image(

@@ -428,6 +428,8 @@ class SegmentWidget(QWidget):
         n = len(result.features) if result.features is not None else 0
         messages = "; ".join(result.messages)
         self.status.setText(f"Done: {n} objects in {out.name!r} ({result.device}, {result.backend}). {messages}".strip())
+        for note in result.messages:  # each note may mean the input was not read as meant
+            show_warning(note)
         self.progress.finish(f"done: {n} objects")
 
 

@@ -22,6 +22,7 @@ from napari_s2mnet.layout import (
     check_spacing,
     plan_image,
     resolve_layout,
+    squeeze_singletons,
 )
 from napari_s2mnet.stain import brightfield_warning, transform_input
 
@@ -89,12 +90,15 @@ def segment_iter(
     lay = resolve_layout(arr, layout)
     bundle = _resolve_model(model)
     notes: list[str] = []
-    warning = brightfield_warning(arr, lay, cfg.input_transform)
+    # (Y, X, 1) / (Y, 1, X): a length-1 axis is dropped, not read as slices of one pixel.
+    arr, lay_used, squeezed = squeeze_singletons(arr, lay, notes)
+    spacing = squeezed.squeeze_spacing(spacing)
+    warning = brightfield_warning(arr, lay_used, cfg.input_transform)
     if warning:
         notes.append(warning)
         log.warning(warning)
-    arr, lay = transform_input(arr, lay, cfg.input_transform)
-    plan = plan_image(arr, lay, int(bundle.config.in_channels), notes)
+    arr, lay_used = transform_input(arr, lay_used, cfg.input_transform)
+    plan = plan_image(arr, lay_used, int(bundle.config.in_channels), notes)
     spacing_t = check_spacing(spacing, arr, plan)
     check_finite(plan)
     binary = int(bundle.config.num_classes) == 1
@@ -103,7 +107,8 @@ def segment_iter(
     if binary and not 0.0 < threshold < 1.0:
         raise ValueError(f"The model's stored threshold {threshold} is not in (0, 1); set one.")
     for note in notes:
-        log.info(note)
+        if note != warning:  # the brightfield warning is already logged
+            log.warning(note)  # notes say something may not be what the user meant
 
     n_slices = plan.n_slices
     engine = Engine(bundle, cfg, notes)
@@ -126,21 +131,21 @@ def segment_iter(
             counter.done += 1
             yield counter.progress("postprocess", f"{counter.slice_text()}post-processed")
 
-        labels = out.labels()
+        labels = squeezed.restore(out.labels())
         features = out.features()
         timings["total"] = time.perf_counter() - t_start
         result = SegmentationResult(
             labels=labels,
             features=features,
-            probability=out.probability,
-            uncertainty=out.uncertainty,
+            probability=squeezed.restore(out.probability),
+            uncertainty=squeezed.restore(out.uncertainty),
             device=engine.description,
             backend=engine.backend,
             messages=list(notes),
             threshold=threshold if binary else None,
             semantic=not binary,
-            layout=lay,
-            spacing=spacing_t,
+            layout=lay_used if not squeezed.axes else lay,  # the caller's axes when squeezed
+            spacing=squeezed.restore_spacing(spacing_t),
             n_tiles=engine.n_tiles,
             timings=timings,
         )

@@ -664,3 +664,58 @@ def test_cli_train_refuses_wrong_pairs_unless_told_to_pair_by_order(
     assert cli_main([*args, "--pair-by-order"]) == 2
     assert seen == [["day1.tif", "day2.tif"]]
     assert batch.LABEL_SUFFIXES[0] == "_labels"
+
+
+# --------------------------------------------------------------------------------------------
+# item 6: (Y, X, 1) and (Y, 1, X)
+
+
+def test_length_one_axes_are_dropped_not_read_as_one_pixel_slices(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from napari_s2mnet._sample_data import load_nuclei
+    from napari_s2mnet.inference import InferenceConfig, run_to_end, segment_iter
+    from napari_s2mnet.layout import ImageLayout
+
+    image = load_nuclei()[0][:96, :96]
+    bundle = ck.new_model(ModelConfig(arch="unet", in_channels=1, options=TINY_UNET))
+    cfg = InferenceConfig(device="cpu", threshold=0.5)
+    ref = run_to_end(segment_iter(image, bundle, cfg))
+    for variant in (image[:, :, None], image[:, None, :], image[None]):
+        with caplog.at_level(logging.WARNING):
+            res = run_to_end(segment_iter(variant, bundle, cfg, spacing=(0.5,) * 3))
+        assert res.labels.shape == variant.shape
+        assert np.array_equal(res.labels.reshape(ref.labels.shape), ref.labels)
+        assert len(res.features) == len(ref.features)
+        assert res.spacing is not None and len(res.spacing) == 3
+    assert any("has length 1 and was dropped" in m for m in res.messages) is False  # leading
+    res = run_to_end(segment_iter(image[:, :, None], bundle, cfg))
+    assert any("Axis 2 of shape (96, 96, 1) has length 1" in m for m in res.messages)
+    assert "has length 1 and was dropped" in caplog.text  # a warning, not an INFO line
+    row = run_to_end(segment_iter(np.arange(50.0).reshape(1, 1, 50), bundle, cfg))
+    assert row.labels.shape == (1, 1, 50)  # one row of pixels, not an error
+    with pytest.raises(ValueError, match="axis_names"):
+        run_to_end(segment_iter(image[None, :, :, None], bundle, cfg,
+                                ImageLayout(axis_names=("t", "z"))))
+
+
+@pytest.mark.parametrize("shape", [(40, 30, 1), (40, 1, 30), (1, 40, 30), (3, 1, 40, 30)])
+def test_tiff_labels_round_trip_length_one_axes(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    import tifffile
+
+    from napari_s2mnet.io import read_labels, write_labels
+
+    labels = np.zeros(shape, np.uint16)
+    labels.reshape(-1)[::7] = 3
+    path = write_labels(tmp_path / "l.tif", labels, spacing=(0.5,) * len(shape), unit="micron")
+    back = read_labels(path)
+    assert back.shape == shape and np.array_equal(back, labels)
+    with tifffile.TiffFile(path) as tif:  # still a clean ImageJ file for Fiji
+        assert tif.is_imagej and tif.imagej_metadata["unit"] == "micron"
+        xres = tif.pages[0].tags["XResolution"].value
+        assert xres[1] / xres[0] == pytest.approx(0.5)
+    big = np.zeros(shape, np.uint32)
+    big.reshape(-1)[0] = 2**31  # plain (non-ImageJ) TIFF: the shape survives too
+    assert read_labels(write_labels(tmp_path / "b.tif", big)).shape == shape
