@@ -19,6 +19,7 @@ __all__ = ["equivalent_diameter", "estimate_diameter", "model_diameter", "resize
 
 _TOLERANCE = 0.05  # rescaling by less than 5 % is not worth the interpolation
 _MIN_FACTOR, _MAX_FACTOR = 0.125, 8.0
+_MAX_PASSES = 4  # segmentation passes of estimate_diameter
 
 
 def model_diameter(bundle: Any) -> float | None:
@@ -98,9 +99,10 @@ def estimate_diameter(image: Any, model: Any = None, config: Any = None, **kwarg
     """Typical object diameter in ``image`` (pixels), measured with the model itself.
 
     A first pass segments the image as it is and takes the median equivalent diameter of the
-    objects. When that is far (> 25 %) from the model's training diameter, a second pass at the
-    implied scale refines it: objects much larger than the training size come out fragmented in
-    the first pass, which under-estimates them. ``None`` when nothing was found.
+    objects. While that is far (> 25 %) from the model's training diameter, another pass at the
+    implied scale refines it (at most 4 passes; stops when two agree within 10 %): objects much
+    larger than the training size come out fragmented at first, which under-estimates them.
+    ``None`` when nothing was found.
 
     Args:
         image: Image as for :func:`napari_s2mnet.inference.segment`.
@@ -117,13 +119,20 @@ def estimate_diameter(image: Any, model: Any = None, config: Any = None, **kwarg
     cfg = dataclasses.replace(config or InferenceConfig(), diameter=None, compute_features=False,
                               split_touching=True, uncertainty=False, return_probability=False)
     labels, _ = segment(image, bundle, cfg, **kwargs)
-    first = equivalent_diameter(labels)
+    estimate = equivalent_diameter(labels)
     trained = model_diameter(bundle)
-    if first is None or trained is None or abs(first / trained - 1.0) <= 0.25:
-        return first
-    factor = trained / first
-    if not _MIN_FACTOR <= factor <= _MAX_FACTOR:
-        return first
-    labels, _ = segment(image, bundle, dataclasses.replace(cfg, diameter=first), **kwargs)
-    second = equivalent_diameter(labels)
-    return second if second is not None else first
+    if estimate is None or trained is None:
+        return estimate
+    for _ in range(_MAX_PASSES - 1):
+        if abs(estimate / trained - 1.0) <= 0.25 or \
+                not _MIN_FACTOR <= trained / estimate <= _MAX_FACTOR:
+            break
+        labels, _ = segment(image, bundle, dataclasses.replace(cfg, diameter=estimate), **kwargs)
+        new = equivalent_diameter(labels)
+        if new is None:
+            break
+        done = abs(new / estimate - 1.0) <= 0.1
+        estimate = new
+        if done:  # converged: the objects now reach the model near its training size
+            break
+    return estimate

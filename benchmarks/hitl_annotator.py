@@ -1,0 +1,262 @@
+"""Correct-and-fine-tune with a simulated annotator who fixes the k worst objects (issue 14).
+
+Usage::
+
+    python -m benchmarks.hitl_annotator                       # 3 sets x k 0,1,2,5 x 3 seeds, 60 s
+    python -m benchmarks.hitl_annotator --sets dsb2018 --ks 5 --weights 0 0.1 1 --n-seeds 1
+    python -m benchmarks.hitl_annotator --sets dsb2018 --ks 5 --scopes all decoder+head head+norm
+
+Protocol (every model is scored only on data it never saw, and never on what was corrected):
+
+* data sets and the model each starts from:
+
+  - ``dsb2018``: the DSB2018 image (manual masks) for an S2M-Net trained on BBBC007 only
+    (``.cache/models/bbbc007_only.safetensors``, made by ``--make-bases bbbc007``);
+    top half = annotation pool, bottom half = test;
+  - ``nuclei3d``: the 3-D nuclei stack as 2-D planes (>= 3 objects) for the bundled model;
+    planes z < Z/2 = pool, the others = test;
+  - ``bbbc007``: BBBC007 (automatic pseudo ground truth) for an S2M-Net trained on the DSB2018
+    image only (``.cache/models/dsb_only.safetensors``, ``--make-bases dsb2018``); images 0-6 =
+    pool, 10-13 = test;
+
+* the annotator looks at the model's own output on the pool, ranks the errors (every ground-truth
+  object by its best IoU with a predicted object, every predicted object that overlaps no
+  ground truth as IoU 0; ties: larger first) and fixes the k worst, like a user: inside the fixed
+  region (the object, the predicted objects overlapping it, 2 px around) the labels become the
+  ground truth; that region is the *corrected* mask. Everything else stays the model's output;
+* fine-tuning: :func:`napari_s2mnet.training.train` with ``corrected=`` masks and
+  :meth:`FinetuneConfig.interactive` (CPU preset) for ``--seconds`` wall clock;
+* scores on the test part with :func:`napari_s2mnet.inference.segment` (default settings):
+  foreground Dice (pooled pixels) and instance F1 at IoU 0.5 (mean over test images/planes).
+  k = 0 is the starting model (zero-shot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / ".cache" / "models"
+
+
+# ------------------------------------------------------------------------------ annotator
+def worst_objects(pred: np.ndarray, gt: np.ndarray) -> list[tuple[float, int, np.ndarray]]:
+    """Errors of ``pred`` against ``gt`` as (IoU, -size, region mask), worst first."""
+    from scipy import ndimage
+
+    errors = []
+    for g in np.unique(gt[gt > 0]):
+        obj = gt == g
+        ids, counts = np.unique(pred[obj], return_counts=True)
+        best, region = 0.0, obj.copy()
+        for p, c in zip(ids, counts, strict=True):
+            if p == 0:
+                continue
+            other = pred == p
+            region |= other
+            best = max(best, c / float((obj | other).sum()))
+        errors.append((best, -int(region.sum()), region))
+    for p in np.unique(pred[pred > 0]):
+        obj = pred == p
+        if not (gt[obj] > 0).any():  # a false object
+            errors.append((0.0, -int(obj.sum()), obj))
+    errors.sort(key=lambda e: (e[0], e[1]))
+    return [(iou, size, ndimage.binary_dilation(r, iterations=2)) for iou, size, r in errors]
+
+
+def annotate(preds: list[np.ndarray], gts: list[np.ndarray], k: int
+             ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Fix the ``k`` worst objects over the pool: (pool index, corrected labels, mask)."""
+    ranked = []
+    for i, (p, g) in enumerate(zip(preds, gts, strict=True)):
+        ranked += [(iou, size, i, r) for iou, size, r in worst_objects(p, g)]
+    ranked.sort(key=lambda e: (e[0], e[1]))
+    labels = {i: preds[i].astype(np.int32) for i in range(len(preds))}
+    masks = {i: np.zeros(preds[i].shape, bool) for i in range(len(preds))}
+    fixed = 0
+    for _iou, _size, i, region in ranked:
+        if fixed == k:
+            break
+        if (masks[i] & region).any():
+            continue  # already fixed with a neighbour
+        offset = int(labels[i].max()) + 1
+        g = gts[i][region]
+        labels[i][region] = np.where(g > 0, g.astype(np.int32) + offset, 0)
+        masks[i] |= region
+        fixed += 1
+    return [(i, labels[i], masks[i]) for i in sorted(masks) if masks[i].any()]
+
+
+# ------------------------------------------------------------------------------ data sets
+def _load(path: Path, how: str) -> Any:
+    from napari_s2mnet.checkpoint import load_model
+
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: {how}")
+    return load_model(path)
+
+
+def make_base(which: str, epochs: int = 15) -> Path:
+    """Train a starting model from scratch on one data set only (``"bbbc007"`` or ``"dsb2018"``):
+    S2M-Net, MASL, Adam lr 1e-3, batch 4, 160-px crops, ``epochs`` x 10 steps (a step budget, so
+    the model does not depend on the machine's load), seed 0; saved under ``.cache/models``."""
+    import torch
+
+    from benchmarks import fetch_data
+    from napari_s2mnet.checkpoint import new_model, save_model
+    from napari_s2mnet.diameter import equivalent_diameter
+    from napari_s2mnet.model import ModelConfig
+    from napari_s2mnet.training import FinetuneConfig, train
+
+    torch.manual_seed(0)
+    if which == "bbbc007":
+        pairs = [(im, lab) for _, im, lab in fetch_data.load_bbbc007()]
+        out = MODELS / "bbbc007_only.safetensors"
+    else:
+        pairs = [fetch_data.load_dsb2018()]
+        out = MODELS / "dsb_only.safetensors"
+    start = new_model(ModelConfig(arch="s2mnet", in_channels=1, num_classes=1,
+                                  options={"bn_momentum": 0.1}), name=f"S2M-Net {which} only")
+    cfg = FinetuneConfig(epochs=epochs, lr=1e-3, batch_size=4, crop_size=160, seed=0,
+                         device="cpu", val_fraction=0.0, patience=None)
+    res = train(pairs, start, cfg, names=[f"{which}/{i}" for i in range(len(pairs))])
+    res.bundle.metadata["diameter"] = round(float(np.median(
+        [equivalent_diameter(lab) for _, lab in pairs])), 1)
+    MODELS.mkdir(parents=True, exist_ok=True)
+    save_model(res.bundle, out)
+    print(f"# base model {out.name}: {res.steps} steps in {res.elapsed:.0f} s", flush=True)
+    return out
+
+
+def data_set(name: str) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]],
+                                 list[tuple[np.ndarray, np.ndarray]]]:
+    """(starting model, pool pairs, test pairs) of a set (see the module docstring)."""
+    from benchmarks import fetch_data
+
+    if name == "dsb2018":
+        model = _load(MODELS / "bbbc007_only.safetensors",
+                      "python -m benchmarks.hitl_annotator --make-bases bbbc007")
+        img, gt = fetch_data.load_dsb2018()
+        h = img.shape[0] // 2
+        return model, [(img[:h], gt[:h])], [(img[h:], gt[h:])]
+    if name == "nuclei3d":
+        from benchmarks.hitl import slice_split
+        from napari_s2mnet.checkpoint import load_default_model
+
+        img, gt = fetch_data.load_nuclei3d()
+        pool, test = slice_split(gt)
+        return (load_default_model(), [(img[z], gt[z]) for z in pool],
+                [(img[z], gt[z]) for z in test])
+    if name == "bbbc007":
+        model = _load(MODELS / "dsb_only.safetensors",
+                      "python -m benchmarks.hitl_annotator --make-bases dsb2018")
+        items = fetch_data.load_bbbc007()
+        return (model, [(im, lab) for _, im, lab in items[:7]],
+                [(im, lab) for _, im, lab in items[10:]])
+    raise SystemExit(f"unknown set {name!r}")
+
+
+# ------------------------------------------------------------------------------ scoring
+def score(bundle: Any, test: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """Foreground Dice (pooled) and mean instance F1@0.5 on the test pairs."""
+    from napari_s2mnet.inference import InferenceConfig, segment
+    from napari_s2mnet.instances import match_scores
+
+    cfg = InferenceConfig(device="cpu", compute_features=False, backend="torch")
+    inter = total = 0
+    f1s = []
+    for img, gt in test:
+        lab, _ = segment(img, bundle, cfg)
+        p, g = lab > 0, gt > 0
+        inter += int((p & g).sum())
+        total += int(p.sum() + g.sum())
+        f1s.append(match_scores(lab, gt)["f1@0.5"])
+    return 2 * inter / max(total, 1), float(np.mean(f1s))
+
+
+def predict(bundle: Any, pool: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    from napari_s2mnet.inference import InferenceConfig, segment
+
+    cfg = InferenceConfig(device="cpu", compute_features=False, backend="torch")
+    return [segment(img, bundle, cfg)[0] for img, _ in pool]
+
+
+# ------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    import torch
+
+    from napari_s2mnet.training import FinetuneConfig, train
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sets", nargs="+", default=["dsb2018", "nuclei3d", "bbbc007"])
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5])
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--n-seeds", type=int, default=3)
+    p.add_argument("--weights", type=float, nargs="+", default=[None],
+                   help="uncorrected_weight values (default: the preset's)")
+    p.add_argument("--scopes", nargs="+", default=[None], help="scopes (default: the preset's)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--make-bases", nargs="*", choices=["bbbc007", "dsb2018"], default=None,
+                   help="first train these starting models (150 steps each)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for which in args.make_bases or []:
+        make_base(which)
+    print(f"# hitl_annotator: torch {torch.__version__}, cpu, threads {args.threads}, "
+          f"{platform.machine()}, {time.strftime('%Y-%m-%d %H:%M')}, {args.seconds:g} s per run",
+          flush=True)
+    rows = []
+    for name in args.sets:
+        model, pool, test = data_set(name)
+        d0, f0 = score(model, test)
+        print(f"# {name}: k=0 Dice {d0:.3f} F1 {f0:.3f}", flush=True)
+        rows.append((name, 0, "-", "-", d0, 0.0, f0, 0.0, 0.0))
+        preds = predict(model, pool)
+        for k in args.ks:
+            fixes = annotate(preds, [g for _, g in pool], k)
+            pairs = [(pool[i][0], lab) for i, lab, _ in fixes]
+            masks = [m for _, _, m in fixes]
+            for w in args.weights:
+                for scope in args.scopes:
+                    over = {} if w is None else {"uncorrected_weight": w}
+                    if scope is not None:
+                        over["scope"] = scope
+                    ds, fs, steps = [], [], []
+                    for seed in range(args.n_seeds):
+                        cfg = FinetuneConfig.interactive("cpu", seconds=args.seconds, seed=seed,
+                                                         **over)
+                        res = train(pairs, model, cfg, corrected=masks)
+                        d, f = score(res.bundle, test)
+                        ds.append(d)
+                        fs.append(f)
+                        steps.append(res.steps)
+                        print(f"# {name} k={k} w={cfg.uncorrected_weight} scope={cfg.scope} "
+                              f"seed {seed}: Dice {d:.3f} F1 {f:.3f} steps {res.steps} "
+                              f"kept_previous={res.kept_previous} | {res.message}", flush=True)
+                    sd = statistics.stdev(ds) if len(ds) > 1 else 0.0
+                    sf = statistics.stdev(fs) if len(fs) > 1 else 0.0
+                    rows.append((name, k, cfg.uncorrected_weight, cfg.scope, statistics.fmean(ds),
+                                 sd, statistics.fmean(fs), sf, statistics.fmean(steps)))
+    print()
+    print("| set | k | uncorrected weight | scope | Dice | vs k=0 | F1@0.5 | vs k=0 | steps |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    base = {r[0]: r for r in rows if r[1] == 0}
+    for r in rows:
+        b = base[r[0]]
+        sd = f" +- {r[5]:.3f}" if r[5] else ""
+        sf = f" +- {r[7]:.3f}" if r[7] else ""
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.3f}{sd} | {r[4] - b[4]:+.3f} | "
+              f"{r[6]:.3f}{sf} | {r[6] - b[6]:+.3f} | {r[8]:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
