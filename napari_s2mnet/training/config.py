@@ -103,7 +103,9 @@ class FinetuneConfig:
             layer's scale and shift).
         uncorrected_weight: With ``corrected`` masks (see :func:`finetune`): loss weight of the
             pixels outside the corrected regions (the model's own, unchecked output) relative to
-            1 for corrected pixels. ``0`` ignores them (measured best, docs/methods.md).
+            1 for corrected pixels (crops are centred on corrections either way). ``0`` ignores
+            them, which lets deletions alone teach "background everywhere"; 1 measured best
+            (docs/methods.md).
         diameter: Typical object diameter in pixels in these images (``None``: taken as the
             model's training diameter, i.e. no rescaling). Images are rescaled by
             ``model diameter / diameter`` so objects reach the network at the size it was
@@ -140,7 +142,7 @@ class FinetuneConfig:
     max_recoveries: int = 3
     divergence_factor: float = 10.0
     scope: str = "all"
-    uncorrected_weight: float = 0.0
+    uncorrected_weight: float = 1.0
     diameter: float | None = None
 
     @classmethod
@@ -338,6 +340,7 @@ class LoopState:
         since_best: Validations without an improvement of at least ``min_delta``.
         pending_val: A validation was under way (a stop inside it is redone on resume).
         corrected_before: Dice of the starting model on all corrected regions.
+        context_before: Its Dice around them (uncorrected pixels of the scoring tiles).
     """
 
     step: int = 0
@@ -354,6 +357,7 @@ class LoopState:
     since_best: int = 0
     pending_val: bool = False
     corrected_before: float | None = None
+    context_before: float | None = None
 
 
 def _check_resume(state: ResumeState, model: ModelBundle, config: FinetuneConfig | None,

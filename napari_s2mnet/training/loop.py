@@ -70,6 +70,7 @@ __all__ = ["finetune", "train", "warm_up"]
 
 _SNAPSHOT_EVERY = 10  # steps between "last good state" snapshots
 _WORSE = 0.005  # Dice drop on the corrected regions that counts as worse
+_CONTEXT_DROP = 0.1  # Dice drop around them (on uncorrected pixels) that counts as broken
 
 
 def warm_up() -> None:
@@ -263,13 +264,15 @@ class _Run:
         self.set_train_mode()
         return dice
 
-    def corrected_dice(self) -> float | None:
-        """Dice on every corrected region (trained on or held out); ``None`` without."""
+    def corrected_dice(self, context: bool = False) -> float | None:
+        """Dice on every corrected region (trained on or held out), or with ``context`` on the
+        uncorrected pixels around them (the model's own output the user left as it was);
+        ``None`` without corrections."""
         if not self.region_tiles:
             return None
+        masks = [~m for m in self.region_masks] if context else self.region_masks
         dice = _evaluate(self.net, self.data.train, self.region_tiles, self.num_classes,
-                         self.threshold, self.device, self.ctx, self.amp,
-                         masks=self.region_masks)
+                         self.threshold, self.device, self.ctx, self.amp, masks=masks)
         self.set_train_mode()
         return dice
 
@@ -372,6 +375,7 @@ class _Finetune:
             else None
         self.buffers_at_step: dict[str, Any] = {}
         self.in_step = False
+        self.kept_why = ""  # why finish() put the starting model back
 
     # -- helpers
 
@@ -428,6 +432,7 @@ class _Finetune:
         if not self.resumed:
             s.init_val = s.best_val = self.run.validate()
             s.corrected_before = self.run.corrected_dice()
+            s.context_before = self.run.corrected_dice(context=True)
             s.best_state = self.weights()
             mode_text = f"data-parallel x{self.ctx.world_size}, " if self.ctx.enabled else ""
             msg = (f"training on {len(self.data.info)} image(s) with {self.data.n_objects} "
@@ -642,10 +647,19 @@ class _Finetune:
         if s.corrected_before is None or best_step == 0:
             return s.corrected_before, False
         after = run.corrected_dice()
+        context = run.corrected_dice(context=True)
         run.net.eval()
-        if run.val_tiles or after is None or after >= s.corrected_before - _WORSE:
+        # Around the corrections the labels are the model's own output, left as they were: a
+        # model that learned "background everywhere" from deletions breaks them there.
+        broke_context = (context is not None and s.context_before is not None
+                         and context < s.context_before - _CONTEXT_DROP)
+        worse = not run.val_tiles and after is not None and after < s.corrected_before - _WORSE
+        if not (worse or broke_context):
             return after, False
         run.net.load_state_dict(self.model.model.state_dict())
+        self.kept_why = ("it changed the labels around your corrections that you left as they "
+                         f"were (Dice there {s.context_before:.2f} -> {context:.2f})"
+                         if broke_context else "it was worse on the corrected regions")
         return s.corrected_before, True
 
     def finish(self) -> tuple[TrainReport, FinetuneResult]:
@@ -694,9 +708,9 @@ class _Finetune:
         if s.corrected_before is not None and after is not None:
             summary += (f"; Dice on the corrected regions {s.corrected_before:.3f} -> "
                         f"{after:.3f}")
-            if kept and not run.val_tiles:
-                summary += ("; the fine-tuned model was worse there, so the starting model is "
-                            "kept")
+            if kept:
+                summary += (f"; the starting model is kept: the fine-tuned one was not better "
+                            f"({self.kept_why})")
         last = self.report(step=s.step, epoch=cfg.epoch_of(s.step), total_steps=s.step,
                            loss=float("nan"), val_dice=final_val, best_val_dice=best_val,
                            lr=0.0, elapsed=elapsed, message=summary)

@@ -57,11 +57,11 @@ def test_regions_hold_out_validation_only_with_enough_corrections(tiny) -> None:
     from napari_s2mnet.training.data import _prepare_data
 
     img, lab = _discs(n=6)
-    cfg = FinetuneConfig(val_fraction=0.25)
+    cfg = FinetuneConfig(val_fraction=0.25, uncorrected_weight=0.0)
     few = _prepare_data([(img, lab)], tiny, cfg, None, None, [_masks(lab, [1, 2])])
     assert few.corrected and few.val == [] and "no validation" in few.split
     w = few.train[0].regions.weight
-    assert w.max() == 1.0 and w.min() == 0.0  # uncorrected pixels do not count by default
+    assert w.max() == 1.0 and w.min() == 0.0  # uncorrected pixels do not count with weight 0
     many = _prepare_data([(img, lab)], tiny, cfg, None, None, [_masks(lab, [1, 2, 3, 4, 5, 6])])
     regions = many.train[0].regions
     assert len(many.val) == 1 and regions.n_regions >= 4 and regions.n_val >= 1
@@ -103,13 +103,15 @@ def test_finetune_from_corrections_reports_before_and_after(tiny) -> None:
     assert "corrected regions" in res.message
 
 
-def test_a_worse_model_on_the_corrections_is_not_returned(tiny, monkeypatch) -> None:
+@pytest.mark.parametrize("scores", [(0.9, 0.9, 0.5, 0.9), (0.5, 0.9, 0.95, 0.3)],
+                         ids=["worse-on-corrections", "broke-the-rest"])
+def test_a_worse_model_on_the_corrections_is_not_returned(tiny, monkeypatch, scores) -> None:
     import torch
 
     from napari_s2mnet.training import loop, train
 
-    scores = iter([0.9, 0.5])  # before, after
-    monkeypatch.setattr(loop._Run, "corrected_dice", lambda self: next(scores))
+    scores = iter(scores)  # before (corrected, context), after (corrected, context)
+    monkeypatch.setattr(loop._Run, "corrected_dice", lambda self, context=False: next(scores))
     img, lab = _discs(n=3)
     cfg = FinetuneConfig(epochs=1, steps_per_epoch=2, batch_size=2, crop_size=32, device="cpu",
                          lr=1e-2)
