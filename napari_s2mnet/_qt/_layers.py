@@ -24,6 +24,7 @@ class LabelsInfo:
     spacing: tuple[float, ...] = (1.0, 1.0)
     touched: set[int] = field(default_factory=set)
     planes: set[tuple[int, ...]] = field(default_factory=set)  # edited planes of a stack
+    painted: np.ndarray | None = None  # pixels the user painted, filled or erased (bool)
     timer: QTimer | None = None
     core: Any = None  # the core features table; layer.features shows it with units (_table)
 
@@ -128,6 +129,22 @@ def touched_planes(paint_item: Any, shape: tuple[int, ...]) -> set[tuple[int, ..
     return planes
 
 
+def mark_painted(painted: np.ndarray | None, paint_item: Any, shape: tuple[int, ...]
+                 ) -> np.ndarray:
+    """``painted`` (bool, the layer's shape; new if ``None`` or reshaped) with the pixels of a
+    napari paint history item set: what the user painted, filled or erased (issue 14)."""
+    if painted is None or painted.shape != tuple(shape):
+        painted = np.zeros(shape, bool)
+    for atom in paint_item or []:
+        mask = getattr(atom, "mask", None)  # napari 0.9 mask-based atom: (slice_key, mask, ...)
+        key = atom.slice_key if hasattr(atom, "slice_key") else atom[0]
+        if hasattr(atom, "slice_key") and mask is not None:
+            painted[key] |= np.asarray(mask, bool)
+        else:  # the whole window, or the index arrays of data_setitem
+            painted[key] = True
+    return painted
+
+
 def _watch_edits(layer: Any) -> None:
     layer_ref = weakref.ref(layer)
 
@@ -140,6 +157,7 @@ def _watch_edits(layer: Any) -> None:
         item = getattr(event, "value", None)
         inf.touched |= touched_ids(item)
         inf.planes |= touched_planes(item, np.shape(lyr.data))
+        inf.painted = mark_painted(inf.painted, item, np.shape(lyr.data))
         if inf.timer is None:
             inf.timer = QTimer()
             inf.timer.setSingleShot(True)

@@ -31,12 +31,20 @@ from napari_s2mnet._qt._session import get_session
 from napari_s2mnet._qt.dock import ProgressRow, scrolling_body
 from napari_s2mnet.losses import LOSS_NAMES
 from napari_s2mnet.training import DEFAULT_EPOCHS, FinetuneConfig
-from napari_s2mnet.training.config import FinetuneControl, FinetuneResult, ResumeState, TrainReport
+from napari_s2mnet.training.config import (
+    SCOPES,
+    FinetuneControl,
+    FinetuneResult,
+    ResumeState,
+    TrainReport,
+)
 
 # A widget choice, not a config default: the value offered when the user switches the budget to
 # seconds (FinetuneConfig has no time budget by default; its default is DEFAULT_EPOCHS epochs).
 SECONDS_SUGGESTION = 60.0
-ADVANCED_FIELDS = ["loss", "lr", "batch_size", "crop_size", "val_fraction", "seed", "allow_empty"]
+ADVANCED_FIELDS = ["loss", "lr", "batch_size", "crop_size", "val_fraction", "uncorrected_weight",
+                   "seed", "allow_empty"]
+MAIN_FIELDS = ["scope", "diameter"]
 
 
 def candidate_pairs(viewer: napari.viewer.Viewer) -> list[tuple[Image, Labels, bool]]:
@@ -76,6 +84,7 @@ class FinetuneWidget(QWidget):
         self.last_result: FinetuneResult | None = None
         self._resume: ResumeState | None = None  # the last run that stopped or ran out of time
         self._resume_pairs: list[tuple[Image, Labels]] = []
+        self._resume_corrected: list[Any] | None = None
         self._stopped_early = False  # Stop already settled this run's model (stop_now)
         self._final_status = ""  # the status to show once the interrupted step has finished
         self._steps_seen = 0
@@ -88,7 +97,7 @@ class FinetuneWidget(QWidget):
         self.pairs.setMinimumHeight(48)
         self.pairs.setMaximumHeight(96)  # about four pairs; more scroll
         self.refresh_pairs = PushButton(text="Refresh")
-        defaults = FinetuneConfig()
+        defaults = FinetuneConfig.interactive("cpu")  # the device is resolved at Run
         by_time = defaults.seconds is not None and defaults.epochs is None
         self.budget_mode = ComboBox(label="budget", choices=["seconds", "epochs"],
                                     value="seconds" if by_time else "epochs")
@@ -101,8 +110,24 @@ class FinetuneWidget(QWidget):
             options={"loss": {"choices": list(LOSS_NAMES)},
                      "lr": {"min": 1e-6, "max": 1e-1, "step": 1e-5},
                      "crop_size": {"min": 32, "max": 1024, "step": 32},
-                     "val_fraction": {"min": 0.0, "max": 0.5, "step": 0.05}},
+                     "val_fraction": {"min": 0.0, "max": 0.5, "step": 0.05},
+                     "uncorrected_weight": {"min": 0.0, "max": 1.0, "step": 0.05}},
+            tooltips={"uncorrected_weight": "loss weight of pixels you did not correct (the "
+                                            "model's own output); 0 ignores them"},
         )
+        self.main_form = dataclass_form(
+            FinetuneConfig, MAIN_FIELDS,
+            labels={"scope": "train", "diameter": "object diameter (px)"},
+            options={"scope": {"choices": list(SCOPES)},
+                     "diameter": {"min": 2.0, "max": 2000.0, "step": 1.0}},
+            placeholder={"diameter": 30.0},
+            tooltips={"scope": "which weights learn: all; decoder+head (faster steps); "
+                               "head+norm (fastest, smallest change)",
+                      "diameter": "typical object diameter in pixels; auto = as the model was "
+                                  "trained (no rescaling)"},
+        )
+        _set_form(self.advanced, defaults)
+        _set_form(self.main_form, defaults)
         self.run_button = PushButton(text="Fine-tune")
         self.stop_button = PushButton(text="Stop (keep best)", enabled=False)
         self.continue_button = PushButton(
@@ -136,6 +161,7 @@ class FinetuneWidget(QWidget):
         layout.addLayout(header)
         layout.addWidget(self.pairs)
         layout.addWidget(budget.native)
+        layout.addWidget(self.main_form.native)
         layout.addWidget(row(self.run_button, self.stop_button, self.continue_button))
         layout.addWidget(self.progress)
         layout.addWidget(self.plot)
@@ -165,6 +191,7 @@ class FinetuneWidget(QWidget):
                                                  per_layer={"paint": self._on_paint})
         self.update_pairs()
         self._show_model()
+        _warm_up_in_background()
 
     # -- pairs ---------------------------------------------------------------------------------
     def update_pairs(self, *_: Any) -> None:
@@ -221,12 +248,12 @@ class FinetuneWidget(QWidget):
     # -- config and run ------------------------------------------------------------------------
     def config(self) -> FinetuneConfig:
         """The fine-tuning config the widget currently describes."""
-        values = form_values(self.advanced)
+        values = {**form_values(self.advanced), **form_values(self.main_form)}
         if self.budget_mode.value == "seconds":
             values.update(seconds=float(self.budget_value.value), epochs=None)
         else:
             values.update(epochs=int(self.budget_value.value), seconds=None)
-        return FinetuneConfig(**values)
+        return FinetuneConfig.interactive("auto", **values)
 
     def run(self, resume: bool = False) -> Any:
         """Start fine-tuning on the checked pairs; returns the worker.
@@ -256,6 +283,7 @@ class FinetuneWidget(QWidget):
             return None
         data = [(np.asarray(img.data), np.asarray(lab.data)) for img, lab in pairs]
         names = [f"{img.name} / {lab.name}" for img, lab in pairs]
+        corrected = corrected_masks(pairs) if state is None else self._resume_corrected
         if state is not None:
             config = _continued(state, self.budget_mode.value, float(self.budget_value.value))
             self.status.setText(f"Continuing from step {state.step} ({config.budget_text()})...")
@@ -268,11 +296,13 @@ class FinetuneWidget(QWidget):
         self.control = FinetuneControl()
         self._stopped_early, self._final_status, self._steps_seen = False, "", 0
         self._resume_pairs = pairs
+        self._resume_corrected = corrected
         self._resume = None
         self.run_button.enabled, self.stop_button.enabled = False, True
         self.continue_button.enabled = False
         self.worker = start_worker(
             finetune, data, model, config, control=self.control, names=names, resume=state,
+            corrected=corrected,
             desc="S2M-Net fine-tune",
             on_yield=self._report,
             on_return=self._done,
@@ -331,15 +361,22 @@ class FinetuneWidget(QWidget):
         best = result.best_val_dice
         best_txt = f", best validation Dice {best:.3f}" if best is not None and math.isfinite(best) \
             else ""
-        if result.best_step == 0:
-            # The returned state is the starting model: do not claim a fine-tuned one.
+        scores = _score_text(result)
+        if result.steps == 0:
+            return f"{verb} before any step: the previous model stays active."
+        if result.kept_previous or result.best_step == 0:
+            # The corrected (or validation) data said the fine-tuned model was not better.
+            where = ("the regions you corrected and the labels around them"
+                     if result.corrected_before is not None
+                     else "the held-out part of the labels")
             show_info("S2M-Net fine-tuning: no improvement; the starting model is kept.")
-            return f"{verb} ({reason}{best_txt}): no improvement: the starting model is kept."
+            return (f"{verb} ({reason}{best_txt}): no improvement: the starting model is kept "
+                    f"(the fine-tuned model did not do better on {where}). {scores}").strip()
         self.session.set_active(result.bundle, "fine-tuned in this session")
         self.revert_button.enabled = self.session.can_revert
         show_info("S2M-Net fine-tuning finished; the new model is active.")
-        return (f"{verb} ({reason}, state of step {result.best_step}{best_txt}). The fine-tuned "
-                "model is now active for Segment; Revert restores the previous one.")
+        return (f"{verb} ({reason}, state of step {result.best_step}{best_txt}). {scores}The "
+                "fine-tuned model is now active for Segment; Revert restores the previous one.")
 
     def _errored(self, exc: BaseException) -> None:
         # start_worker already shows the error as a napari notification.
@@ -413,3 +450,43 @@ def _budget_default(cfg: FinetuneConfig, mode: str) -> float:
     if mode == "epochs":
         return float(cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS)
     return float(cfg.seconds if cfg.seconds is not None else SECONDS_SUGGESTION)
+
+
+def corrected_masks(pairs: list[tuple[Image, Labels]]) -> list[Any] | None:
+    """Per pair, the corrected region of its labels layer (what the user painted, filled or
+    erased, grown to the objects it touched); ``None`` for a pair without paint strokes (its
+    labels all count). ``None`` when no pair has strokes: train on the whole labels."""
+    from napari_s2mnet.training.region import grow_corrected
+
+    out: list[Any] = []
+    for _img, lab in pairs:
+        painted = _layers.info(lab).painted
+        data = np.asarray(lab.data)
+        out.append(grow_corrected(data, painted)
+                   if painted is not None and painted.shape == data.shape and painted.any()
+                   else None)
+    return out if any(m is not None for m in out) else None
+
+
+def _score_text(result: FinetuneResult) -> str:
+    """Before/after scores on the corrected regions, in plain words (empty without)."""
+    before, after = result.corrected_before, result.corrected_after
+    if before is None or after is None:
+        return ""
+    return (f"On the regions you corrected: Dice {before:.2f} before, {after:.2f} after. ")
+
+
+def _set_form(form: Any, cfg: FinetuneConfig) -> None:
+    """Show ``cfg``'s values in a form built by :func:`dataclass_form`."""
+    for w in form:
+        w.value = getattr(cfg, w.name)
+
+
+def _warm_up_in_background() -> None:
+    """Import torch's optimiser machinery while the user corrects labels (seconds on a CPU),
+    so Run shows its first loss point quickly."""
+    import threading
+
+    from napari_s2mnet.training.loop import warm_up
+
+    threading.Thread(target=warm_up, name="s2mnet-warm-up", daemon=True).start()

@@ -102,12 +102,28 @@ class SegmentWidget(QWidget):
                                      tooltip="random weights: segments nothing useful until "
                                              "fine-tuned on your labels")
         self.run_button = PushButton(text="Run")
+        self.size_form = dataclass_form(
+            InferenceConfig, ["diameter"], labels={"diameter": "object diameter (px)"},
+            options={"diameter": {"min": 2.0, "max": 2000.0, "step": 1.0, "decimals": 1}},
+            placeholder={"diameter": 30.0},
+            tooltips={"diameter": "typical object diameter in pixels; the image is rescaled so "
+                                  "objects reach the model at the size it was trained on. "
+                                  "auto: no rescaling"})
+        self.size_form.margins = (0, 0, 0, 0)
+        self.estimate_button = PushButton(text="Estimate",
+                                          tooltip="measure the typical object diameter with "
+                                                  "the model (one or two segmentation passes)")
+        self.estimate_worker: Any = None
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.controls = Container(widgets=[self.image, self.channel_axis, self.input_channel,
                                            self.input_transform,
                                            Container(widgets=[self.model, self.open_button],
                                                      layout="horizontal", labels=False,
-                                                     label="model")])
+                                                     label="model"),
+                                           Container(widgets=[self.size_form,
+                                                              self.estimate_button],
+                                                     layout="horizontal", labels=False,
+                                                     label="objects")])
         self.controls.margins = (0, 0, 0, 0)
         self.advanced = dataclass_form(
             InferenceConfig,
@@ -154,6 +170,7 @@ class SegmentWidget(QWidget):
         layout.addStretch(1)
 
         self.run_button.changed.connect(self.run)
+        self.estimate_button.changed.connect(lambda: self.estimate_diameter())
         self.cancel_button.changed.connect(self.cancel)
         self.open_button.changed.connect(lambda: self.load_model_file())
         self.model.changed.connect(self._model_picked)
@@ -320,7 +337,7 @@ class SegmentWidget(QWidget):
     def config(self) -> InferenceConfig:
         """The inference config the widget currently describes."""
         return InferenceConfig(device=self.device.value, input_transform=self.input_transform.value,
-                               **form_values(self.advanced))
+                               **form_values(self.advanced), **form_values(self.size_form))
 
     def run(self) -> Any:
         """Start segmentation of the selected image layer; returns the worker."""
@@ -367,6 +384,43 @@ class SegmentWidget(QWidget):
         )
         self.worker.aborted.connect(self._aborted)
         return self.worker
+
+    def estimate_diameter(self) -> Any:
+        """Measure the typical object diameter of the selected image with the active model (in
+        the background) and put it in "object diameter"; returns the worker."""
+        import dataclasses as dc
+
+        from napari_s2mnet._qt._workers import start_worker
+
+        layer = self.image.value
+        if layer is None or self.estimate_worker is not None:
+            return None
+        try:
+            model = self.session.active()
+        except (ValueError, OSError, FileNotFoundError) as exc:
+            show_warning(f"No usable model: {exc}")
+            return None
+        channel_axis = self._chosen_channel_axis()
+        layout = _layout_of(layer, channel_axis)
+        self.estimate_button.enabled = False
+        self.status.setText(f"Estimating the object diameter in {layer.name!r}...")
+
+        def done(value: float | None) -> None:
+            if value is None:
+                self.status.setText("No objects found: the diameter could not be estimated.")
+                return
+            self.size_form["diameter"].value = round(float(value), 1)
+            self.status.setText(f"Estimated object diameter: {value:.1f} px.")
+
+        def finished() -> None:
+            self.estimate_worker = None
+            self.estimate_button.enabled = True
+
+        self.estimate_worker = start_worker(
+            _estimate_job, np.asarray(layer.data), model,
+            dc.replace(self.config(), diameter=None), layout, desc="S2M-Net: object diameter",
+            on_return=done, on_finish=finished)
+        return self.estimate_worker
 
     def _report(self, report: Progress) -> None:
         """Planes and tiles done, in the widget (the activity dock shows the same bar)."""
@@ -478,3 +532,11 @@ def _spatial_meta(image: Image, nd: int, drop_axis: int | None = None) -> dict[s
     return meta
 
 
+
+
+def _estimate_job(data: np.ndarray, model: Any, config: InferenceConfig, layout: Any) -> Any:
+    """Generator for the worker: :func:`napari_s2mnet.diameter.estimate_diameter`."""
+    from napari_s2mnet.diameter import estimate_diameter
+
+    yield Progress(0, 1, "estimate", "measuring objects")
+    return estimate_diameter(data, model, config, layout=layout)

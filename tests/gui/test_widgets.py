@@ -24,16 +24,15 @@ def test_widget_defaults_equal_config_defaults(viewer_with_plugin):
     for w in seg.advanced:
         assert w.value == inf_defaults[w.name], w.name
     assert seg.device.value == InferenceConfig().device
-    ft_defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
-    for w in ft.advanced:
-        assert w.value == ft_defaults[w.name], w.name
-    # The budget too: the widget's whole config is the config default (30 epochs when neither
-    # epochs nor seconds is set), not a widget-only "60 seconds".
+    # Fine-tune shows the interactive preset (issue 14: a time budget, small CPU crops), which
+    # FinetuneConfig.interactive defines: no widget-only values.
+    preset = FinetuneConfig.interactive("cpu")
+    for w in [*ft.advanced, *ft.main_form]:
+        assert w.value == getattr(preset, w.name), w.name
     cfg = ft.config()
-    assert ft.budget_mode.value == "epochs"
-    assert cfg.total_steps == FinetuneConfig().total_steps
-    assert cfg.seconds == FinetuneConfig().seconds
-    assert dataclasses.replace(cfg, epochs=None) == FinetuneConfig()
+    assert ft.budget_mode.value == "seconds"
+    assert cfg.seconds == preset.seconds and cfg.epochs is None
+    assert dataclasses.replace(cfg, device="cpu") == preset
 
 
 def test_segment_adds_labels_with_features_and_scale(viewer_with_plugin, qtbot):
