@@ -657,9 +657,11 @@ class _Finetune:
         if not (worse or broke_context):
             return after, False
         run.net.load_state_dict(self.model.model.state_dict())
-        self.kept_why = ("it changed the labels around your corrections that you left as they "
-                         f"were (Dice there {s.context_before:.2f} -> {context:.2f})"
-                         if broke_context else "it was worse on the corrected regions")
+        why = (f"it changed the labels around your corrections that you left as they were "
+               f"(Dice there {s.context_before:.2f} -> {context:.2f})" if broke_context
+               else "it was worse on the corrected regions")
+        self.kept_why = (f"its Dice on the corrected regions {after:.2f}, but " if after is not None
+                         and broke_context else "") + why
         return s.corrected_before, True
 
     def finish(self) -> tuple[TrainReport, FinetuneResult]:
@@ -690,6 +692,7 @@ class _Finetune:
             best_step = s.step
         unfreeze(run.net)
         after, kept = self._check_corrected(best_step)
+        chosen_step = best_step  # what validation chose, for the summary
         if kept:
             best_step = 0
         if run.net is not self.work.model:  # SyncBatchNorm was swapped in: plain modules back
@@ -704,7 +707,7 @@ class _Finetune:
         self.work.metadata = _result_metadata(self.parent_meta, self.parent, cfg, self.data,
                                               s.step, best_step, best_val, s.init_val, reason,
                                               elapsed, self.device, self.ctx)
-        summary = _summary(reason, s.step, best_val, s.init_val, best_step, elapsed, self.data)
+        summary = _summary(reason, s.step, best_val, s.init_val, chosen_step, elapsed, self.data)
         if s.corrected_before is not None and after is not None:
             summary += (f"; Dice on the corrected regions {s.corrected_before:.3f} -> "
                         f"{after:.3f}")
