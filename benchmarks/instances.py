@@ -117,13 +117,11 @@ def s2mnet_rows(model: Path, baseline: Path, spacing3d: tuple[float, ...]) -> li
     """Rows (a) and (b)."""
     from napari_s2mnet.checkpoint import load_model
     from napari_s2mnet.inference import InferenceConfig, segment
-    from napari_s2mnet.inference.postprocess import instances
     from napari_s2mnet.instances import head_instances, stitch_planes
 
     data = datasets()
     img3, gt3 = data["3d"]
     rows: list[dict] = []
-    cpu = InferenceConfig(device="cpu", compute_features=False)
     for tag, path in (("(a) binary model", baseline), ("(b) instance head", model)):
         bundle = load_model(path)
         head = bool(bundle.config.instance_head)
@@ -154,13 +152,15 @@ def s2mnet_rows(model: Path, baseline: Path, spacing3d: tuple[float, ...]) -> li
                         lab, _ = head_instances(maps, threshold=bundle.threshold, mode=mode)
                         rows.append(_row(f"{tag}, interior={mode}", name, lab, gt))
                 maps3 = predict_maps(img3, bundle)
-                planes = np.stack([instances(maps3[0, z], bundle.threshold, cpu,
-                                             maps3[1:, z])[0] for z in range(maps3.shape[1])])
+                planes = np.stack([head_instances(maps3[:, z], threshold=bundle.threshold,
+                                                  mode=mode)[0]
+                                   for z in range(maps3.shape[1])])
                 rows.append(_row(f"{tag}, interior={mode}, stitch", "nuclei3d (3-D)",
                                  stitch_planes(planes), gt3))
                 lab3, _ = head_instances(maps3, threshold=bundle.threshold, mode=mode,
                                          spacing=spacing3d)
-                rows.append(_row(f"{tag}, interior={mode}, 3-D watershed", "nuclei3d (3-D)",
+                rows.append(_row(f"{tag}, interior={mode}, 3-D seeded watershed",
+                                 "nuclei3d (3-D)",
                                  lab3, gt3))
     return rows
 

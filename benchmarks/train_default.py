@@ -67,6 +67,33 @@ def evaluate(bundle, items) -> dict[str, float]:
     return scores
 
 
+def warm_start(bundle, path: Path) -> None:
+    """Copy the weights of the model file ``path`` into ``bundle`` where names and shapes fit.
+
+    An output conv with fewer output channels (a binary file, 1 channel, into a model with the
+    instance head, 3) fills the first channels; the rest keep their random initialisation.
+    """
+    import torch
+
+    from napari_s2mnet.checkpoint import load_model
+
+    src = load_model(path).model.state_dict()
+    dst = bundle.model.state_dict()
+    copied = partial = 0
+    with torch.no_grad():
+        for name, t in dst.items():
+            s = src.get(name)
+            if s is None:
+                continue
+            if s.shape == t.shape:
+                t.copy_(s)
+                copied += 1
+            elif s.ndim == t.ndim and s.shape[1:] == t.shape[1:] and s.shape[0] < t.shape[0]:
+                t[: s.shape[0]].copy_(s)
+                partial += 1
+    print(f"warm start from {path}: {copied} tensors copied, {partial} partly", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train, evaluate on the held-out images, save with provenance."""
     import torch
@@ -84,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop-size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from this model file's weights (same architecture; a binary "
+                         "file's foreground output seeds the first channel of the instance head)")
     ap.add_argument("--no-instance-head", dest="instance_head", action="store_false",
                     help="train a plain binary model (no boundary/distance head; before issue 15)")
     args = ap.parse_args(argv)
@@ -96,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ModelConfig(arch="s2mnet", in_channels=1, num_classes=1,
                          options={"bn_momentum": 0.1}, instance_head=args.instance_head)
     bundle = new_model(config, name="S2M-Net nuclei (default)")
+    if args.init_from is not None:
+        warm_start(bundle, args.init_from)
     cfg = FinetuneConfig(seconds=args.seconds, lr=args.lr, batch_size=args.batch_size,
                          crop_size=args.crop_size, seed=args.seed, device=args.device,
                          val_fraction=0.2, patience=None, steps_per_epoch=25, loss="masl")
@@ -133,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         held_out_dice=scores,
         training_command=f"python -m benchmarks.train_default --seconds {args.seconds:g} "
                          f"--device {args.device} --seed {args.seed} --threads {args.threads}"
-                         + ("" if args.instance_head else " --no-instance-head"),
+                         + ("" if args.instance_head else " --no-instance-head")
+                         + (f" --init-from {args.init_from.name}" if args.init_from else ""),
         training_machine=f"{platform.machine()} {platform.processor() or ''} "
                          f"torch {torch.__version__} threads {args.threads}".strip(),
         training_seconds=round(elapsed, 1),

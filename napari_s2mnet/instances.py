@@ -54,7 +54,7 @@ DEFAULT_INTERIOR = "distance"
 
 #: How ``(Z, Y, X)`` stacks are labelled by default (``InferenceConfig.labels_3d="auto"``);
 #: chosen by measurement on the 3-D nuclei stack (docs/benchmarks.md).
-DEFAULT_LABELS_3D = "stitch"
+DEFAULT_LABELS_3D = "watershed"
 
 #: Cellpose's default ``stitch_threshold`` (IoU to join a plane's object to the one below).
 STITCH_THRESHOLD = 0.25

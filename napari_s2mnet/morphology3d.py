@@ -68,6 +68,7 @@ __all__ = [
     "object_features_3d",
     "sphericity",
     "tubularity_3d",
+    "update_features_3d",
 ]
 
 #: 2-D descriptor -> its 3-D counterpart (column name of :func:`object_features_3d`).
@@ -304,3 +305,54 @@ def object_features_3d(
                     "z_planes": "int64", "class": "int64"})
     df.attrs["columns_3d"] = COLUMNS_3D
     return df
+
+
+def update_features_3d(
+    df: pd.DataFrame | None,
+    labels: Any,
+    touched_ids: Any,
+    *,
+    spacing: Sequence[float] | None = None,
+    lead_names: Sequence[str] = (),
+) -> pd.DataFrame:
+    """Refresh a 3-D features table after an edit that touched ``touched_ids``.
+
+    Rows of touched ids are recomputed from the whole volume they live in (dropped when the id
+    is gone), untouched rows stay. ``labels`` is ``(Z, Y, X)`` or, with ``lead_names`` such as
+    ``("t",)``, ``(T, Z, Y, X)`` (a touched id is looked up in every time point).
+
+    Args:
+        df: Table from :func:`object_features_3d` (``None`` or empty: only the touched rows).
+        labels: The edited label volume(s).
+        touched_ids: Label ids whose voxels changed.
+        spacing: Voxel size ``(dz, dy, dx)``.
+        lead_names: Names of the axes before ``(Z, Y, X)`` (feature-table columns).
+    """
+    import pandas as pd
+
+    lab = np.asarray(labels)
+    n_lead = lab.ndim - 3
+    if n_lead < 0 or len(lead_names) != n_lead:
+        raise ValueError(f"labels of shape {lab.shape} need {max(n_lead, 0)} lead name(s) before "
+                         f"(Z, Y, X), got {tuple(lead_names)}.")
+    touched = sorted({int(i) for i in touched_ids if int(i) > 0})
+    fresh = []
+    for outer in np.ndindex(*lab.shape[:n_lead]):
+        vol = lab[outer]
+        present = [i for i in touched if i <= int(vol.max(initial=0))]
+        if not present:
+            continue
+        sub = np.where(np.isin(vol, present), vol, 0)
+        part = object_features_3d(sub, spacing=spacing)
+        for name, i in zip(lead_names, outer, strict=True):
+            part[name] = i
+        if len(part):
+            fresh.append(part)
+    columns = [*FEATURE_COLUMNS_3D, *lead_names]
+    base = (df[~df["label"].isin(touched)] if df is not None and len(df)
+            else pd.DataFrame(columns=columns))
+    parts = [p for p in (base, *fresh) if len(p)]
+    out = (pd.concat(parts, ignore_index=True) if parts else base.iloc[:0])[columns]
+    out = out.sort_values("label", kind="stable").reset_index(drop=True)
+    out.attrs["columns_3d"] = COLUMNS_3D
+    return out

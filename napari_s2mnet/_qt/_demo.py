@@ -26,7 +26,6 @@ def run_demo(screenshot: Path | None = None) -> int:
     viewer.window.add_plugin_dock_widget("napari-s2mnet", "Fine-tune", tabify=True)
     _, seg = viewer.window.add_plugin_dock_widget("napari-s2mnet", "Segment", tabify=True)
     seg.image.value = viewer.layers["nuclei"]
-    seg.advanced["split_touching"].value = True  # nuclei touch: split them (125 in the ground truth)
     status = {"code": 0}
 
     def finished() -> None:

@@ -189,6 +189,14 @@ def refresh_features(layer: Any, full: bool = False) -> None:
             layer.features = object_features(data, spacing=spacing)
         elif touched:
             layer.features = update_features(df, data, sorted(touched), spacing=spacing)
+    elif touched and df is not None and "volume_vox" in df:
+        # Stacks labelled in 3-D by the engine: one row of 3-D morphology per object.
+        from napari_s2mnet.morphology3d import FEATURE_COLUMNS_3D, update_features_3d
+
+        lead = [c for c in df.columns if c not in FEATURE_COLUMNS_3D]
+        if len(lead) == data.ndim - 3:
+            layer.features = update_features_3d(df, data, touched, lead_names=lead,
+                                                spacing=tuple(layer.scale[-3:]))
     elif touched and inf is not None and inf.planes and df is not None and "label" in df:
         # Stacks from the engine: one row per id, the plane in the extra (z / t) columns.
         lead = [c for c in df.columns if c not in FEATURE_COLUMNS]

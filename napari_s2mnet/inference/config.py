@@ -55,8 +55,8 @@ class InferenceConfig:
             how objects are followed across planes. ``"auto"``: the measured default
             (:data:`napari_s2mnet.instances.DEFAULT_LABELS_3D`); ``"stitch"``: label every
             plane, then join planes by IoU (Cellpose's ``stitch_threshold`` rule, 0.25);
-            ``"watershed"``: 3-D (seeded) watershed on the stacked probabilities with the
-            layer's anisotropic spacing; ``"off"``: every plane on its own (ids never span
+            ``"watershed"``: 3-D distance-transform watershed of the stacked foreground with
+            the layer's anisotropic spacing (seeds ``split_min_distance`` apart); ``"off"``: every plane on its own (ids never span
             planes, the behaviour before issue 15). Time points are never linked.
         backend: What runs the network: ``"auto"`` (a compiled runtime on the CPU when one is
             installed, eager PyTorch on CUDA / MPS), ``"torch"``, ``"openvino"`` or

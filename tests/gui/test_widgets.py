@@ -212,7 +212,8 @@ def test_screenshot_of_whole_window(viewer_with_plugin, qtbot, tmp_path):
 
 
 def test_segment_3d_stack_and_rgb(viewer_with_plugin, qtbot):
-    """Stacks are segmented slice by slice; RGB goes to a 1-channel model as gray."""
+    """Stacks are labelled in 3-D (one row of 3-D morphology per object); RGB goes to a
+    1-channel model as gray."""
     from benchmarks.fetch_data import load_nuclei3d
 
     viewer, seg, _, _ = viewer_with_plugin
@@ -226,7 +227,8 @@ def test_segment_3d_stack_and_rgb(viewer_with_plugin, qtbot):
     np.testing.assert_allclose(out.scale, (2.0, 0.5, 0.5))
     assert len(out.features) == len(np.unique(out.data)) - 1
 
-    # A correction on one plane refreshes that plane's rows (debounced), not the whole stack.
+    assert "volume_vox" in out.features and out.features["z_planes"].max() > 1  # 3-D objects
+    # A correction refreshes the rows of the touched ids only (debounced).
     out.visible = True
     new_id = int(out.data.max()) + 1
     yy, xx = np.mgrid[10:20, 10:25]
@@ -234,7 +236,8 @@ def test_segment_3d_stack_and_rgb(viewer_with_plugin, qtbot):
     out.data_setitem((zz, yy.ravel(), xx.ravel()), new_id)
     qtbot.waitUntil(lambda: new_id in set(out.features["label"]), timeout=5000)
     row = out.features.set_index("label").loc[new_id]
-    assert row["z"] == 20 and row["area_px"] == int((out.data == new_id).sum())
+    assert row["z_planes"] == 1 and row["volume_vox"] == int((out.data == new_id).sum())
+    assert row["volume"] == pytest.approx(row["volume_vox"] * 2.0 * 0.5 * 0.5)
     assert len(out.features) == len(np.unique(out.data)) - 1
 
     rgb = np.random.default_rng(1).integers(0, 255, (96, 80, 3), dtype=np.uint8)

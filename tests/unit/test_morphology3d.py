@@ -84,3 +84,22 @@ def test_bad_input() -> None:
     with pytest.raises(ValueError, match="spacing"):
         object_descriptors_3d(_ball(3), spacing=(1.0, 0.0, 1.0))
     assert object_descriptors_3d(np.zeros((3, 3, 3), dtype=bool))["volume"] == 0.0
+
+
+def test_update_features_3d_recomputes_only_touched_rows() -> None:
+    from napari_s2mnet.morphology3d import update_features_3d
+
+    lab = np.zeros((12, 30, 30), dtype=np.uint16)
+    b = _ball(4)
+    lab[1 : 1 + b.shape[0], 1 : 1 + b.shape[1], 1 : 1 + b.shape[2]][b] = 1
+    lab[1 : 1 + b.shape[0], 15 : 15 + b.shape[1], 15 : 15 + b.shape[2]][b] = 2
+    df = object_features_3d(lab, spacing=(2.0, 1.0, 1.0))
+    edited = lab.copy()
+    edited[5, 20:25, 1:6] = 3  # a new object painted on one plane
+    edited[edited == 2] = 0  # object 2 erased
+    out = update_features_3d(df, edited, {2, 3}, spacing=(2.0, 1.0, 1.0))
+    assert out["label"].tolist() == [1, 3]
+    assert out.iloc[0].equals(df.iloc[0])
+    assert out.iloc[1]["volume_vox"] == 25 and out.iloc[1]["z_planes"] == 1
+    with pytest.raises(ValueError, match="lead name"):
+        update_features_3d(df, edited[None], {1})
