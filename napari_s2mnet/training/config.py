@@ -103,11 +103,11 @@ class FinetuneConfig:
         scope: Which weights train: ``"all"``, ``"decoder+head"`` (the encoder is frozen: a
             cheaper backward pass) or ``"head+norm"`` (the output head and every normalisation
             layer's scale and shift).
-        uncorrected_weight: With ``corrected`` masks (see :func:`finetune`): loss weight of the
-            pixels outside the corrected regions (the model's own, unchecked output) relative to
-            1 for corrected pixels (crops are centred on corrections either way). ``0`` ignores
-            them, which lets deletions alone teach "background everywhere"; 1 measured best
-            (docs/methods.md).
+        uncorrected_weight: With ``corrected`` masks (see :func:`finetune`): weight of the mean
+            loss over the pixels outside the corrected regions (the model's own, unchecked
+            output) against 1 for the mean loss over the corrected pixels, so a small correction
+            counts as much as the rest of the crop. ``0`` ignores the rest, which lets deletions
+            alone teach "background everywhere" (docs/methods.md).
         diameter: Typical object diameter in pixels in these images (``None``: taken as the
             model's training diameter, i.e. no rescaling). Images are rescaled by
             ``model diameter / diameter`` so objects reach the network at the size it was

@@ -20,6 +20,7 @@ from napari_s2mnet.io import check_float_label_range
 from napari_s2mnet.layout import ImageLayout, check_array, check_finite, plan_image, resolve_layout
 from napari_s2mnet.training.config import FinetuneConfig
 from napari_s2mnet.training.region import (
+    CORRECTED,
     MIN_VAL_REGIONS,
     Regions,
     build_regions,
@@ -341,7 +342,7 @@ def _corrected_data(items: list[_Item], info: list[dict[str, Any]], config: Fine
     for it, mask in zip(items, masks, strict=True):
         if mask is None:  # a fully checked pair: every pixel counts, none held out
             mask = np.ones(it.target.shape, bool)
-            regions = Regions(weight=np.ones(it.target.shape, np.float32),
+            regions = Regions(weight=np.full(it.target.shape, CORRECTED, np.float32),
                               centres=_fg_index(it.target), val=None, val_boxes=[],
                               all_mask=mask, all_boxes=[], n_regions=0, n_val=0)
         else:

@@ -211,7 +211,8 @@ class _Run:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             logits = self.ddp(x)
         if weight is not None:  # corrections: the loss counts where the user looked
-            return region_loss(logits.float(), y, weight, self.num_classes), logits.detach()
+            return (region_loss(logits.float(), y, weight, self.num_classes,
+                                self.cfg.uncorrected_weight), logits.detach())
         # Losses run in float32 on the logits (MASL's learnable weights never see fp16).
         return self.loss_fn(logits.float(), y), logits.detach()
 

@@ -7,9 +7,9 @@ simulated annotator). Only those pixels are known to be right: the rest of a lab
 model's own output. So, when masks are given,
 
 * crops are centred on corrected pixels;
-* the loss is a pixel-weighted BCE + soft Dice: weight 1 on corrected pixels,
-  :attr:`FinetuneConfig.uncorrected_weight` elsewhere (0 by default: measured best,
-  docs/methods.md), 0 around held-out regions;
+* the loss is BCE + soft Dice averaged over the corrected pixels, plus
+  :attr:`FinetuneConfig.uncorrected_weight` times the same averaged over the other pixels of the
+  crop (docs/methods.md); pixels around held-out regions are ignored;
 * validation uses held-out corrected regions only (connected components of the mask), when there
   are at least :data:`MIN_VAL_REGIONS` of them; otherwise there is no validation and the final
   state is returned;
@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_s2mnet.training.config import FinetuneConfig
 
 MIN_VAL_REGIONS = 4  # fewer corrected regions: all train, no validation
+CORRECTED, UNCORRECTED = 1.0, 0.5  # codes of the training weight map (0: ignored)
 _JOIN = 2  # strokes closer than this many pixels belong to one region
 _GUARD = 8  # pixels around a held-out region that training ignores (no leak through the crop)
 _CONTEXT = 32  # pixels of image context around a region when it is scored
@@ -140,8 +141,8 @@ def build_regions(mask: np.ndarray, config: FinetuneConfig, held: set[int], offs
     from scipy import ndimage
 
     comps = _components(mask)
-    weight = np.full(mask.shape, float(config.uncorrected_weight), np.float32)
-    weight[mask] = 1.0
+    weight = np.full(mask.shape, UNCORRECTED, np.float32)
+    weight[mask] = CORRECTED
     val = np.zeros_like(mask)
     val_boxes, all_boxes = [], []
     n_val = 0
@@ -154,7 +155,7 @@ def build_regions(mask: np.ndarray, config: FinetuneConfig, held: set[int], offs
             val_boxes.append(box)
             guard = ndimage.binary_dilation(comp, iterations=_GUARD)
             weight[s][guard] = 0.0
-    train_px = np.flatnonzero((weight >= 1.0).reshape(-1))
+    train_px = np.flatnonzero((weight == CORRECTED).reshape(-1))
     if train_px.size > _MAX_CENTRES:
         train_px = train_px[:: -(-train_px.size // _MAX_CENTRES)]
     regions = Regions(weight=weight, centres=train_px, val=val if n_val else None,
@@ -178,29 +179,37 @@ def count_regions(mask: np.ndarray) -> int:
 
 
 def region_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-                num_classes: int) -> torch.Tensor:
-    """Pixel-weighted BCE + soft Dice (binary, every output channel) or weighted cross-entropy.
+                num_classes: int, uncorrected_weight: float = 1.0) -> torch.Tensor:
+    """Loss on the corrected pixels plus ``uncorrected_weight`` times the loss on the others.
 
-    ``weight`` is ``(B, H, W)``. MASL's components are image-level (shape, boundary, texture
-    descriptors of the whole crop) and cannot be restricted to a region, so corrections train
-    with this loss.
+    ``weight`` is the ``(B, H, W)`` code map (:data:`CORRECTED`, :data:`UNCORRECTED`, 0 =
+    ignored). Each part is a mean over its own pixels (BCE over every output channel + soft Dice
+    on the foreground for binary models; cross-entropy for multi-class ones), so a small
+    correction weighs as much as the rest of the crop however few pixels it covers. MASL's
+    components are image-level (shape, boundary and texture descriptors of the whole crop) and
+    cannot be restricted to a region, so corrections train with this loss.
     """
     import torch
     import torch.nn.functional as F
 
-    w = weight[:, None]
-    total = w.sum().clamp_min(1.0)
-    if num_classes == 1:
+    def part(w: torch.Tensor) -> torch.Tensor:
+        total = w.sum().clamp_min(1.0)
+        if num_classes != 1:
+            ce = F.cross_entropy(logits, target.long(), reduction="none")
+            return (ce * w).sum() / total
+        wc = w[:, None]
         t = target if target.ndim == 4 else target[:, None]
         bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
-        loss = (bce * w).sum() / (total * logits.shape[1])
-        p = torch.sigmoid(logits[:, :1])
-        t0 = t[:, :1]
-        inter = (w * p * t0).sum()
-        dice = 1.0 - (2.0 * inter + 1.0) / ((w * p).sum() + (w * t0).sum() + 1.0)
-        return loss + dice
-    ce = F.cross_entropy(logits, target.long(), reduction="none")
-    return (ce * weight).sum() / total
+        loss = (bce * wc).sum() / (total * logits.shape[1])
+        p, t0 = torch.sigmoid(logits[:, :1]), t[:, :1]
+        inter = (wc * p * t0).sum()
+        return loss + 1.0 - (2.0 * inter + 1.0) / ((wc * p).sum() + (wc * t0).sum() + 1.0)
+
+    loss = part((weight == CORRECTED).to(logits.dtype))
+    rest = (weight == UNCORRECTED).to(logits.dtype)
+    if uncorrected_weight > 0 and bool(rest.any()):
+        loss = loss + uncorrected_weight * part(rest)
+    return loss
 
 
 def apply_scope(net: nn.Module, scope: str) -> int:

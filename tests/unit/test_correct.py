@@ -61,7 +61,7 @@ def test_regions_hold_out_validation_only_with_enough_corrections(tiny) -> None:
     few = _prepare_data([(img, lab)], tiny, cfg, None, None, [_masks(lab, [1, 2])])
     assert few.corrected and few.val == [] and "no validation" in few.split
     w = few.train[0].regions.weight
-    assert w.max() == 1.0 and w.min() == 0.0  # uncorrected pixels do not count with weight 0
+    assert set(np.unique(w)) == {0.5, 1.0}  # codes: corrected / uncorrected (none ignored)
     many = _prepare_data([(img, lab)], tiny, cfg, None, None, [_masks(lab, [1, 2, 3, 4, 5, 6])])
     regions = many.train[0].regions
     assert len(many.val) == 1 and regions.n_regions >= 4 and regions.n_val >= 1
@@ -80,7 +80,8 @@ def test_weighted_crops_stay_aligned_with_their_targets(tiny) -> None:
 
     img, lab = _discs(n=6)
     mask = _masks(lab, [1, 2])
-    cfg = FinetuneConfig(crop_size=32, scale_jitter=0.0, intensity_jitter=0.0, val_fraction=0)
+    cfg = FinetuneConfig(crop_size=32, scale_jitter=0.0, intensity_jitter=0.0, val_fraction=0,
+                         uncorrected_weight=0.0)  # every crop centred on a correction
     data = _prepare_data([(img, lab)], tiny, cfg, None, None, [mask])
     sampler = _Sampler(data, cfg)
     for step in range(10):
@@ -178,3 +179,19 @@ def test_segment_with_a_diameter_keeps_the_image_grid(tiny) -> None:
     assert any("Rescaled by 0.50" in m for m in res.messages)
     with pytest.raises(ValueError, match="diameter"):
         InferenceConfig(diameter=0.5).validate()
+
+
+def test_a_small_correction_weighs_as_much_as_the_rest_of_the_crop() -> None:
+    import torch
+
+    from napari_s2mnet.training.region import CORRECTED, UNCORRECTED, region_loss
+
+    logits = torch.full((1, 1, 32, 32), 4.0)  # confident foreground everywhere
+    target = torch.ones(1, 1, 32, 32)
+    target[..., :2, :2] = 0  # 4 corrected pixels say "background"
+    weight = torch.full((1, 32, 32), UNCORRECTED)
+    weight[:, :2, :2] = CORRECTED
+    only = region_loss(logits, target, weight, 1, uncorrected_weight=0.0)
+    both = region_loss(logits, target, weight, 1, uncorrected_weight=1.0)
+    assert only > 4.0  # BCE of a confident mistake (~4) + Dice 1 on the 4 pixels alone
+    assert 0 < both - only < 0.1  # the rest, right already, adds little
