@@ -75,6 +75,8 @@ class ProgressRow(QWidget):
 
     def report(self, done: int, total: int, text: str = "") -> None:
         """Show ``done`` of ``total`` work units and the detail ``text``."""
+        if _deleted(self.bar):
+            return  # a late report of a job whose window was closed
         total = max(int(total), 1)
         self.bar.setRange(0, total)
         self.bar.setValue(min(max(int(done), 0), total))
@@ -96,6 +98,15 @@ class ProgressRow(QWidget):
     def maximum(self) -> int:
         """The bar's maximum (for tests)."""
         return self.bar.maximum()
+
+
+def _deleted(widget: QWidget) -> bool:
+    """Whether Qt already deleted ``widget`` (its Python wrapper outlives it)."""
+    try:
+        widget.objectName()
+    except RuntimeError:
+        return True
+    return False
 
 
 class S2MNetWidget(QWidget):

@@ -32,13 +32,15 @@ class ExportWidget(QWidget):
         self.folder = FileEdit(label="folder", mode="d", visible=False)
         self.export_button = PushButton(text="Export")
         self.features_button = PushButton(text="Compute features")
+        self.table_button = PushButton(text="Show table")
         self.form = Container(widgets=[self.labels, self.all_layers, self.fmt, self.features,
                                        self.path, self.folder])
         self.status = QLabel("")
         self.status.setWordWrap(True)
         layout = scrolling_body(self)
         layout.addWidget(self.form.native)
-        layout.addWidget(Container(widgets=[self.export_button, self.features_button],
+        layout.addWidget(Container(widgets=[self.export_button, self.features_button,
+                                            self.table_button],
                                    layout="horizontal", labels=False).native)
         self.model_button = PushButton(text="Export model...")  # ONNX / bioimage.io (issue 18)
         layout.addWidget(self.model_button.native)
@@ -48,6 +50,7 @@ class ExportWidget(QWidget):
         self.all_layers.changed.connect(self._toggle_mode)
         self.export_button.changed.connect(lambda: self.export())
         self.features_button.changed.connect(self.compute_features)
+        self.table_button.changed.connect(self._show_table)
         self._layer_watch = _layers.LayerWatcher(
             napari_viewer.layers, lambda: _layers.refresh_layer_combo(self.labels))
         napari_viewer.layers.events.inserted.connect(self._pick_new_labels)
@@ -66,6 +69,14 @@ class ExportWidget(QWidget):
     def _toggle_mode(self, all_layers: bool) -> None:
         self.path.visible, self.folder.visible = not all_layers, all_layers
         self.labels.enabled = not all_layers
+
+    def _show_table(self, *_: Any) -> None:
+        from napari_s2mnet._qt._table import show_features_table
+
+        if self.labels.value is None:
+            show_warning("Choose a labels layer first.")
+            return
+        show_features_table(self.viewer, self.labels.value)
 
     def compute_features(self, *_: Any) -> None:
         """(Re)compute the morphology features of the chosen labels layer."""

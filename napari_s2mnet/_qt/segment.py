@@ -19,6 +19,7 @@ from napari_s2mnet._qt import _layers
 from napari_s2mnet._qt._form import dataclass_form, form_values
 from napari_s2mnet._qt._models import BUNDLED, bundled_name, recent_models, remember_model
 from napari_s2mnet._qt._session import get_session
+from napari_s2mnet._qt._table import present, show_features_table
 from napari_s2mnet._qt.dock import ProgressRow, scrolling_body
 from napari_s2mnet.inference import InferenceConfig
 from napari_s2mnet.inference.config import Progress, SegmentationResult
@@ -115,6 +116,10 @@ class SegmentWidget(QWidget):
                                                   "the model (one or two segmentation passes)")
         self.estimate_worker: Any = None
         self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.table_button = PushButton(text="Show table",
+                                       tooltip="the features table of the result (or of the "
+                                               "selected labels layer); click a row to select "
+                                               "that object")
         self.controls = Container(widgets=[self.image, self.channel_axis, self.input_channel,
                                            self.input_transform,
                                            Container(widgets=[self.model, self.open_button],
@@ -156,8 +161,8 @@ class SegmentWidget(QWidget):
         collapsible.addWidget(Container(widgets=[self.new_arch, self.new_button],
                                         layout="horizontal", labels=False).native)
         self.collapsible = collapsible
-        buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
-                            labels=False)
+        buttons = Container(widgets=[self.run_button, self.cancel_button, self.table_button],
+                            layout="horizontal", labels=False)
         buttons.margins = (0, 0, 0, 0)
         layout = scrolling_body(self)
         layout.addWidget(self.controls.native)
@@ -172,6 +177,7 @@ class SegmentWidget(QWidget):
         self.run_button.changed.connect(self.run)
         self.estimate_button.changed.connect(lambda: self.estimate_diameter())
         self.cancel_button.changed.connect(self.cancel)
+        self.table_button.changed.connect(lambda: self.show_table())
         self.open_button.changed.connect(lambda: self.load_model_file())
         self.model.changed.connect(self._model_picked)
         self.new_button.changed.connect(self.start_new_model)
@@ -431,6 +437,21 @@ class SegmentWidget(QWidget):
         self.status.setText("Cancelled: nothing was added.")
         self.progress.finish("cancelled", complete=False)
 
+    def show_table(self) -> Any:
+        """Open napari's features table for the newest result (or the selected labels layer)."""
+        active = self.viewer.layers.selection.active
+        layer = active if isinstance(active, Labels) else None
+        if layer is None:
+            results = [ref() for ref in self._last_result.values()]
+            layer = next((r for r in reversed(results) if r in self.viewer.layers), None)
+        if layer is None:
+            layer = next((lyr for lyr in reversed(self.viewer.layers)
+                          if isinstance(lyr, Labels)), None)
+        if layer is None:
+            show_warning("Segment an image (or open a labels layer) first.")
+            return None
+        return show_features_table(self.viewer, layer)
+
     def _chosen_channel_axis(self) -> int | None:
         axis = self.channel_axis.value
         return None if axis is None or axis == NO_CHANNEL_AXIS else int(axis)
@@ -472,6 +493,8 @@ class SegmentWidget(QWidget):
         inf = _layers.info(out)
         inf.source, inf.made_by_plugin, inf.edited = weakref.ref(image), True, False
         inf.spacing = tuple(float(s) for s in out.scale[-2:])
+        inf.core = None
+        present(out)  # before insertion too: the features table shows the final columns
         if out not in self.viewer.layers:
             self.viewer.add_layer(out)
             self._last_result[id(image)] = weakref.ref(out)

@@ -250,7 +250,8 @@ def test_features_table_shows_morphology(viewer_with_plugin, qtbot):
     model = table.table.model()
     headers = {model.headerData(i, Qt.Orientation.Horizontal, Qt.ItemDataRole.DisplayRole)
                for i in range(model.columnCount())}
-    for col in ("compactness", "tubularity", "irregularity", "scale", "area"):
+    for col in ("compactness", "tubularity", "irregularity", "area_fraction", "area_px",
+                "centroid_y_px", "mean_intensity"):
         assert col in headers, headers
     assert model.rowCount() == len(out.features) > 0
 

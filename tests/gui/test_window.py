@@ -153,3 +153,39 @@ def test_ihc_image_gives_nuclei_with_the_hematoxylin_input(viewer_with_plugin, q
     assert 30 <= np.median(areas) <= 400, np.median(areas)  # nuclei of ~6-22 px diameter
     assert areas.max() < 0.1 * out.data.size  # no background object
     assert "looks like brightfield" not in seg.status.text()
+
+
+def test_show_table_one_id_column_ten_rows_and_row_selects_object(viewer_with_plugin, qtbot):
+    from qtpy.QtCore import Qt
+
+    viewer, seg, _, _ = viewer_with_plugin
+    gt = viewer.layers["nuclei ground truth"]
+    gt.data = np.where(gt.data == 2, 0, gt.data)  # a gap in the ids: row n is not label n
+    from napari_s2mnet._qt import _layers
+
+    _layers.refresh_features(gt, full=True)
+    assert "area_fraction" in gt.features.columns and "scale" not in gt.features.columns
+    viewer.layers.selection.active = gt
+    table = seg.show_table()
+    view = table.table
+    model = view.model()
+    shown = [model.headerData(c, Qt.Orientation.Horizontal) for c in range(model.columnCount())
+             if not view.isColumnHidden(c)]
+    assert shown[0] == "label" and "index" not in shown and "Index" not in shown, shown
+    assert view.minimumHeight() >= 10 * view.verticalHeader().defaultSectionSize()
+    assert model.rowCount() == len(gt.features)
+    # Click the row of the 5th object: that object is selected on the canvas.
+    col = shown.index("label") + sum(view.isColumnHidden(c) for c in range(model.columnCount()))
+    view.selectRow(4)
+    want = int(gt.features["label"].iloc[4])
+    assert gt.selected_label == want != 4 + 1 - 1
+    # And selecting a label on the canvas highlights its row.
+    other = int(gt.features["label"].iloc[7])
+    gt.selected_label = other
+    rows = {model.mapToSource(i).row() for i in view.selectionModel().selectedIndexes()}
+    assert rows == {7}, (rows, col)
+    seg.show_table()  # a second click shows the same dock, it does not add one
+    tables = [w for w in viewer.window._qt_window.findChildren(type(table.__wrapped__)
+                                                               if hasattr(table, "__wrapped__")
+                                                               else type(table))]
+    assert len(tables) == 1
