@@ -297,7 +297,8 @@ def test_time_series_4d_and_dtype_growth():
     rng = np.random.default_rng(1)
     # Dense speckle: many objects per slice, so ids across 2 x 3 slices need uint16.
     data = (rng.random((2, 3, 96, 96)) > 0.55).astype(np.uint8) * 200
-    cfg = cpu(min_size=1, compute_features=False)
+    # labels_3d="off": ids per plane (3-D labelling of stacks is tested in test_instances.py)
+    cfg = cpu(min_size=1, compute_features=False, labels_3d="off")
     res = run_to_end(segment_iter(data, pointwise_bundle(), cfg))
     assert res.labels.shape == data.shape
     counts = [int(sk_label(d > 0, connectivity=2).max()) for d in data.reshape(-1, 96, 96)]
