@@ -76,3 +76,40 @@ def test_backend_resolution() -> None:
         resolve_backend("tensorrt", "cpu")
     with pytest.raises(ValueError, match="backend must be"):
         InferenceConfig(backend="fast").validate()
+
+
+def test_eager_inference_runs_a_folded_copy(eager_and_image, monkeypatch) -> None:
+    """Eager torch runs a BN-folded copy: same output as the unfolded model, user model untouched."""
+    import copy
+
+    import torch
+
+    from napari_s2mnet.inference import engine
+
+    bundle, image, folded = eager_and_image
+    model = bundle.model
+    model.train()  # as during fine-tuning
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    made = []
+    real_copy = engine._inference_copy
+
+    def spy(m):
+        made.append(real_copy(m))
+        return made[-1]
+
+    monkeypatch.setattr(engine, "_inference_copy", spy)
+    cfg = InferenceConfig(backend="torch", return_probability=True, compute_features=False)
+    again = run_to_end(segment_iter(image, bundle, cfg))
+    net = made[-1]
+    assert net is not model
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) < n_bn
+    assert model.training, "the caller's training flag is kept"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert np.array_equal(again.probability, folded.probability)
+
+    monkeypatch.setattr(engine, "_inference_copy", lambda m: copy.deepcopy(m).eval())
+    unfolded = run_to_end(segment_iter(image, bundle, cfg))
+    model.eval()
+    assert np.abs(unfolded.probability - folded.probability).max() <= 1e-4
+    assert _dice(unfolded.labels > 0, folded.labels > 0) >= 0.999
