@@ -111,7 +111,7 @@ class FinetuneWidget(QWidget):
                      "lr": {"min": 1e-6, "max": 1e-1, "step": 1e-5},
                      "crop_size": {"min": 32, "max": 1024, "step": 32},
                      "val_fraction": {"min": 0.0, "max": 0.5, "step": 0.05},
-                     "uncorrected_weight": {"min": 0.0, "max": 1.0, "step": 0.05}},
+                     "uncorrected_weight": {"min": 0.0, "max": 10.0, "step": 0.5}},
             tooltips={"uncorrected_weight": "loss weight of pixels you did not correct (the "
                                             "model's own output); 0 ignores them"},
         )

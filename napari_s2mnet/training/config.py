@@ -106,8 +106,9 @@ class FinetuneConfig:
         uncorrected_weight: With ``corrected`` masks (see :func:`finetune`): weight of the mean
             loss over the pixels outside the corrected regions (the model's own, unchecked
             output) against 1 for the mean loss over the corrected pixels, so a small correction
-            counts as much as the rest of the crop. ``0`` ignores the rest, which lets deletions
-            alone teach "background everywhere" (docs/methods.md).
+            counts as much as a third of the rest of the crop with the default 3 (measured
+            against 1, docs/benchmarks.md). ``0`` ignores the rest, which lets deletions alone
+            teach "background everywhere" (docs/methods.md).
         diameter: Typical object diameter in pixels in these images (``None``: taken as the
             model's training diameter, i.e. no rescaling). Images are rescaled by
             ``model diameter / diameter`` so objects reach the network at the size it was
@@ -144,7 +145,7 @@ class FinetuneConfig:
     max_recoveries: int = 3
     divergence_factor: float = 10.0
     scope: str = "all"
-    uncorrected_weight: float = 1.0
+    uncorrected_weight: float = 3.0
     diameter: float | None = None
 
     @classmethod
@@ -192,8 +193,8 @@ class FinetuneConfig:
             (self.divergence_factor > 1,
              f"divergence_factor must be > 1, got {self.divergence_factor}"),
             (self.scope in SCOPES, f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}"),
-            (0 <= self.uncorrected_weight <= 1,
-             f"uncorrected_weight must be in [0, 1], got {self.uncorrected_weight}"),
+            (0 <= self.uncorrected_weight <= 10,
+             f"uncorrected_weight must be in [0, 10], got {self.uncorrected_weight}"),
             (self.diameter is None or (isinstance(self.diameter, int | float)
                                        and 2 <= self.diameter <= 2000),
              f"diameter must be a number of pixels in [2, 2000] or None (automatic), got "
