@@ -76,6 +76,20 @@ def show_features_table(viewer: Any, layer: Labels) -> Any:
     table = _make_table(viewer)
     dock = viewer.window.add_dock_widget(table, name="Features table (S2M-Net)", area="right")
     dock.show()
+    # Room for ten rows and no more: the panels above keep the rest of the column, and the
+    # column is wide enough for the panels' rows.
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QDockWidget, QMainWindow
+
+    dock = table.parentWidget()  # the real dock (napari hands plugins a proxy of it)
+    while dock is not None and not isinstance(dock, QDockWidget):
+        dock = dock.parentWidget()
+    main = dock.parentWidget() if dock is not None else None
+    if isinstance(main, QMainWindow):
+        height = table.table.minimumHeight() + table.sizeHint().height() - \
+            table.table.sizeHint().height() + 40
+        main.resizeDocks([dock], [height], Qt.Orientation.Vertical)
+        main.resizeDocks([dock], [max(dock.width(), 480)], Qt.Orientation.Horizontal)
     viewer.window._s2mnet_table = table
     return table
 
