@@ -42,6 +42,29 @@ S2MNET_DOI = "10.48550/arXiv.2601.01285"
 # BatchNorm folding
 
 
+def _foldable_pairs(model: nn.Module) -> list[tuple[nn.Sequential, str, str]]:
+    """``(sequential, conv name, bn name)`` of every ``Conv2d -> BatchNorm2d`` pair with stats."""
+    from torch import nn
+
+    pairs = []
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for a, b in itertools.pairwise(list(seq._modules)):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            if bn.running_mean is None or bn.running_var is None:
+                continue  # no running statistics: nothing to fold
+            pairs.append((seq, a, b))
+    return pairs
+
+
+def count_foldable(model: nn.Module) -> int:
+    """How many ``Conv2d -> BatchNorm2d`` pairs :func:`fold_batchnorm` would fold."""
+    return len(_foldable_pairs(model))
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode with ``Conv2d -> BatchNorm2d`` pairs folded.
 
@@ -54,32 +77,24 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     from torch import nn
 
     folded = copy.deepcopy(model).eval()
-    for seq in folded.modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        names = list(seq._modules)
-        for a, b in itertools.pairwise(names):
-            conv, bn = seq._modules[a], seq._modules[b]
-            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
-                continue
-            if bn.running_mean is None or bn.running_var is None:
-                continue  # no running statistics: nothing to fold
-            with torch.no_grad():
-                scale = bn.running_var.double().add(bn.eps).rsqrt()
-                if bn.weight is not None:
-                    scale = scale * bn.weight.double()
-                shift = -bn.running_mean.double() * scale
-                if bn.bias is not None:
-                    shift = shift + bn.bias.double()
-                bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(shift)
-                weight = conv.weight.double() * scale.reshape(-1, 1, 1, 1)
-                conv.weight.copy_(weight.to(conv.weight.dtype))
-                new_bias = (bias * scale + shift).to(conv.weight.dtype)
-                if conv.bias is None:
-                    conv.bias = nn.Parameter(new_bias)
-                else:
-                    conv.bias.copy_(new_bias)
-            seq._modules[b] = nn.Identity()
+    for seq, a, b in _foldable_pairs(folded):
+        conv, bn = seq._modules[a], seq._modules[b]
+        with torch.no_grad():
+            scale = bn.running_var.double().add(bn.eps).rsqrt()
+            if bn.weight is not None:
+                scale = scale * bn.weight.double()
+            shift = -bn.running_mean.double() * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias.double()
+            bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(shift)
+            weight = conv.weight.double() * scale.reshape(-1, 1, 1, 1)
+            conv.weight.copy_(weight.to(conv.weight.dtype))
+            new_bias = (bias * scale + shift).to(conv.weight.dtype)
+            if conv.bias is None:
+                conv.bias = nn.Parameter(new_bias)
+            else:
+                conv.bias.copy_(new_bias)
+        seq._modules[b] = nn.Identity()
     return folded
 
 
@@ -282,6 +297,7 @@ __all__ = [
     "S2MNET_CITATION",
     "S2MNET_DOI",
     "check_tile",
+    "count_foldable",
     "default_tile",
     "export_bundle",
     "export_format",

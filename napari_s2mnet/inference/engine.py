@@ -1,8 +1,9 @@
 """The engine: a model on a device, tiles in, blended probabilities out.
 
 Owns the device state: it runs an eval-mode copy of the model with BatchNorm folded into the
-convolutions, on the device (the caller's model is never changed); mixed precision (float16
-autocast) on CUDA only; test-time augmentation (flips); and the out-of-memory fallback (one tile per batch,
+convolutions, on the device (a model without BatchNorm is used in place when it already sits on
+the device, its training flags restored afterwards); mixed precision (float16 autocast) on
+CUDA only; test-time augmentation (flips); and the out-of-memory fallback (one tile per batch,
 then smaller tiles, then the CPU), each step noted for the user.
 """
 
@@ -45,14 +46,15 @@ def _model_device(model: Any) -> torch.device | None:
 
 
 def _inference_copy(model: Any) -> Any:
-    """An eval-mode copy of ``model`` with BatchNorm folded (a plain copy if folding fails)."""
-    from napari_s2mnet.export import fold_batchnorm
+    """An eval-mode copy of ``model`` with BatchNorm folded; ``model`` itself if nothing folds."""
+    from napari_s2mnet.export import count_foldable, fold_batchnorm
 
     try:
-        return fold_batchnorm(model)
+        if count_foldable(model):
+            return fold_batchnorm(model)
     except Exception as exc:  # an unusual network: unfolded is slower, not wrong
         log.debug("BatchNorm folding skipped (%s: %s)", type(exc).__name__, exc)
-        return copy.deepcopy(model).eval()
+    return model
 
 
 class Engine:
@@ -90,12 +92,13 @@ class Engine:
         from napari_s2mnet import devices
 
         model = self.bundle.model
-        # Always a copy with BatchNorm folded into the convolutions (fewer ops per tile; the
-        # compiled graph folds the same way): the caller's model is never changed, so
-        # fine-tuning keeps training it, and it stays on its device.
+        # A copy with BatchNorm folded into the convolutions (fewer ops per tile; the compiled
+        # graph folds the same way), so the caller's model, which fine-tuning keeps training,
+        # is never changed. Without BatchNorm it is used in place when already on the device
+        # (eval mode restored in close()), else copied there.
         net = _inference_copy(model)
         if _model_device(net) not in (None, device):
-            net = _to_device(net, device)
+            net = _to_device(copy.deepcopy(net) if net is model else net, device)
         net.eval()
         self.net = net
         self.device = device
