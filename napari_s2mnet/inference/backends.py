@@ -48,6 +48,11 @@ BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
 COMPILED_BACKENDS = ("openvino", "onnxruntime")  # "auto" takes the first one installed
 _PACKAGES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 CACHE_ENV = "NAPARI_S2MNET_CACHE_DIR"
+# "auto" compiles only when the job pays for it: exporting + compiling the bundled S2M-Net costs
+# ~8.6 s of CPU and saves ~0.35 s per 224^2 tile (one thread, /tmp/exp_cost.py in
+# docs/benchmarks.md), so below ~25 tiles eager torch is faster unless the graph is cached. This
+# also keeps a just fine-tuned model's first Segment of a small image immediate.
+AUTO_MIN_TILES = 25
 
 
 def available_backends() -> list[str]:
@@ -162,6 +167,15 @@ def _in_channels(model: Any) -> int:
 _RUNNERS: dict[tuple[str, str, int, int], CompiledRunner] = {}
 _LOCK = threading.Lock()
 _MAX_RUNNERS = 8
+
+
+def is_cached(model_hash: str, backend: str, tile: tuple[int, int]) -> bool:
+    """Whether the graph for (model, tile) is compiled in memory or exported on disk."""
+    h, w = int(tile[0]), int(tile[1])
+    with _LOCK:
+        if (backend, model_hash, h, w) in _RUNNERS:
+            return True
+    return (cache_dir() / f"{model_hash[:24]}_{h}x{w}.onnx").is_file()
 
 
 def get_runner(

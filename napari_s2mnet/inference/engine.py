@@ -86,6 +86,8 @@ class Engine:
         # back to "torch" with a note.
         self.backend = resolve_backend(getattr(config, "backend", "auto"), self.device.type)
         self._model_hash: str | None = None
+        # Tiles the whole run will predict (set by run.py): "auto" compiles only for big jobs.
+        self.planned_tiles = 0
 
     # -- device handling -----------------------------------------------------------------
     def _set_device(self, device: torch.device) -> None:
@@ -244,11 +246,18 @@ class Engine:
         import torch
 
         from napari_s2mnet.checkpoint import model_hash
-        from napari_s2mnet.inference.backends import get_runner
+        from napari_s2mnet.inference.backends import AUTO_MIN_TILES, get_runner, is_cached
 
         try:
             if self._model_hash is None:
                 self._model_hash = model_hash(self.bundle.model)
+            if (
+                getattr(self.config, "backend", "auto") == "auto"
+                and self.planned_tiles < AUTO_MIN_TILES
+                and not is_cached(self._model_hash, self.backend, tile)
+            ):
+                self.backend = "torch"  # a small job: compiling would cost more than it saves
+                return None
             return get_runner(
                 self.net, self._model_hash, self.backend, tile, torch.get_num_threads()
             )

@@ -115,6 +115,7 @@ def segment_iter(
     try:
         tiles = engine.grid(_scaled(plan.spatial, factor)).n_tiles
         counter = Counter(total=n_slices * (tiles + 1), tiles_per_slice=tiles, n_slices=n_slices)
+        engine.planned_tiles = n_slices * tiles
         timings["prepare"] += time.perf_counter() - t_start
         yield counter.progress("prepare", f"{n_slices * tiles} tiles on {engine.description}")
 

@@ -113,3 +113,26 @@ def test_eager_inference_runs_a_folded_copy(eager_and_image, monkeypatch) -> Non
     model.eval()
     assert np.abs(unfolded.probability - folded.probability).max() <= 1e-4
     assert _dice(unfolded.labels > 0, folded.labels > 0) >= 0.999
+
+
+def test_auto_compiles_only_when_it_pays(eager_and_image, tmp_path, monkeypatch) -> None:
+    """A small job runs eager under "auto" (no export); once the graph is cached, auto uses it."""
+    found = available_backends()
+    if not found:
+        pytest.skip("no compiled backend installed")
+    from napari_s2mnet.inference import backends
+
+    monkeypatch.setenv("NAPARI_S2MNET_CACHE_DIR", str(tmp_path))
+    bundle, image, eager = eager_and_image
+    small = image[:224, :224]  # one tile: far below AUTO_MIN_TILES
+    cfg = InferenceConfig(backend="auto", return_probability=True, compute_features=False)
+    result = run_to_end(segment_iter(small, bundle, cfg))
+    assert result.backend == "torch"
+    assert not list(tmp_path.glob("*.onnx")), "nothing compiled for a one-tile job"
+    # The same model compiled earlier (e.g. by a big image): auto takes the cached graph.
+    explicit = InferenceConfig(backend=found[0], compute_features=False)
+    run_to_end(segment_iter(small, bundle, explicit))
+    assert list(tmp_path.glob("*.onnx"))
+    backends._RUNNERS.clear()  # only the disk cache remains, as in a new session
+    again = run_to_end(segment_iter(small, bundle, cfg))
+    assert again.backend == found[0], again.messages
