@@ -6,6 +6,8 @@ Usage::
     python -m benchmarks.inference                  # 512^2 .. 4096^2 + 8192^2 uint16 (CPU ~20 min)
     python -m benchmarks.inference --arch unet      # the U-Net baseline instead of S2M-Net
     python -m benchmarks.inference --bundled        # the bundled default model (4.75M parameters)
+    python -m benchmarks.inference --backend torch  # eager only (default auto: the compiled
+                                                    # backend, timed against eager in one run)
 
 What it does:
 
@@ -22,7 +24,11 @@ What it does:
 3. Baseline in the same process: the raw network on a batch of 4 tiles (no tiling, blending or
    post-processing); 'vs raw' = the raw network's CPU time for the run's tiles / the run's CPU
    time, i.e. the share of the work that is the network itself.
-4. Fits the slope of log(time) against log(pixels) (goal <= 1.1: linear in the pixel count) and
+4. ``--backend`` (default ``auto``): the timed runs use that ``InferenceConfig.backend``; when it
+   resolves to a compiled runtime, every timed size is also segmented with ``backend="torch"``
+   in the same process (after its peak RSS is read) and the CPU / wall ratios are printed.
+   The workers run under ``/usr/bin/time -v`` when present (its peak RSS is printed too).
+5. Fits the slope of log(time) against log(pixels) (goal <= 1.1: linear in the pixel count) and
    checks that an 8192 x 8192 uint16 image segments within 2 GB peak RSS.
 """
 
@@ -150,16 +156,47 @@ def raw_cpu_seconds_per_tile(net: Any, tile: int, batch: int = 4, reps: int = 1)
 # one size, in a fresh process
 
 
-def worker(size: int, model: Path, reps: int = 1) -> dict[str, Any]:
-    """Segment a ``size^2`` uint16 image; what the parent prints (runs in a subprocess)."""
+def warm_compiled(bundle: Any, cfg: Any, size: int, backend: str) -> None:
+    """Export and compile the graph for this size's tile shape and every batch size up front.
+
+    What the first ``segment()`` on a new model or tile shape pays once (then cached on disk):
+    excluded here so that the timed runs compare steady-state speed.
+    """
+    import torch
+
+    from napari_s2mnet.checkpoint import model_hash
+    from napari_s2mnet.inference.backends import get_runner
+    from napari_s2mnet.tiling import grid
+
+    stride = max(1, int(getattr(bundle.model, "stride", 1)))
+    tile = -(-int(cfg.tile_size or bundle.tile_size) // stride) * stride
+    g = grid((size, size), tile, float(cfg.overlap), stride)
+    net = bundle.model.eval()
+    runner = get_runner(net, model_hash(net), backend, (g.tile_y, g.tile_x),
+                        torch.get_num_threads())
+    for b in range(1, int(cfg.batch_size) + 1):
+        runner(np.zeros((b, int(net.in_channels), g.tile_y, g.tile_x), np.float32))
+
+
+def worker(size: int, model: Path, reps: int = 1, backend: str = "auto",
+           compare: bool = False) -> dict[str, Any]:
+    """Segment a ``size^2`` uint16 image; what the parent prints (runs in a subprocess).
+
+    ``backend``: ``InferenceConfig.backend`` of the timed runs; ``compare``: also time
+    ``backend="torch"`` (eager) in the same process, after the peak RSS was read.
+    """
     from napari_s2mnet.checkpoint import load_model
     from napari_s2mnet.inference import InferenceConfig, run_to_end, segment_iter
+    from napari_s2mnet.inference.backends import resolve_backend
 
     bundle = load_model(model)
     image = tiled_image(size)
-    cfg = InferenceConfig(device="cpu")  # defaults: the model's own tile size
+    cfg = InferenceConfig(device="cpu", backend=backend)  # defaults: the model's own tile size
+    ran = resolve_backend(backend, "cpu")
     stride = int(getattr(bundle.model, "stride", 1))
     tile = min(-(-bundle.tile_size // stride) * stride, -(-size // stride) * stride)
+    if ran != "torch":
+        warm_compiled(bundle, cfg, size, ran)
     # Warm up torch's kernels (with the tile shape of this size) so no size pays for it.
     run_to_end(segment_iter(image[:tile, :tile], bundle, cfg))
     # The machine may be shared: CPU time (all threads of this process) is what the comparison
@@ -174,9 +211,20 @@ def worker(size: int, model: Path, reps: int = 1) -> dict[str, Any]:
         wall = min(wall, time.perf_counter() - start)
         cpu = min(cpu, time.process_time() - cpu0)
     peak = _peak_rss_gb()
+    eager_wall = eager_cpu = math.nan
+    if compare and ran != "torch":
+        eager = InferenceConfig(device="cpu", backend="torch")
+        run_to_end(segment_iter(image[:tile, :tile], bundle, eager))
+        eager_wall = eager_cpu = math.inf
+        for _ in range(reps):
+            start, cpu0 = time.perf_counter(), time.process_time()
+            run_to_end(segment_iter(image, bundle, eager))
+            eager_wall = min(eager_wall, time.perf_counter() - start)
+            eager_cpu = min(eager_cpu, time.process_time() - cpu0)
     raw = (raw_before + raw_cpu_seconds_per_tile(bundle.model, tile)) / 2
     return {
-        "tile": tile, "raw_cpu_per_tile": raw, "cpu_s": cpu,
+        "tile": tile, "raw_cpu_per_tile": raw, "cpu_s": cpu, "backend": res.backend,
+        "eager_wall_s": eager_wall, "eager_cpu_s": eager_cpu,
         "size": size, "wall_s": wall, "timings": res.timings, "tiles": res.n_tiles,
         "objects": len(res.features), "labels_dtype": str(res.labels.dtype),
         "peak_rss_gb": peak, "base_rss_gb": base, "image_gb": image.nbytes / 1024**3,
@@ -184,14 +232,25 @@ def worker(size: int, model: Path, reps: int = 1) -> dict[str, Any]:
     }
 
 
-def run_size(size: int, model: Path, timeout: float, reps: int) -> dict[str, Any]:
+def run_size(size: int, model: Path, timeout: float, reps: int, backend: str = "auto",
+             compare: bool = False) -> dict[str, Any]:
+    """One size in a fresh process (under ``/usr/bin/time -v`` when present, for its peak RSS)."""
     cmd = [sys.executable, "-m", "benchmarks.inference", "--worker", str(size),
-           "--model", str(model), "--reps", str(reps)]
+           "--model", str(model), "--reps", str(reps), "--backend", backend]
+    if not compare:
+        cmd.append("--no-compare")
+    gnu_time = Path("/usr/bin/time")
+    if gnu_time.is_file():
+        cmd = [str(gnu_time), "-v", *cmd]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                          check=False)
     if out.returncode != 0:
         raise RuntimeError(f"size {size} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for line in out.stderr.splitlines():  # GNU time's report (KiB)
+        if "Maximum resident set size" in line:
+            result["time_v_rss_gb"] = int(line.rsplit(":", 1)[1]) / 1024**2
+    return result
 
 
 def fit_slope(rows: list[dict[str, Any]], key: str = "wall_s") -> float:
@@ -222,18 +281,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per size")
     p.add_argument("--reps", type=int, default=2,
                    help="repetitions per timed size (the fastest counts; the big check runs once)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino",
+                   "onnxruntime"], help="InferenceConfig.backend of the timed runs (default auto)")
+    p.add_argument("--no-compare", dest="compare", action="store_false",
+                   help="do not also time backend='torch' (eager) at each timed size")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker is not None:
-        print(json.dumps(worker(args.worker, args.model, args.reps)))
+        print(json.dumps(worker(args.worker, args.model, args.reps, args.backend, args.compare)))
         return 0
 
     import torch
 
     from napari_s2mnet.inference import InferenceConfig
+    from napari_s2mnet.inference.backends import CACHE_ENV, resolve_backend
 
+    # A fresh compiled-model cache, shared by the size workers (each exports its tile once).
+    cache = tempfile.TemporaryDirectory(prefix="s2m-bench-cache-")
+    os.environ.setdefault(CACHE_ENV, cache.name)
+    ran = resolve_backend(args.backend, "cpu")
+    compare = args.compare and ran != "torch"
     sizes = args.sizes or ([256, 512, 1024] if args.quick else [512, 1024, 2048, 4096])
     big = 0 if args.quick else args.big
     steps = args.train_steps if args.train_steps is not None else (40 if args.quick else 150)
@@ -260,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{info['threshold']:.3f}  DSB2018 Dice {info['dice']:.2f}, "
                   f"{info['objects']} objects")
         print(f"inference: InferenceConfig defaults (tile {args.tile} = the model's own, overlap "
-              f"{InferenceConfig().overlap}, batch {InferenceConfig().batch_size})")
+              f"{InferenceConfig().overlap}, batch {InferenceConfig().batch_size}), backend "
+              f"{args.backend!r} -> {ran}" + (", compared with eager 'torch' in the same process"
+                                             if compare else ""))
+        if ran != "torch":
+            print("(compiled graphs exported and compiled before the timing: the one-time cost "
+                  "of a new model or tile shape is excluded)")
         print("times: wall seconds per stage; 'cpu s' = CPU seconds of the whole run (all threads;"
               " robust to\n  other load). Baseline: the raw network on a batch of 4 tiles in the "
               "same process\n  ('raw cpu/t' = its CPU s per tile); 'vs raw' = raw CPU time of the "
@@ -268,12 +342,16 @@ def main(argv: list[str] | None = None) -> int:
         header = (f"{'size':>6} {'Mpx':>6} {'tile':>4} {'tiles':>5} {'tiles/s':>7} {'wall s':>7} "
                   f"{'predict':>8} "
                   f"{'post':>6} {'feat':>6} {'cpu s':>7} {'cpu/Mpx':>7} {'raw cpu/t':>9} "
-                  f"{'vs raw':>6} {'objects':>7} {'peak RSS':>9} {'growth':>7}")
+                  f"{'vs raw':>6} {'objects':>7} {'peak RSS':>9} {'growth':>7}"
+                  + (f" {'eager cpu s':>11} {'cpu ratio':>9} {'wall ratio':>10}" if compare
+                     else ""))
         print(header)
         print("-" * len(header))
         rows = []
         for size in [*sizes, *([big] if big else [])]:
-            r = run_size(size, model, args.timeout, args.reps if size in sizes else 1)
+            timed_size = size in sizes
+            r = run_size(size, model, args.timeout, args.reps if timed_size else 1,
+                         args.backend, compare and timed_size)
             rows.append(r)
             t = r["timings"]
             mpx = size * size / 1e6
@@ -284,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{t['predict']:>8.2f} {t['postprocess']:>6.2f} {t['features']:>6.2f} "
                   f"{r['cpu_s']:>7.2f} {r['cpu_s'] / mpx:>7.2f} {r['raw_cpu_per_tile']:>9.3f} "
                   f"{vs_raw:>6.2f} {r['objects']:>7} {r['peak_rss_gb']:>7.2f}GB "
-                  f"{r['peak_rss_gb'] - r['base_rss_gb']:>5.2f}GB", flush=True)
+                  f"{r['peak_rss_gb'] - r['base_rss_gb']:>5.2f}GB"
+                  + (f" {r['eager_cpu_s']:>11.2f} {r['cpu_s'] / r['eager_cpu_s']:>9.2f} "
+                     f"{r['wall_s'] / r['eager_wall_s']:>10.2f}"
+                     if compare and timed_size else ""), flush=True)
         timed = [r for r in rows if r["size"] in sizes]
         print()
         if len(timed) >= 2:
@@ -303,8 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         if big:
             r = rows[-1]
             ok = r["peak_rss_gb"] <= RSS_LIMIT_GB
-            print(f"{big}^2 uint16 ({r['image_gb']:.2f} GB image): peak RSS "
-                  f"{r['peak_rss_gb']:.2f} GB "
+            tv = r.get("time_v_rss_gb")
+            print(f"{big}^2 uint16 ({r['image_gb']:.2f} GB image), backend {r['backend']}: peak "
+                  f"RSS {r['peak_rss_gb']:.2f} GB"
+                  + (f" (/usr/bin/time -v: {tv:.2f} GB)" if tv is not None else "") + " "
                   f"(limit {RSS_LIMIT_GB:.0f} GB: {'PASS' if ok else 'FAIL'}), "
                   f"{r['objects']} objects, labels {r['labels_dtype']}, {r['wall_s']:.0f} s")
             return 0 if ok else 1

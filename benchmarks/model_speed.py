@@ -6,17 +6,25 @@ Usage::
     python -m benchmarks.model_speed                      # CPU, full (sizes up to 1024^2)
     python -m benchmarks.model_speed --device cuda        # + fp32 / bf16 batch sweep on a GPU
     python -m benchmarks.model_speed --profile            # + per-block breakdown of S2M-Net
+    python -m benchmarks.model_speed --backend openvino   # compiled S2M-Net (default: auto)
 
 Every table prints ratios against the U-Net baseline (``unet``) measured in the same process,
 with the models timed round-robin (one call each per repetition) so background load hits all
 of them alike. Times are medians over the repetitions, after warm-up. The size sweep fits the
 slope of log(time) against log(pixels): 1.0 means time grows linearly with the pixel count.
+
+``--backend auto|torch|openvino|onnxruntime`` (CPU only; default ``auto``: the compiled runtime
+``InferenceConfig(backend="auto")`` would pick): S2M-Net's forward is also timed through that
+runtime (BN-folded ONNX graph, ``napari_s2mnet.inference.backends``) in the same round-robin,
+as the row ``s2mnet[<backend>]``, with its ratio to eager S2M-Net. Exporting and compiling happen
+before the timing (once per input size).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
 import time
@@ -73,6 +81,30 @@ def forward_fn(
                 return model(x)
 
     return run
+
+
+def compiled_fn(model: nn.Module, x: torch.Tensor, backend: str) -> Callable[[], Any]:
+    """Forward of ``model`` through a compiled runtime on ``x``'s shape (exported here, once)."""
+    import tempfile
+
+    from napari_s2mnet.checkpoint import model_hash
+    from napari_s2mnet.inference.backends import CACHE_ENV, get_runner
+
+    os.environ.setdefault(CACHE_ENV, tempfile.mkdtemp(prefix="s2m-speed-"))
+    model.eval()
+    runner = get_runner(model, model_hash(model), backend, tuple(x.shape[-2:]),
+                        torch.get_num_threads())
+    xn = x.cpu().numpy()
+    runner(xn)  # compile for this batch size outside the timing
+    return lambda: runner(xn)
+
+
+def compiled_backend(name: str, device: torch.device) -> str | None:
+    """The compiled runtime to time next to eager S2M-Net, or None (``torch`` / a GPU)."""
+    from napari_s2mnet.inference.backends import resolve_backend
+
+    be = resolve_backend(name, device.type)
+    return None if be == "torch" else be
 
 
 def train_fn(
@@ -136,13 +168,18 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def bench_main(
-    archs: list[str], device: torch.device, size: int, reps: int, warmup: int, train_batch: int
+    archs: list[str], device: torch.device, size: int, reps: int, warmup: int, train_batch: int,
+    backend: str | None = None,
 ) -> None:
     """Forward and train-step time of every architecture at ``size^2``."""
     models = {a: build(a, device) for a in archs}
     x1 = torch.rand(1, 3, size, size, device=device)
     xb = torch.rand(train_batch, 3, size, size, device=device)
-    fwd = round_robin({a: forward_fn(m, x1) for a, m in models.items()}, reps, warmup, device)
+    fns = {a: forward_fn(m, x1) for a, m in models.items()}
+    comp = f"s2mnet[{backend}]" if backend and "s2mnet" in models else None
+    if comp:
+        fns[comp] = compiled_fn(models["s2mnet"], x1, backend)
+    fwd = round_robin(fns, reps, warmup, device)
     trn = round_robin({a: train_fn(m, xb) for a, m in models.items()}, reps, warmup, device)
     macs = {a: gmac(build(a, torch.device("cpu")), size) for a in archs}
     rows = []
@@ -163,20 +200,34 @@ def bench_main(
         f"\n## {device.type.upper()} fp32, {size}x{size}: forward (batch 1) and train step "
         f"(batch {train_batch}, fwd+bwd+Adam), median of {reps}"
     )
+    if comp:
+        m = models["s2mnet"]
+        rows.append([comp, f"{count_parameters(m) / 1e6:.3f}M", f"{macs['s2mnet']:.2f}",
+                     f"{fwd[comp] * 1e3:.1f}", f"{fwd[comp] / fwd[BASELINE]:.2f}", "-", "-"])
     header = ["model", "params", "GMAC", "fwd ms", f"fwd / {BASELINE}", "train ms"]
     header.append(f"train / {BASELINE}")
     print(table(header, rows))
+    if comp:
+        print(f"{comp} / s2mnet eager forward: {fwd[comp] / fwd['s2mnet']:.2f}")
 
 
 def bench_sizes(
-    archs: list[str], device: torch.device, sizes: list[int], reps: int, warmup: int
+    archs: list[str], device: torch.device, sizes: list[int], reps: int, warmup: int,
+    backend: str | None = None,
 ) -> None:
     """Forward time against input size, with the fitted log-log slope."""
     models = {a: build(a, device) for a in archs}
+    archs = list(archs)
+    comp = f"s2mnet[{backend}]" if backend and "s2mnet" in models else None
+    if comp:
+        archs.insert(archs.index("s2mnet") + 1, comp)
     results: dict[str, list[float]] = {a: [] for a in archs}
     for s in sizes:
         x = torch.rand(1, 3, s, s, device=device)
-        med = round_robin({a: forward_fn(m, x) for a, m in models.items()}, reps, warmup, device)
+        fns = {a: forward_fn(m, x) for a, m in models.items()}
+        if comp:
+            fns[comp] = compiled_fn(models["s2mnet"], x, backend)
+        med = round_robin(fns, reps, warmup, device)
         for a in archs:
             results[a].append(med[a])
     header = [
@@ -194,6 +245,10 @@ def bench_sizes(
     rows.append(slopes)
     print(f"\n## {device.type.upper()} fp32 forward (batch 1) vs input size, median of {reps}")
     print(table(header, rows))
+    if comp:
+        ratios = [results[comp][i] / results["s2mnet"][i] for i in range(len(sizes))]
+        print(f"{comp} / s2mnet eager: " + ", ".join(
+            f"{s}^2 {r:.2f}" for s, r in zip(sizes, ratios, strict=True)))
     paper = loglog_slope(list(PAPER_SCALING_MS), list(PAPER_SCALING_MS.values()))
     print(
         f"slope = d log(time) / d log(pixels); paper's S2M-Net GPU numbers "
@@ -297,6 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--archs", default="s2mnet,unet", help="comma-separated; unet is the baseline")
     p.add_argument("--profile", action="store_true", help="per-block breakdown of S2M-Net")
     p.add_argument("--size", type=int, default=352)
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino",
+                   "onnxruntime"], help="compiled runtime timed next to eager S2M-Net (CPU; "
+                   "auto: what inference picks; torch: none)")
     p.add_argument(
         "--clock",
         choices=["wall", "thread"],
@@ -325,14 +383,20 @@ def main(argv: list[str] | None = None) -> None:
     if gpu:
         sizes = [128, 256, 352, 512, 1024]
 
+    backend = compiled_backend(args.backend, device) if args.backend != "torch" else None
+    if backend and args.clock == "thread":
+        # The runtimes compute in their own worker threads, invisible to the calling thread's clock.
+        raise SystemExit("--clock thread cannot time a compiled backend; add --backend torch.")
     print(
         f"# model_speed: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"device {device}, {torch.get_num_threads()} CPU threads, {args.clock} clock, "
-        f"{'quick' if args.quick else 'full'}"
+        f"{'quick' if args.quick else 'full'}, compiled backend {backend or 'none'}, "
+        f"load {os.getloadavg()[0]:.1f}"
     )
     t0 = time.perf_counter()
-    bench_main(archs, device, args.size, reps, warmup, train_batch=2 if not gpu else 8)
-    bench_sizes(archs, device, sizes, reps, warmup)
+    bench_main(archs, device, args.size, reps, warmup, train_batch=2 if not gpu else 8,
+               backend=backend)
+    bench_sizes(archs, device, sizes, reps, warmup, backend=backend)
     if gpu:
         batches = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16, 32]
         bench_cuda_batches(archs, device, args.size, batches, reps, warmup)
