@@ -14,6 +14,12 @@ if str(REPO) not in sys.path:  # lets tests import benchmarks.fetch_data
 
 # Keep CPU tests predictable on small CI machines.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Compiled graphs go to a fresh folder per test run, not the user's cache: a graph left there
+# by an earlier run would change which backend "auto" picks (it reuses cached graphs).
+if "NAPARI_S2MNET_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["NAPARI_S2MNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="s2mnet-compiled-")
 
 
 @pytest.fixture(scope="session")
