@@ -158,8 +158,9 @@ def register_smp_unet() -> None:
 
         def __init__(self, in_channels: int, num_classes: int, encoder: str) -> None:
             super().__init__()
-            self.net = smp.Unet(encoder, encoder_weights=None, in_channels=in_channels,
-                                classes=num_classes)
+            self.net = smp.Unet(
+                encoder, encoder_weights=None, in_channels=in_channels, classes=num_classes
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x, pads = pad_to_multiple(x, self.stride)
@@ -220,9 +221,14 @@ def run_cellpose(fold: int, seed: int, args: argparse.Namespace) -> dict[str, An
     np.random.seed(seed)  # noqa: NPY002 - Cellpose's augmentation uses numpy's global state
     model = models.CellposeModel(gpu=False, pretrained_model=False, model_type=None)
     n_params = sum(p.numel() for p in model.net.parameters())  # eval() may convert to oneDNN
-    kw = {"train_data": imgs, "train_labels": labs, "channels": [0, 0],
-          "batch_size": args.batch_size, "nimg_per_epoch": args.batch_size,
-          "min_train_masks": 1}
+    kw = {
+        "train_data": imgs,
+        "train_labels": labs,
+        "channels": [0, 0],
+        "batch_size": args.batch_size,
+        "nimg_per_epoch": args.batch_size,
+        "min_train_masks": 1,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         timings = {}
         for n in (2, 6):
@@ -242,9 +248,16 @@ def run_cellpose(fold: int, seed: int, args: argparse.Namespace) -> dict[str, An
     masks = model.eval(test_img.astype(np.float32), channels=[0, 0], diameter=None)[0]
     infer_s = time.perf_counter() - t0
     d, iou = dice_iou(masks, test_gt)
-    return {"dice": d, "iou": iou, "bf1": boundary_f1(masks, test_gt),
-            "params": n_params, "seconds": elapsed,
-            "steps": epochs, "infer_s": infer_s, "stopped": "epochs fitted to the budget"}
+    return {
+        "dice": d,
+        "iou": iou,
+        "bf1": boundary_f1(masks, test_gt),
+        "params": n_params,
+        "seconds": elapsed,
+        "steps": epochs,
+        "infer_s": infer_s,
+        "stopped": "epochs fitted to the budget",
+    }
 
 
 def run_one(variant: Variant, fold: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -260,22 +273,41 @@ def run_one(variant: Variant, fold: int, seed: int, args: argparse.Namespace) ->
     train_pairs = [q for i, q in enumerate(quads) if i != fold]
     test_img, test_gt = quads[fold]
     torch.manual_seed(seed)
-    bundle = new_model(ModelConfig(arch=variant.arch, in_channels=1, num_classes=1,
-                                   options=dict(variant.options)), name=variant.label)
-    cfg = FinetuneConfig(seconds=args.seconds, lr=args.lr, batch_size=args.batch_size,
-                         crop_size=args.crop_size, seed=seed, device=args.device,
-                         val_fraction=0.0, patience=None, steps_per_epoch=25, loss=variant.loss)
+    bundle = new_model(
+        ModelConfig(arch=variant.arch, in_channels=1, num_classes=1, options=dict(variant.options)),
+        name=variant.label,
+    )
+    cfg = FinetuneConfig(
+        seconds=args.seconds,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        crop_size=args.crop_size,
+        seed=seed,
+        device=args.device,
+        val_fraction=0.0,
+        patience=None,
+        steps_per_epoch=25,
+        loss=variant.loss,
+    )
     result = train(train_pairs, bundle, cfg, names=[f"dsb2018/q{i}" for i in range(4) if i != fold])
     trained = result.bundle
     trained.model.eval()
     t0 = time.perf_counter()
-    labels, _ = segment(test_img, trained, InferenceConfig(device=args.device,
-                                                           compute_features=False))
+    labels, _ = segment(
+        test_img, trained, InferenceConfig(device=args.device, compute_features=False)
+    )
     infer_s = time.perf_counter() - t0
     d, iou = dice_iou(labels, test_gt)
-    return {"dice": d, "iou": iou, "bf1": boundary_f1(labels, test_gt),
-            "params": count_parameters(bundle.model), "seconds": result.elapsed,
-            "steps": result.steps, "infer_s": infer_s, "stopped": result.stopped_reason}
+    return {
+        "dice": d,
+        "iou": iou,
+        "bf1": boundary_f1(labels, test_gt),
+        "params": count_parameters(bundle.model),
+        "seconds": result.elapsed,
+        "steps": result.steps,
+        "infer_s": infer_s,
+        "stopped": result.stopped_reason,
+    }
 
 
 def _ms(values: list[float], spec: str) -> str:
@@ -291,8 +323,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fold 3 only, 60 s per run, crop 128")
-    p.add_argument("--folds", type=int, nargs="+", default=None,
-                   help="held-out DSB2018 quadrants (default: 0 1 2 3; --quick: 3)")
+    p.add_argument(
+        "--folds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="held-out DSB2018 quadrants (default: 0 1 2 3; --quick: 3)",
+    )
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--n-seeds", type=int, default=1, help="seeds seed .. seed+n-1 per fold")
     p.add_argument("--seconds", type=float, default=None, help="budget per run (default 120)")
@@ -301,14 +338,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--smp", action="store_true",
-                   help="add segmentation-models-pytorch's U-Net ResNet34, random init (needs "
-                        "segmentation-models-pytorch and a torchvision matching torch)")
-    p.add_argument("--cellpose", action="store_true",
-                   help="add Cellpose 3 trained from scratch (needs cellpose>=3,<4 importable)")
-    p.add_argument("--models", type=int, nargs="*", default=None,
-                   help="subset of variants by index (0..4), e.g. --models 0 3; the flag "
-                        "alone runs none of them (only the peers asked for)")
+    p.add_argument(
+        "--smp",
+        action="store_true",
+        help="add segmentation-models-pytorch's U-Net ResNet34, random init (needs "
+        "segmentation-models-pytorch and a torchvision matching torch)",
+    )
+    p.add_argument(
+        "--cellpose",
+        action="store_true",
+        help="add Cellpose 3 trained from scratch (needs cellpose>=3,<4 importable)",
+    )
+    p.add_argument(
+        "--models",
+        type=int,
+        nargs="*",
+        default=None,
+        help="subset of variants by index (0..4), e.g. --models 0 3; the flag "
+        "alone runs none of them (only the peers asked for)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.folds = args.folds or ([3] if args.quick else [0, 1, 2, 3])
@@ -321,11 +369,15 @@ def main(argv: list[str] | None = None) -> int:
         variants = [VARIANTS[i] for i in args.models]
     seeds = list(range(args.seed, args.seed + args.n_seeds))
 
-    print(f"# accuracy benchmark: torch {torch.__version__}, {args.device}, threads "
-          f"{args.threads}, {platform.processor() or platform.machine()}")
-    print(f"# DSB2018 quadrant folds {args.folds} (train 3, test the held-out one), seeds {seeds}"
-          f", {args.seconds:g} s per run, crop {args.crop_size}, batch {args.batch_size}, "
-          f"lr {args.lr:g}, val_fraction 0, random init, 1 input channel")
+    print(
+        f"# accuracy benchmark: torch {torch.__version__}, {args.device}, threads "
+        f"{args.threads}, {platform.processor() or platform.machine()}"
+    )
+    print(
+        f"# DSB2018 quadrant folds {args.folds} (train 3, test the held-out one), seeds {seeds}"
+        f", {args.seconds:g} s per run, crop {args.crop_size}, batch {args.batch_size}, "
+        f"lr {args.lr:g}, val_fraction 0, random init, 1 input channel"
+    )
     smp = smp_status() if args.smp else "not requested (--smp)"
     print(f"# segmentation-models-pytorch peer: {'included' if smp is None else 'skipped: ' + smp}")
     if smp is None:
@@ -346,19 +398,24 @@ def main(argv: list[str] | None = None) -> int:
             for label, job in jobs:
                 r = job()
                 runs[label].append(r)
-                print(f"# fold {fold} seed {seed} {label}: Dice {r['dice']:.3f} IoU "
-                      f"{r['iou']:.3f} BF1 {r['bf1']:.3f} steps {r['steps']} "
-                      f"({r['seconds']:.0f} s, {r['stopped']})", flush=True)
+                print(
+                    f"# fold {fold} seed {seed} {label}: Dice {r['dice']:.3f} IoU "
+                    f"{r['iou']:.3f} BF1 {r['bf1']:.3f} steps {r['steps']} "
+                    f"({r['seconds']:.0f} s, {r['stopped']})",
+                    flush=True,
+                )
 
     print()
     print("| model | loss | params | held-out Dice | IoU | boundary F1 (2 px) | train s | steps |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for label, loss in rows:
         rs = runs[label]
-        print(f"| {label} | {loss} | {rs[0]['params']:,} | "
-              f"{_ms([r['dice'] for r in rs], '.3f')} | {_ms([r['iou'] for r in rs], '.3f')} | "
-              f"{_ms([r['bf1'] for r in rs], '.3f')} | {_ms([r['seconds'] for r in rs], '.0f')} | "
-              f"{_ms([float(r['steps']) for r in rs], '.0f')} |")
+        print(
+            f"| {label} | {loss} | {rs[0]['params']:,} | "
+            f"{_ms([r['dice'] for r in rs], '.3f')} | {_ms([r['iou'] for r in rs], '.3f')} | "
+            f"{_ms([r['bf1'] for r in rs], '.3f')} | {_ms([r['seconds'] for r in rs], '.0f')} | "
+            f"{_ms([float(r['steps']) for r in rs], '.0f')} |"
+        )
     print(f"\n# n = {len(args.folds) * len(seeds)} run(s) per model (folds x seeds); mean +- std")
     return 0
 

@@ -89,8 +89,10 @@ def main() -> None:
             runs.setdefault(be, []).append(time.process_time() - t0)
             runs.setdefault(be + "_name", res.backend)
     a, b = statistics.median(runs["auto"]), statistics.median(runs["torch"])
-    print(f"segment() 1024^2: auto ({runs['auto_name']}) {a:.2f} s, torch {b:.2f} s, "
-          f"ratio {a / b:.2f}")
+    print(
+        f"segment() 1024^2: auto ({runs['auto_name']}) {a:.2f} s, torch {b:.2f} s, "
+        f"ratio {a / b:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -76,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
     labels = tiled_labels(args.objects)
     n_obj = int(labels.max())
-    print(f"# feature refresh: {platform.processor() or platform.machine()}, labels "
-          f"{labels.shape} {labels.dtype}, {n_obj} objects, {args.strokes} strokes of 15 x 15 px")
+    print(
+        f"# feature refresh: {platform.processor() or platform.machine()}, labels "
+        f"{labels.shape} {labels.dtype}, {n_obj} objects, {args.strokes} strokes of 15 x 15 px"
+    )
     spacing = (0.5, 0.5)
     df = object_features(labels, spacing=spacing)
     t_update, t_full, touched_n = [], [], []
@@ -96,8 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         touched_n.append(len(touched))
 
     # The same edits on plane 1 of a 3-plane stack with ids unique across planes.
-    stack = np.stack([labels, np.where(labels > 0, labels + n_obj, 0),
-                      np.where(labels > 0, labels + 2 * n_obj, 0)]).astype(np.uint32)
+    stack = np.stack(
+        [
+            labels,
+            np.where(labels > 0, labels + n_obj, 0),
+            np.where(labels > 0, labels + 2 * n_obj, 0),
+        ]
+    ).astype(np.uint32)
     parts = []
     for z in range(3):
         part = object_features(stack[z], spacing=spacing)
@@ -115,22 +122,31 @@ def main(argv: list[str] | None = None) -> int:
         t_stack.append(time.perf_counter() - t0)
     check = object_features(stack[1], spacing=spacing)
     pd.testing.assert_frame_equal(
-        sdf[sdf["z"] == 1].drop(columns="z").reset_index(drop=True), check, check_dtype=False)
+        sdf[sdf["z"] == 1].drop(columns="z").reset_index(drop=True), check, check_dtype=False
+    )
 
     med_u, med_f, med_s = (statistics.median(t) for t in (t_update, t_full, t_stack))
     print()
     print("| refresh | objects | touched ids / stroke | median s | max s | vs full recompute |")
     print("|---|---:|---:|---:|---:|---:|")
-    print(f"| `update_features` (2-D, touched ids) | {n_obj} | "
-          f"{statistics.fmean(touched_n):.1f} | {med_u:.4f} | {max(t_update):.4f} | "
-          f"{med_u / med_f:.3f} |")
-    print(f"| `object_features` (2-D, all objects; baseline) | {n_obj} | - | {med_f:.4f} | "
-          f"{max(t_full):.4f} | 1.000 |")
-    print(f"| `update_stack_features` (3 planes, one edited) | {3 * n_obj} | - | {med_s:.4f} | "
-          f"{max(t_stack):.4f} | {med_s / med_f:.3f} |")
+    print(
+        f"| `update_features` (2-D, touched ids) | {n_obj} | "
+        f"{statistics.fmean(touched_n):.1f} | {med_u:.4f} | {max(t_update):.4f} | "
+        f"{med_u / med_f:.3f} |"
+    )
+    print(
+        f"| `object_features` (2-D, all objects; baseline) | {n_obj} | - | {med_f:.4f} | "
+        f"{max(t_full):.4f} | 1.000 |"
+    )
+    print(
+        f"| `update_stack_features` (3 planes, one edited) | {3 * n_obj} | - | {med_s:.4f} | "
+        f"{max(t_stack):.4f} | {med_s / med_f:.3f} |"
+    )
     worst = max(max(t_update), max(t_stack))
-    print(f"\n# worst refresh {worst:.3f} s (goal < {GOAL_S} s: "
-          f"{'OK' if worst < GOAL_S else 'MISSED'}); tables equal to a full recompute")
+    print(
+        f"\n# worst refresh {worst:.3f} s (goal < {GOAL_S} s: "
+        f"{'OK' if worst < GOAL_S else 'MISSED'}); tables equal to a full recompute"
+    )
     return 0
 
 

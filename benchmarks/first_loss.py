@@ -43,13 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     img, gt = load_dsb2018()
     img, gt = img[256:, 256:], gt[256:, 256:]
     model = load_default_model()
-    pred = segment(img, model, InferenceConfig(device="cpu", compute_features=False, backend="torch"))[0]
+    pred = segment(
+        img, model, InferenceConfig(device="cpu", compute_features=False, backend="torch")
+    )[0]
     _, labels, mask = annotate([pred], [gt], 5)[0]
-    print(f"# first_loss: torch {torch.__version__}, threads {args.threads}, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}, {args.seconds:g} s per run")
-    print("| scope | first loss point (s, median) | preparation + first validation / budget | "
-          "steps/min | "
-          "CPU s/step |")
+    print(
+        f"# first_loss: torch {torch.__version__}, threads {args.threads}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}, {args.seconds:g} s per run"
+    )
+    print(
+        "| scope | first loss point (s, median) | preparation + first validation / budget | "
+        "steps/min | "
+        "CPU s/step |"
+    )
     print("|---|---:|---:|---:|---:|")
     for scope in args.scopes:
         firsts, shares, rates, cpu = [], [], [], []
@@ -76,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             shares.append(overhead / args.seconds)
             rates.append(60.0 * res.steps / max(res.elapsed, 1e-9))
             cpu.append((c1 - c0) / max(res.steps, 1))
-        print(f"| {scope} | {statistics.median(firsts):.1f} | {statistics.fmean(shares):.0%} | "
-              f"{statistics.fmean(rates):.0f} | {statistics.fmean(cpu):.2f} |", flush=True)
+        print(
+            f"| {scope} | {statistics.median(firsts):.1f} | {statistics.fmean(shares):.0%} | "
+            f"{statistics.fmean(rates):.0f} | {statistics.fmean(cpu):.2f} |",
+            flush=True,
+        )
     return 0
 
 

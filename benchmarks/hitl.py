@@ -44,9 +44,7 @@ MIN_OBJECTS = 3
 TILE = 64
 
 
-def slice_split(
-    masks: np.ndarray, min_objects: int = MIN_OBJECTS
-) -> tuple[list[int], list[int]]:
+def slice_split(masks: np.ndarray, min_objects: int = MIN_OBJECTS) -> tuple[list[int], list[int]]:
     """Indices of the annotation pool (first half) and test slices (second half) of a stack.
 
     Only slices with at least ``min_objects`` labelled objects are kept.
@@ -65,8 +63,9 @@ def pick_spread(pool: list[int], k: int) -> list[int]:
     return [pool[i] for i in np.linspace(0, len(pool) - 1, k).round().astype(int)]
 
 
-def evaluate(bundle: Any, image: np.ndarray, masks: np.ndarray, test: list[int],
-             device: str) -> float:
+def evaluate(
+    bundle: Any, image: np.ndarray, masks: np.ndarray, test: list[int], device: str
+) -> float:
     """Mean foreground Dice over the test slices."""
     from napari_s2mnet.inference import InferenceConfig, segment
 
@@ -101,11 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     pool, test = slice_split(masks)
     base = load_default_model(args.device)
     base.model.eval()
-    print(f"# HITL simulation: torch {torch.__version__}, {args.device}, threads {args.threads}, "
-          f"{platform.processor() or platform.machine()}")
-    print(f"# nuclei3d {image.shape}: annotation pool z={pool}, test z={test} "
-          f"({len(test)} slices); {args.seconds:g} s per fine-tune, crop {args.crop_size}, batch "
-          f"{args.batch_size}, loss {args.loss}, seeds {args.seed}..{args.seed + args.n_seeds - 1}")
+    print(
+        f"# HITL simulation: torch {torch.__version__}, {args.device}, threads {args.threads}, "
+        f"{platform.processor() or platform.machine()}"
+    )
+    print(
+        f"# nuclei3d {image.shape}: annotation pool z={pool}, test z={test} "
+        f"({len(test)} slices); {args.seconds:g} s per fine-tune, crop {args.crop_size}, batch "
+        f"{args.batch_size}, loss {args.loss}, seeds {args.seed}..{args.seed + args.n_seeds - 1}"
+    )
 
     t0 = time.perf_counter()
     zero = evaluate(base, image, masks, test, args.device)
@@ -119,22 +122,34 @@ def main(argv: list[str] | None = None) -> int:
             chosen = pick_spread(pool, k)
             pairs = [(image[z], masks[z]) for z in chosen]
             for seed in seeds:
-                cfg = FinetuneConfig(seconds=args.seconds, lr=lr, batch_size=args.batch_size,
-                                     crop_size=args.crop_size, seed=seed, device=args.device,
-                                     val_fraction=0.0, patience=None, loss=args.loss)
+                cfg = FinetuneConfig(
+                    seconds=args.seconds,
+                    lr=lr,
+                    batch_size=args.batch_size,
+                    crop_size=args.crop_size,
+                    seed=seed,
+                    device=args.device,
+                    val_fraction=0.0,
+                    patience=None,
+                    loss=args.loss,
+                )
                 t0 = time.perf_counter()
                 result = train(pairs, base, cfg, names=[f"nuclei3d/z{z}" for z in chosen])
                 result.bundle.model.eval()
                 score = evaluate(result.bundle, image, masks, test, args.device)
                 wall = time.perf_counter() - t0
                 runs.setdefault((k, lr), []).append((score, result.elapsed, result.steps, wall))
-                print(f"# k={k} lr={lr:g} seed {seed} slices {chosen}: Dice {score:.3f} "
-                      f"({result.steps} steps, {result.elapsed:.0f} s, {result.stopped_reason})",
-                      flush=True)
+                print(
+                    f"# k={k} lr={lr:g} seed {seed} slices {chosen}: Dice {score:.3f} "
+                    f"({result.steps} steps, {result.elapsed:.0f} s, {result.stopped_reason})",
+                    flush=True,
+                )
 
     print()
-    print("| k | lr | annotated slices (z) | held-out Dice | vs k=0 | fine-tune s | steps | "
-          "wall s (incl. eval) |")
+    print(
+        "| k | lr | annotated slices (z) | held-out Dice | vs k=0 | fine-tune s | steps | "
+        "wall s (incl. eval) |"
+    )
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
     print(f"| 0 | - | - | {zero:.3f} | +0.000 | 0 | 0 | {zero_wall:.0f} |")
     for (k, lr), rs in runs.items():
@@ -142,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         mean = statistics.fmean(dices)
         std = f" +- {statistics.stdev(dices):.3f}" if len(dices) > 1 else ""
         zs = ",".join(map(str, pick_spread(pool, k)))
-        print(f"| {k} | {lr:g} | {zs} | {mean:.3f}{std} | {mean - zero:+.3f} | "
-              f"{statistics.fmean(r[1] for r in rs):.0f} | "
-              f"{statistics.fmean(r[2] for r in rs):.0f} | "
-              f"{statistics.fmean(r[3] for r in rs):.0f} |")
+        print(
+            f"| {k} | {lr:g} | {zs} | {mean:.3f}{std} | {mean - zero:+.3f} | "
+            f"{statistics.fmean(r[1] for r in rs):.0f} | "
+            f"{statistics.fmean(r[2] for r in rs):.0f} | "
+            f"{statistics.fmean(r[3] for r in rs):.0f} |"
+        )
     print(f"\n# mean +- std over seeds {seeds} (crop sampling, augmentation, batch order)")
     return 0
 

@@ -71,8 +71,9 @@ def worst_objects(pred: np.ndarray, gt: np.ndarray) -> list[tuple[float, int, np
     return [(iou, size, ndimage.binary_dilation(r, iterations=2)) for iou, size, r in errors]
 
 
-def annotate(preds: list[np.ndarray], gts: list[np.ndarray], k: int
-             ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+def annotate(
+    preds: list[np.ndarray], gts: list[np.ndarray], k: int
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """Fix the ``k`` worst objects over the pool: (pool index, corrected labels, mask)."""
     ranked = []
     for i, (p, g) in enumerate(zip(preds, gts, strict=True)):
@@ -122,27 +123,41 @@ def make_base(which: str, epochs: int = 15) -> Path:
     else:
         pairs = [fetch_data.load_dsb2018()]
         out = MODELS / "dsb_only.safetensors"
-    start = new_model(ModelConfig(arch="s2mnet", in_channels=1, num_classes=1,
-                                  options={"bn_momentum": 0.1}), name=f"S2M-Net {which} only")
-    cfg = FinetuneConfig(epochs=epochs, lr=1e-3, batch_size=4, crop_size=160, seed=0,
-                         device="cpu", val_fraction=0.0, patience=None)
+    start = new_model(
+        ModelConfig(arch="s2mnet", in_channels=1, num_classes=1, options={"bn_momentum": 0.1}),
+        name=f"S2M-Net {which} only",
+    )
+    cfg = FinetuneConfig(
+        epochs=epochs,
+        lr=1e-3,
+        batch_size=4,
+        crop_size=160,
+        seed=0,
+        device="cpu",
+        val_fraction=0.0,
+        patience=None,
+    )
     res = train(pairs, start, cfg, names=[f"{which}/{i}" for i in range(len(pairs))])
-    res.bundle.metadata["diameter"] = round(float(np.median(
-        [equivalent_diameter(lab) for _, lab in pairs])), 1)
+    res.bundle.metadata["diameter"] = round(
+        float(np.median([equivalent_diameter(lab) for _, lab in pairs])), 1
+    )
     MODELS.mkdir(parents=True, exist_ok=True)
     save_model(res.bundle, out)
     print(f"# base model {out.name}: {res.steps} steps in {res.elapsed:.0f} s", flush=True)
     return out
 
 
-def data_set(name: str) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]],
-                                 list[tuple[np.ndarray, np.ndarray]]]:
+def data_set(
+    name: str,
+) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]:
     """(starting model, pool pairs, test pairs) of a set (see the module docstring)."""
     from benchmarks import fetch_data
 
     if name == "dsb2018":
-        model = _load(MODELS / "bbbc007_only.safetensors",
-                      "python -m benchmarks.hitl_annotator --make-bases bbbc007")
+        model = _load(
+            MODELS / "bbbc007_only.safetensors",
+            "python -m benchmarks.hitl_annotator --make-bases bbbc007",
+        )
         img, gt = fetch_data.load_dsb2018()
         h = img.shape[0] // 2
         return model, [(img[:h], gt[:h])], [(img[h:], gt[h:])]
@@ -152,14 +167,22 @@ def data_set(name: str) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]],
 
         img, gt = fetch_data.load_nuclei3d()
         pool, test = slice_split(gt)
-        return (load_default_model(), [(img[z], gt[z]) for z in pool],
-                [(img[z], gt[z]) for z in test])
+        return (
+            load_default_model(),
+            [(img[z], gt[z]) for z in pool],
+            [(img[z], gt[z]) for z in test],
+        )
     if name == "bbbc007":
-        model = _load(MODELS / "dsb_only.safetensors",
-                      "python -m benchmarks.hitl_annotator --make-bases dsb2018")
+        model = _load(
+            MODELS / "dsb_only.safetensors",
+            "python -m benchmarks.hitl_annotator --make-bases dsb2018",
+        )
         items = fetch_data.load_bbbc007()
-        return (model, [(im, lab) for _, im, lab in items[:7]],
-                [(im, lab) for _, im, lab in items[10:]])
+        return (
+            model,
+            [(im, lab) for _, im, lab in items[:7]],
+            [(im, lab) for _, im, lab in items[10:]],
+        )
     raise SystemExit(f"unknown set {name!r}")
 
 
@@ -200,19 +223,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5])
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--n-seeds", type=int, default=3)
-    p.add_argument("--weights", type=float, nargs="+", default=[None],
-                   help="uncorrected_weight values (default: the preset's)")
+    p.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        default=[None],
+        help="uncorrected_weight values (default: the preset's)",
+    )
     p.add_argument("--scopes", nargs="+", default=[None], help="scopes (default: the preset's)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--make-bases", nargs="*", choices=["bbbc007", "dsb2018"], default=None,
-                   help="first train these starting models (150 steps each)")
+    p.add_argument(
+        "--make-bases",
+        nargs="*",
+        choices=["bbbc007", "dsb2018"],
+        default=None,
+        help="first train these starting models (150 steps each)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     for which in args.make_bases or []:
         make_base(which)
-    print(f"# hitl_annotator: torch {torch.__version__}, cpu, threads {args.threads}, "
-          f"{platform.machine()}, {time.strftime('%Y-%m-%d %H:%M')}, {args.seconds:g} s per run",
-          flush=True)
+    print(
+        f"# hitl_annotator: torch {torch.__version__}, cpu, threads {args.threads}, "
+        f"{platform.machine()}, {time.strftime('%Y-%m-%d %H:%M')}, {args.seconds:g} s per run",
+        flush=True,
+    )
     rows = []
     for name in args.sets:
         model, pool, test = data_set(name)
@@ -231,20 +266,35 @@ def main(argv: list[str] | None = None) -> int:
                         over["scope"] = scope
                     ds, fs, steps = [], [], []
                     for seed in range(args.n_seeds):
-                        cfg = FinetuneConfig.interactive("cpu", seconds=args.seconds, seed=seed,
-                                                         **over)
+                        cfg = FinetuneConfig.interactive(
+                            "cpu", seconds=args.seconds, seed=seed, **over
+                        )
                         res = train(pairs, model, cfg, corrected=masks)
                         d, f = score(res.bundle, test)
                         ds.append(d)
                         fs.append(f)
                         steps.append(res.steps)
-                        print(f"# {name} k={k} w={cfg.uncorrected_weight} scope={cfg.scope} "
-                              f"seed {seed}: Dice {d:.3f} F1 {f:.3f} steps {res.steps} "
-                              f"kept_previous={res.kept_previous} | {res.message}", flush=True)
+                        print(
+                            f"# {name} k={k} w={cfg.uncorrected_weight} scope={cfg.scope} "
+                            f"seed {seed}: Dice {d:.3f} F1 {f:.3f} steps {res.steps} "
+                            f"kept_previous={res.kept_previous} | {res.message}",
+                            flush=True,
+                        )
                     sd = statistics.stdev(ds) if len(ds) > 1 else 0.0
                     sf = statistics.stdev(fs) if len(fs) > 1 else 0.0
-                    rows.append((name, k, cfg.uncorrected_weight, cfg.scope, statistics.fmean(ds),
-                                 sd, statistics.fmean(fs), sf, statistics.fmean(steps)))
+                    rows.append(
+                        (
+                            name,
+                            k,
+                            cfg.uncorrected_weight,
+                            cfg.scope,
+                            statistics.fmean(ds),
+                            sd,
+                            statistics.fmean(fs),
+                            sf,
+                            statistics.fmean(steps),
+                        )
+                    )
     print()
     print("| set | k | uncorrected weight | scope | Dice | vs k=0 | F1@0.5 | vs k=0 | steps |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
@@ -253,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         b = base[r[0]]
         sd = f" +- {r[5]:.3f}" if r[5] else ""
         sf = f" +- {r[7]:.3f}" if r[7] else ""
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.3f}{sd} | {r[4] - b[4]:+.3f} | "
-              f"{r[6]:.3f}{sf} | {r[6] - b[6]:+.3f} | {r[8]:.0f} |")
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.3f}{sd} | {r[4] - b[4]:+.3f} | "
+            f"{r[6]:.3f}{sf} | {r[6] - b[6]:+.3f} | {r[8]:.0f} |"
+        )
     return 0
 
 

@@ -42,12 +42,16 @@ from benchmarks.train_default import dice
 POOL_TILE = 128
 
 
-def pool_and_test(image: np.ndarray, masks: np.ndarray) -> tuple[list[tuple[np.ndarray, np.ndarray]],
-                                                               tuple[np.ndarray, np.ndarray]]:
+def pool_and_test(
+    image: np.ndarray, masks: np.ndarray
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
     """The top half as ``POOL_TILE``-px (image, mask) tiles (row-major) and the bottom half."""
     half = image.shape[0] // 2
-    pool = [(image[y:y + POOL_TILE, x:x + POOL_TILE], masks[y:y + POOL_TILE, x:x + POOL_TILE])
-            for y in range(0, half, POOL_TILE) for x in range(0, image.shape[1], POOL_TILE)]
+    pool = [
+        (image[y : y + POOL_TILE, x : x + POOL_TILE], masks[y : y + POOL_TILE, x : x + POOL_TILE])
+        for y in range(0, half, POOL_TILE)
+        for x in range(0, image.shape[1], POOL_TILE)
+    ]
     return pool, (image[half:], masks[half:])
 
 
@@ -60,14 +64,27 @@ def train_base(seconds: float, device: str) -> object:
     from napari_s2mnet.training import FinetuneConfig, train
 
     torch.manual_seed(0)
-    start = new_model(ModelConfig(arch="s2mnet", in_channels=1, num_classes=1,
-                                  options={"bn_momentum": 0.1}), name="S2M-Net BBBC007 only")
+    start = new_model(
+        ModelConfig(arch="s2mnet", in_channels=1, num_classes=1, options={"bn_momentum": 0.1}),
+        name="S2M-Net BBBC007 only",
+    )
     pairs = [(img, lab) for _, img, lab in load_bbbc007()]
-    cfg = FinetuneConfig(seconds=seconds, lr=1e-3, batch_size=4, crop_size=224, seed=0,
-                         device=device, val_fraction=0.0, patience=None)
+    cfg = FinetuneConfig(
+        seconds=seconds,
+        lr=1e-3,
+        batch_size=4,
+        crop_size=224,
+        seed=0,
+        device=device,
+        val_fraction=0.0,
+        patience=None,
+    )
     result = train(pairs, start, cfg, names=[f"bbbc007/{n}" for n, _, _ in load_bbbc007()])
-    print(f"# base model: {result.steps} steps in {result.elapsed:.0f} s on {len(pairs)} BBBC007 "
-          "images", flush=True)
+    print(
+        f"# base model: {result.steps} steps in {result.elapsed:.0f} s on {len(pairs)} BBBC007 "
+        "images",
+        flush=True,
+    )
     return result.bundle
 
 
@@ -93,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    print(f"# HITL on DSB2018: torch {torch.__version__}, {args.device}, threads {args.threads}, "
-          f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(
+        f"# HITL on DSB2018: torch {torch.__version__}, {args.device}, threads {args.threads}, "
+        f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d %H:%M')}"
+    )
     t0 = time.perf_counter()
     base = load_model(args.base) if args.base else train_base(args.base_seconds, args.device)
     if args.save_base and not args.base:
@@ -117,13 +136,24 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [pool[i] for i in chosen]
         n_obj = sum(len(np.unique(m[m > 0])) for _, m in pairs)
         for seed in seeds:
-            ft = FinetuneConfig(seconds=args.seconds, lr=args.lr, batch_size=4, crop_size=POOL_TILE,
-                                seed=seed, device=args.device, val_fraction=0.0, patience=None)
+            ft = FinetuneConfig(
+                seconds=args.seconds,
+                lr=args.lr,
+                batch_size=4,
+                crop_size=POOL_TILE,
+                seed=seed,
+                device=args.device,
+                val_fraction=0.0,
+                patience=None,
+            )
             result = train(pairs, base, ft, names=[f"dsb2018/top-tile{i}" for i in chosen])
             d = score(result.bundle)
             runs.setdefault(k, []).append((d, result.steps))
-            print(f"# k={k} tiles {chosen} ({n_obj} objects) seed {seed}: Dice {d:.3f} "
-                  f"({result.steps} steps, {result.elapsed:.0f} s)", flush=True)
+            print(
+                f"# k={k} tiles {chosen} ({n_obj} objects) seed {seed}: Dice {d:.3f} "
+                f"({result.steps} steps, {result.elapsed:.0f} s)",
+                flush=True,
+            )
 
     print()
     print("| k corrected tiles (128^2) | held-out Dice (bottom half) | vs k = 0 | steps |")
@@ -132,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     for k, rs in runs.items():
         ds = [r[0] for r in rs]
         std = f" +- {statistics.stdev(ds):.3f}" if len(ds) > 1 else ""
-        print(f"| {k} | {statistics.fmean(ds):.3f}{std} | {statistics.fmean(ds) - zero:+.3f} | "
-              f"{statistics.fmean(r[1] for r in rs):.0f} |")
+        print(
+            f"| {k} | {statistics.fmean(ds):.3f}{std} | {statistics.fmean(ds) - zero:+.3f} | "
+            f"{statistics.fmean(r[1] for r in rs):.0f} |"
+        )
     print(f"\n# mean +- std over seeds {seeds}")
     return 0
 

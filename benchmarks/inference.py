@@ -79,8 +79,9 @@ def tiled_image(size: int) -> np.ndarray:
 # model
 
 
-def make_model(arch: str, width: str, steps: int, seed: int, path: Path,
-               tile: int) -> dict[str, Any]:
+def make_model(
+    arch: str, width: str, steps: int, seed: int, path: Path, tile: int
+) -> dict[str, Any]:
     """Train a small model briefly on DSB2018, calibrate its threshold, save it to ``path``.
 
     ``tile`` is stored as the model's inference tile (what a model trained with that crop size
@@ -121,20 +122,33 @@ def make_model(arch: str, width: str, steps: int, seed: int, path: Path,
         loss = float(out.detach())
     train_s = time.perf_counter() - start
     net.eval()
-    res = run_to_end(segment_iter(image, bundle, InferenceConfig(
-        device="cpu", return_probability=True, compute_features=False)))
+    res = run_to_end(
+        segment_iter(
+            image,
+            bundle,
+            InferenceConfig(device="cpu", return_probability=True, compute_features=False),
+        )
+    )
     fg = float((mask > 0).mean())
     threshold = float(np.clip(np.quantile(res.probability, 1 - fg), 0.01, 0.99))
     bundle.metadata["threshold"] = threshold
     save_model(bundle, path)
-    labels = run_to_end(segment_iter(image, bundle, InferenceConfig(
-        device="cpu", compute_features=False))).labels
+    labels = run_to_end(
+        segment_iter(image, bundle, InferenceConfig(device="cpu", compute_features=False))
+    ).labels
     pred = labels > 0
     dice = 2 * (pred & (mask > 0)).sum() / max(1, pred.sum() + (mask > 0).sum())
     return {
-        "arch": arch, "options": options, "params": count_parameters(net), "steps": steps,
-        "train_s": train_s, "loss": loss, "threshold": threshold, "dice": float(dice),
-        "objects": int(labels.max()), "stride": int(getattr(net, "stride", 1)),
+        "arch": arch,
+        "options": options,
+        "params": count_parameters(net),
+        "steps": steps,
+        "train_s": train_s,
+        "loss": loss,
+        "threshold": threshold,
+        "dice": float(dice),
+        "objects": int(labels.max()),
+        "stride": int(getattr(net, "stride", 1)),
     }
 
 
@@ -172,14 +186,16 @@ def warm_compiled(bundle: Any, cfg: Any, size: int, backend: str) -> None:
     tile = -(-int(cfg.tile_size or bundle.tile_size) // stride) * stride
     g = grid((size, size), tile, float(cfg.overlap), stride)
     net = bundle.model.eval()
-    runner = get_runner(net, model_hash(net), backend, (g.tile_y, g.tile_x),
-                        torch.get_num_threads())
+    runner = get_runner(
+        net, model_hash(net), backend, (g.tile_y, g.tile_x), torch.get_num_threads()
+    )
     for b in range(1, int(cfg.batch_size) + 1):
         runner(np.zeros((b, int(net.in_channels), g.tile_y, g.tile_x), np.float32))
 
 
-def worker(size: int, model: Path, reps: int = 1, backend: str = "auto",
-           compare: bool = False) -> dict[str, Any]:
+def worker(
+    size: int, model: Path, reps: int = 1, backend: str = "auto", compare: bool = False
+) -> dict[str, Any]:
     """Segment a ``size^2`` uint16 image; what the parent prints (runs in a subprocess).
 
     ``backend``: ``InferenceConfig.backend`` of the timed runs; ``compare``: also time
@@ -223,27 +239,50 @@ def worker(size: int, model: Path, reps: int = 1, backend: str = "auto",
             eager_cpu = min(eager_cpu, time.process_time() - cpu0)
     raw = (raw_before + raw_cpu_seconds_per_tile(bundle.model, tile)) / 2
     return {
-        "tile": tile, "raw_cpu_per_tile": raw, "cpu_s": cpu, "backend": res.backend,
-        "eager_wall_s": eager_wall, "eager_cpu_s": eager_cpu,
-        "size": size, "wall_s": wall, "timings": res.timings, "tiles": res.n_tiles,
-        "objects": len(res.features), "labels_dtype": str(res.labels.dtype),
-        "peak_rss_gb": peak, "base_rss_gb": base, "image_gb": image.nbytes / 1024**3,
+        "tile": tile,
+        "raw_cpu_per_tile": raw,
+        "cpu_s": cpu,
+        "backend": res.backend,
+        "eager_wall_s": eager_wall,
+        "eager_cpu_s": eager_cpu,
+        "size": size,
+        "wall_s": wall,
+        "timings": res.timings,
+        "tiles": res.n_tiles,
+        "objects": len(res.features),
+        "labels_dtype": str(res.labels.dtype),
+        "peak_rss_gb": peak,
+        "base_rss_gb": base,
+        "image_gb": image.nbytes / 1024**3,
         "device": res.device,
     }
 
 
-def run_size(size: int, model: Path, timeout: float, reps: int, backend: str = "auto",
-             compare: bool = False) -> dict[str, Any]:
+def run_size(
+    size: int, model: Path, timeout: float, reps: int, backend: str = "auto", compare: bool = False
+) -> dict[str, Any]:
     """One size in a fresh process (under ``/usr/bin/time -v`` when present, for its peak RSS)."""
-    cmd = [sys.executable, "-m", "benchmarks.inference", "--worker", str(size),
-           "--model", str(model), "--reps", str(reps), "--backend", backend]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.inference",
+        "--worker",
+        str(size),
+        "--model",
+        str(model),
+        "--reps",
+        str(reps),
+        "--backend",
+        backend,
+    ]
     if not compare:
         cmd.append("--no-compare")
     gnu_time = Path("/usr/bin/time")
     if gnu_time.is_file():
         cmd = [str(gnu_time), "-v", *cmd]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                         check=False)
+    out = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+    )
     if out.returncode != 0:
         raise RuntimeError(f"size {size} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -267,24 +306,46 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, no 8192^2 check")
     p.add_argument("--arch", default="s2mnet", help="architecture (s2mnet, unet, dssau)")
-    p.add_argument("--width", choices=["small", "full"], default="small",
-                   help="small network (default, CPU friendly) or the architecture's defaults")
-    p.add_argument("--bundled", action="store_true",
-                   help="segment with the bundled default model (no training; --arch/--width "
-                        "are ignored)")
+    p.add_argument(
+        "--width",
+        choices=["small", "full"],
+        default="small",
+        help="small network (default, CPU friendly) or the architecture's defaults",
+    )
+    p.add_argument(
+        "--bundled",
+        action="store_true",
+        help="segment with the bundled default model (no training; --arch/--width are ignored)",
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides to time")
     p.add_argument("--big", type=int, default=8192, help="side of the peak-RSS check (0: skip)")
     p.add_argument("--train-steps", type=int, default=None, help="brief training steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tile", type=int, default=224,
-                   help="the model's tile size (default 224: the bundled model's training crop)")
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=224,
+        help="the model's tile size (default 224: the bundled model's training crop)",
+    )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per size")
-    p.add_argument("--reps", type=int, default=2,
-                   help="repetitions per timed size (the fastest counts; the big check runs once)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino",
-                   "onnxruntime"], help="InferenceConfig.backend of the timed runs (default auto)")
-    p.add_argument("--no-compare", dest="compare", action="store_false",
-                   help="do not also time backend='torch' (eager) at each timed size")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=2,
+        help="repetitions per timed size (the fastest counts; the big check runs once)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "openvino", "onnxruntime"],
+        help="InferenceConfig.backend of the timed runs (default auto)",
+    )
+    p.add_argument(
+        "--no-compare",
+        dest="compare",
+        action="store_false",
+        help="do not also time backend='torch' (eager) at each timed size",
+    )
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -307,10 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     big = 0 if args.quick else args.big
     steps = args.train_steps if args.train_steps is not None else (40 if args.quick else 150)
     machine = platform.processor() or platform.machine()
-    print(f"# inference scaling  {time.strftime('%Y-%m-%d %H:%M')}  {machine}  "
-          f"cores {os.cpu_count()}  load {os.getloadavg()[0]:.1f}"
-          f"  torch {torch.__version__}  threads {torch.get_num_threads()}"
-          f"  OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(
+        f"# inference scaling  {time.strftime('%Y-%m-%d %H:%M')}  {machine}  "
+        f"cores {os.cpu_count()}  load {os.getloadavg()[0]:.1f}"
+        f"  torch {torch.__version__}  threads {torch.get_num_threads()}"
+        f"  OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         if args.bundled:
             from napari_s2mnet.checkpoint import default_model_path, load_model
@@ -318,78 +381,111 @@ def main(argv: list[str] | None = None) -> int:
 
             model = default_model_path()
             bundle = load_model(model)
-            print(f"model: the bundled default ({model.name}), "
-                  f"{count_parameters(bundle.model):,} params, tile {bundle.tile_size}")
+            print(
+                f"model: the bundled default ({model.name}), "
+                f"{count_parameters(bundle.model):,} params, tile {bundle.tile_size}"
+            )
         else:
             model = Path(tmp) / "bench.safetensors"
             info = make_model(args.arch, args.width, steps, args.seed, model, args.tile)
-            print(f"model: {info['arch']} {info['options'] or '(default options)'}  "
-                  f"{info['params']:,} params  stride {info['stride']}  trained {info['steps']} "
-                  f"steps ({info['train_s']:.0f} s, loss {info['loss']:.3f})  threshold "
-                  f"{info['threshold']:.3f}  DSB2018 Dice {info['dice']:.2f}, "
-                  f"{info['objects']} objects")
-        print(f"inference: InferenceConfig defaults (tile {args.tile} = the model's own, overlap "
-              f"{InferenceConfig().overlap}, batch {InferenceConfig().batch_size}), backend "
-              f"{args.backend!r} -> {ran}" + (", compared with eager 'torch' in the same process"
-                                             if compare else ""))
+            print(
+                f"model: {info['arch']} {info['options'] or '(default options)'}  "
+                f"{info['params']:,} params  stride {info['stride']}  trained {info['steps']} "
+                f"steps ({info['train_s']:.0f} s, loss {info['loss']:.3f})  threshold "
+                f"{info['threshold']:.3f}  DSB2018 Dice {info['dice']:.2f}, "
+                f"{info['objects']} objects"
+            )
+        print(
+            f"inference: InferenceConfig defaults (tile {args.tile} = the model's own, overlap "
+            f"{InferenceConfig().overlap}, batch {InferenceConfig().batch_size}), backend "
+            f"{args.backend!r} -> {ran}"
+            + (", compared with eager 'torch' in the same process" if compare else "")
+        )
         if ran != "torch":
-            print("(compiled graphs exported and compiled before the timing: the one-time cost "
-                  "of a new model or tile shape is excluded)")
-        print("times: wall seconds per stage; 'cpu s' = CPU seconds of the whole run (all threads;"
-              " robust to\n  other load). Baseline: the raw network on a batch of 4 tiles in the "
-              "same process\n  ('raw cpu/t' = its CPU s per tile); 'vs raw' = raw CPU time of the "
-              "tiles / CPU time of the run\n")
-        header = (f"{'size':>6} {'Mpx':>6} {'tile':>4} {'tiles':>5} {'tiles/s':>7} {'wall s':>7} "
-                  f"{'predict':>8} "
-                  f"{'post':>6} {'feat':>6} {'cpu s':>7} {'cpu/Mpx':>7} {'raw cpu/t':>9} "
-                  f"{'vs raw':>6} {'objects':>7} {'peak RSS':>9} {'growth':>7}"
-                  + (f" {'eager cpu s':>11} {'cpu ratio':>9} {'wall ratio':>10}" if compare
-                     else ""))
+            print(
+                "(compiled graphs exported and compiled before the timing: the one-time cost "
+                "of a new model or tile shape is excluded)"
+            )
+        print(
+            "times: wall seconds per stage; 'cpu s' = CPU seconds of the whole run (all threads;"
+            " robust to\n  other load). Baseline: the raw network on a batch of 4 tiles in the "
+            "same process\n  ('raw cpu/t' = its CPU s per tile); 'vs raw' = raw CPU time of the "
+            "tiles / CPU time of the run\n"
+        )
+        header = (
+            f"{'size':>6} {'Mpx':>6} {'tile':>4} {'tiles':>5} {'tiles/s':>7} {'wall s':>7} "
+            f"{'predict':>8} "
+            f"{'post':>6} {'feat':>6} {'cpu s':>7} {'cpu/Mpx':>7} {'raw cpu/t':>9} "
+            f"{'vs raw':>6} {'objects':>7} {'peak RSS':>9} {'growth':>7}"
+            + (f" {'eager cpu s':>11} {'cpu ratio':>9} {'wall ratio':>10}" if compare else "")
+        )
         print(header)
         print("-" * len(header))
         rows = []
         for size in [*sizes, *([big] if big else [])]:
             timed_size = size in sizes
-            r = run_size(size, model, args.timeout, args.reps if timed_size else 1,
-                         args.backend, compare and timed_size)
+            r = run_size(
+                size,
+                model,
+                args.timeout,
+                args.reps if timed_size else 1,
+                args.backend,
+                compare and timed_size,
+            )
             rows.append(r)
             t = r["timings"]
             mpx = size * size / 1e6
             vs_raw = r["tiles"] * r["raw_cpu_per_tile"] / r["cpu_s"]
             tps = r["tiles"] / max(t["predict"], 1e-9)  # tiles through the network per second
-            print(f"{size:>6} {mpx:>6.2f} {r['tile']:>4} {r['tiles']:>5} {tps:>7.1f} "
-                  f"{r['wall_s']:>7.2f} "
-                  f"{t['predict']:>8.2f} {t['postprocess']:>6.2f} {t['features']:>6.2f} "
-                  f"{r['cpu_s']:>7.2f} {r['cpu_s'] / mpx:>7.2f} {r['raw_cpu_per_tile']:>9.3f} "
-                  f"{vs_raw:>6.2f} {r['objects']:>7} {r['peak_rss_gb']:>7.2f}GB "
-                  f"{r['peak_rss_gb'] - r['base_rss_gb']:>5.2f}GB"
-                  + (f" {r['eager_cpu_s']:>11.2f} {r['cpu_s'] / r['eager_cpu_s']:>9.2f} "
-                     f"{r['wall_s'] / r['eager_wall_s']:>10.2f}"
-                     if compare and timed_size else ""), flush=True)
+            print(
+                f"{size:>6} {mpx:>6.2f} {r['tile']:>4} {r['tiles']:>5} {tps:>7.1f} "
+                f"{r['wall_s']:>7.2f} "
+                f"{t['predict']:>8.2f} {t['postprocess']:>6.2f} {t['features']:>6.2f} "
+                f"{r['cpu_s']:>7.2f} {r['cpu_s'] / mpx:>7.2f} {r['raw_cpu_per_tile']:>9.3f} "
+                f"{vs_raw:>6.2f} {r['objects']:>7} {r['peak_rss_gb']:>7.2f}GB "
+                f"{r['peak_rss_gb'] - r['base_rss_gb']:>5.2f}GB"
+                + (
+                    f" {r['eager_cpu_s']:>11.2f} {r['cpu_s'] / r['eager_cpu_s']:>9.2f} "
+                    f"{r['wall_s'] / r['eager_wall_s']:>10.2f}"
+                    if compare and timed_size
+                    else ""
+                ),
+                flush=True,
+            )
         timed = [r for r in rows if r["size"] in sizes]
         print()
         if len(timed) >= 2:
             slope = fit_slope(timed)
             cpu = fit_slope(timed, "cpu_s")
             span = f"{timed[0]['size']}^2..{timed[-1]['size']}^2"
-            print(f"log-log slope of time vs pixels ({span}): {cpu:.3f} CPU time, {slope:.3f} wall "
-                  f"clock (goal <= 1.1: {'OK' if cpu <= 1.1 else 'ABOVE GOAL'})")
-            tiles = np.polyfit(np.log([r["size"] ** 2 for r in timed]),
-                               np.log([r["tiles"] for r in timed]), 1)[0]
-            print(f"(the tile count alone grows with slope {tiles:.3f}: overlapping tiles on "
-                  "small images)")
+            print(
+                f"log-log slope of time vs pixels ({span}): {cpu:.3f} CPU time, {slope:.3f} wall "
+                f"clock (goal <= 1.1: {'OK' if cpu <= 1.1 else 'ABOVE GOAL'})"
+            )
+            tiles = np.polyfit(
+                np.log([r["size"] ** 2 for r in timed]), np.log([r["tiles"] for r in timed]), 1
+            )[0]
+            print(
+                f"(the tile count alone grows with slope {tiles:.3f}: overlapping tiles on "
+                "small images)"
+            )
             if len(timed) >= 3:
-                print(f"largest three sizes (tiled regime): {fit_slope(timed[-3:], 'cpu_s'):.3f} CPU time, "
-                      f"{fit_slope(timed[-3:]):.3f} wall clock")
+                print(
+                    f"largest three sizes (tiled regime): {fit_slope(timed[-3:], 'cpu_s'):.3f} CPU time, "
+                    f"{fit_slope(timed[-3:]):.3f} wall clock"
+                )
         if big:
             r = rows[-1]
             ok = r["peak_rss_gb"] <= RSS_LIMIT_GB
             tv = r.get("time_v_rss_gb")
-            print(f"{big}^2 uint16 ({r['image_gb']:.2f} GB image), backend {r['backend']}: peak "
-                  f"RSS {r['peak_rss_gb']:.2f} GB"
-                  + (f" (/usr/bin/time -v: {tv:.2f} GB)" if tv is not None else "") + " "
-                  f"(limit {RSS_LIMIT_GB:.0f} GB: {'PASS' if ok else 'FAIL'}), "
-                  f"{r['objects']} objects, labels {r['labels_dtype']}, {r['wall_s']:.0f} s")
+            print(
+                f"{big}^2 uint16 ({r['image_gb']:.2f} GB image), backend {r['backend']}: peak "
+                f"RSS {r['peak_rss_gb']:.2f} GB"
+                + (f" (/usr/bin/time -v: {tv:.2f} GB)" if tv is not None else "")
+                + " "
+                f"(limit {RSS_LIMIT_GB:.0f} GB: {'PASS' if ok else 'FAIL'}), "
+                f"{r['objects']} objects, labels {r['labels_dtype']}, {r['wall_s']:.0f} s"
+            )
             return 0 if ok else 1
     return 0
 

@@ -56,15 +56,21 @@ def datasets() -> dict[str, Any]:
     for name, img, lab in load_bbbc007()[N_BBBC_TRAIN:]:
         two_d[f"bbbc007/{name} (pseudo GT)"] = (img, lab)
     img3, lab3 = load_nuclei3d()
-    return {"2d": two_d, "3d": (img3, lab3), "train_2d": {f"dsb2018/q{i}": quads[i]
-                                                           for i in range(3)}}
+    return {
+        "2d": two_d,
+        "3d": (img3, lab3),
+        "train_2d": {f"dsb2018/q{i}": quads[i] for i in range(3)},
+    }
 
 
 def baseline_file(tmp: Path) -> Path:
     """The pre-issue-15 bundled model, extracted from git."""
     out = tmp / "baseline.safetensors"
-    data = subprocess.run(["git", "-C", str(REPO), "show", f"{BASELINE_REV}:{BASELINE_PATH}"],
-                          check=True, capture_output=True).stdout
+    data = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{BASELINE_REV}:{BASELINE_PATH}"],
+        check=True,
+        capture_output=True,
+    ).stdout
     out.write_bytes(data)
     return out
 
@@ -82,12 +88,15 @@ def predict_maps(image: np.ndarray, bundle: Any, **layout_kw: Any) -> np.ndarray
     engine = Engine(bundle, cfg, [])
     try:
         tiles = engine.grid(plan.spatial).n_tiles
-        counter = Counter(total=plan.n_slices * (tiles + 1), tiles_per_slice=tiles,
-                          n_slices=plan.n_slices)
+        counter = Counter(
+            total=plan.n_slices * (tiles + 1), tiles_per_slice=tiles, n_slices=plan.n_slices
+        )
         timings = {"prepare": 0.0, "predict": 0.0}
-        planes = [item.acc for item in run_mod._predictions(plan, bundle, cfg, engine, counter,
-                                                             timings)
-                  if not hasattr(item, "stage")]
+        planes = [
+            item.acc
+            for item in run_mod._predictions(plan, bundle, cfg, engine, counter, timings)
+            if not hasattr(item, "stage")
+        ]
     finally:
         engine.close()
     return planes[0] if not plan.lead else np.stack(planes, axis=1)
@@ -95,8 +104,15 @@ def predict_maps(image: np.ndarray, bundle: Any, **layout_kw: Any) -> np.ndarray
 
 def _row(method: str, data: str, pred: np.ndarray, gt: np.ndarray, **extra: Any) -> dict:
     s = match_scores(pred, gt)
-    return {"method": method, "data": data, "n_pred": s["n_pred"], "n_gt": s["n_gt"],
-            "f1": s["f1@0.5"], "map": s["mAP"], **extra}
+    return {
+        "method": method,
+        "data": data,
+        "n_pred": s["n_pred"],
+        "n_gt": s["n_gt"],
+        "f1": s["f1@0.5"],
+        "map": s["mAP"],
+        **extra,
+    }
 
 
 def _per_plane(method: str, pred: np.ndarray, gt: np.ndarray) -> dict:
@@ -109,8 +125,14 @@ def _per_plane(method: str, pred: np.ndarray, gt: np.ndarray) -> dict:
         f1.append(s["f1@0.5"])
         mp.append(s["mAP"])
         n_p, n_g = n_p + s["n_pred"], n_g + s["n_gt"]
-    return {"method": method, "data": "nuclei3d, per plane (2-D)", "n_pred": n_p, "n_gt": n_g,
-            "f1": float(np.mean(f1)), "map": float(np.mean(mp))}
+    return {
+        "method": method,
+        "data": "nuclei3d, per plane (2-D)",
+        "n_pred": n_p,
+        "n_gt": n_g,
+        "f1": float(np.mean(f1)),
+        "map": float(np.mean(mp)),
+    }
 
 
 def s2mnet_rows(model: Path, baseline: Path, spacing3d: tuple[float, ...]) -> list[dict]:
@@ -133,8 +155,9 @@ def s2mnet_rows(model: Path, baseline: Path, spacing3d: tuple[float, ...]) -> li
             for name, (img, gt) in data["2d"].items():
                 t0 = time.perf_counter()
                 lab, _ = segment(img, bundle, cfg)
-                rows.append(_row(f"{tag}, {vname}", name, lab, gt,
-                                 seconds=time.perf_counter() - t0))
+                rows.append(
+                    _row(f"{tag}, {vname}", name, lab, gt, seconds=time.perf_counter() - t0)
+                )
             for k3 in ("off", "stitch", "watershed"):
                 cfg3 = InferenceConfig(device="cpu", compute_features=False, labels_3d=k3, **kw)
                 t0 = time.perf_counter()
@@ -152,16 +175,28 @@ def s2mnet_rows(model: Path, baseline: Path, spacing3d: tuple[float, ...]) -> li
                         lab, _ = head_instances(maps, threshold=bundle.threshold, mode=mode)
                         rows.append(_row(f"{tag}, interior={mode}", name, lab, gt))
                 maps3 = predict_maps(img3, bundle)
-                planes = np.stack([head_instances(maps3[:, z], threshold=bundle.threshold,
-                                                  mode=mode)[0]
-                                   for z in range(maps3.shape[1])])
-                rows.append(_row(f"{tag}, interior={mode}, stitch", "nuclei3d (3-D)",
-                                 stitch_planes(planes), gt3))
-                lab3, _ = head_instances(maps3, threshold=bundle.threshold, mode=mode,
-                                         spacing=spacing3d)
-                rows.append(_row(f"{tag}, interior={mode}, 3-D seeded watershed",
-                                 "nuclei3d (3-D)",
-                                 lab3, gt3))
+                planes = np.stack(
+                    [
+                        head_instances(maps3[:, z], threshold=bundle.threshold, mode=mode)[0]
+                        for z in range(maps3.shape[1])
+                    ]
+                )
+                rows.append(
+                    _row(
+                        f"{tag}, interior={mode}, stitch",
+                        "nuclei3d (3-D)",
+                        stitch_planes(planes),
+                        gt3,
+                    )
+                )
+                lab3, _ = head_instances(
+                    maps3, threshold=bundle.threshold, mode=mode, spacing=spacing3d
+                )
+                rows.append(
+                    _row(
+                        f"{tag}, interior={mode}, 3-D seeded watershed", "nuclei3d (3-D)", lab3, gt3
+                    )
+                )
     return rows
 
 
@@ -184,8 +219,14 @@ def cellpose_rows(seconds: float, seed: int = 0) -> list[dict]:
     torch.manual_seed(seed)
     np.random.seed(seed)  # noqa: NPY002 - Cellpose's augmentation uses numpy's global state
     model = models.CellposeModel(gpu=False, pretrained_model=False, model_type=None)
-    kw = {"train_data": imgs, "train_labels": labs, "channels": [0, 0], "batch_size": 4,
-          "nimg_per_epoch": 4, "min_train_masks": 1}
+    kw = {
+        "train_data": imgs,
+        "train_labels": labs,
+        "channels": [0, 0],
+        "batch_size": 4,
+        "nimg_per_epoch": 4,
+        "min_train_masks": 1,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         timings = {}
         for n in (2, 6):  # seconds per epoch, as in benchmarks/accuracy.py
@@ -206,8 +247,9 @@ def cellpose_rows(seconds: float, seed: int = 0) -> list[dict]:
         masks = model.eval(np.asarray(img, dtype=np.float32), channels=[0, 0], diameter=None)[0]
         rows.append(_row(tag, name, masks, gt))
     img3, gt3 = data["3d"]
-    planes = np.stack([model.eval(p.astype(np.float32), channels=[0, 0], diameter=None)[0]
-                       for p in img3])
+    planes = np.stack(
+        [model.eval(p.astype(np.float32), channels=[0, 0], diameter=None)[0] for p in img3]
+    )
     stitched = stitch_planes(planes, 0.25)
     rows.append(_row(f"{tag}, stitch 0.25", "nuclei3d (3-D)", stitched, gt3))
     rows.append(_per_plane(f"{tag}, stitch 0.25", stitched, gt3))
@@ -219,11 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=REPO / BASELINE_PATH,
-                   help="model with the instance head")
-    p.add_argument("--baseline", type=Path, default=None,
-                   help=f"binary model without the head (default: {BASELINE_PATH} at "
-                        f"{BASELINE_REV})")
+    p.add_argument(
+        "--model", type=Path, default=REPO / BASELINE_PATH, help="model with the instance head"
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help=f"binary model without the head (default: {BASELINE_PATH} at {BASELINE_REV})",
+    )
     p.add_argument("--spacing-3d", type=float, nargs=3, default=(2.0, 1.0, 1.0))
     p.add_argument("--cellpose", action="store_true", help="add Cellpose 3 from scratch")
     p.add_argument("--no-s2mnet", action="store_true", help="only the Cellpose rows")
@@ -231,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"# {time.strftime('%Y-%m-%d')}, {platform.machine()}, torch {torch.__version__}, "
-          f"threads {args.threads}")
+    print(
+        f"# {time.strftime('%Y-%m-%d')}, {platform.machine()}, torch {torch.__version__}, "
+        f"threads {args.threads}"
+    )
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_s2mnet:
@@ -243,8 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     print("| method | data | objects (GT) | F1@0.5 | mAP 0.5:0.95 |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['data']} | {r['n_pred']} ({r['n_gt']}) | {r['f1']:.3f} | "
-              f"{r['map']:.3f} |", flush=True)
+        print(
+            f"| {r['method']} | {r['data']} | {r['n_pred']} ({r['n_gt']}) | {r['f1']:.3f} | "
+            f"{r['map']:.3f} |",
+            flush=True,
+        )
     return 0
 
 

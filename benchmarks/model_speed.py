@@ -92,8 +92,9 @@ def compiled_fn(model: nn.Module, x: torch.Tensor, backend: str) -> Callable[[],
 
     os.environ.setdefault(CACHE_ENV, tempfile.mkdtemp(prefix="s2m-speed-"))
     model.eval()
-    runner = get_runner(model, model_hash(model), backend, tuple(x.shape[-2:]),
-                        torch.get_num_threads())
+    runner = get_runner(
+        model, model_hash(model), backend, tuple(x.shape[-2:]), torch.get_num_threads()
+    )
     xn = x.cpu().numpy()
     runner(xn)  # compile for this batch size outside the timing
     return lambda: runner(xn)
@@ -168,7 +169,12 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def bench_main(
-    archs: list[str], device: torch.device, size: int, reps: int, warmup: int, train_batch: int,
+    archs: list[str],
+    device: torch.device,
+    size: int,
+    reps: int,
+    warmup: int,
+    train_batch: int,
     backend: str | None = None,
 ) -> None:
     """Forward and train-step time of every architecture at ``size^2``."""
@@ -202,8 +208,17 @@ def bench_main(
     )
     if comp:
         m = models["s2mnet"]
-        rows.append([comp, f"{count_parameters(m) / 1e6:.3f}M", f"{macs['s2mnet']:.2f}",
-                     f"{fwd[comp] * 1e3:.1f}", f"{fwd[comp] / fwd[BASELINE]:.2f}", "-", "-"])
+        rows.append(
+            [
+                comp,
+                f"{count_parameters(m) / 1e6:.3f}M",
+                f"{macs['s2mnet']:.2f}",
+                f"{fwd[comp] * 1e3:.1f}",
+                f"{fwd[comp] / fwd[BASELINE]:.2f}",
+                "-",
+                "-",
+            ]
+        )
     header = ["model", "params", "GMAC", "fwd ms", f"fwd / {BASELINE}", "train ms"]
     header.append(f"train / {BASELINE}")
     print(table(header, rows))
@@ -212,7 +227,11 @@ def bench_main(
 
 
 def bench_sizes(
-    archs: list[str], device: torch.device, sizes: list[int], reps: int, warmup: int,
+    archs: list[str],
+    device: torch.device,
+    sizes: list[int],
+    reps: int,
+    warmup: int,
     backend: str | None = None,
 ) -> None:
     """Forward time against input size, with the fitted log-log slope."""
@@ -247,8 +266,10 @@ def bench_sizes(
     print(table(header, rows))
     if comp:
         ratios = [results[comp][i] / results["s2mnet"][i] for i in range(len(sizes))]
-        print(f"{comp} / s2mnet eager: " + ", ".join(
-            f"{s}^2 {r:.2f}" for s, r in zip(sizes, ratios, strict=True)))
+        print(
+            f"{comp} / s2mnet eager: "
+            + ", ".join(f"{s}^2 {r:.2f}" for s, r in zip(sizes, ratios, strict=True))
+        )
     paper = loglog_slope(list(PAPER_SCALING_MS), list(PAPER_SCALING_MS.values()))
     print(
         f"slope = d log(time) / d log(pixels); paper's S2M-Net GPU numbers "
@@ -352,9 +373,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--archs", default="s2mnet,unet", help="comma-separated; unet is the baseline")
     p.add_argument("--profile", action="store_true", help="per-block breakdown of S2M-Net")
     p.add_argument("--size", type=int, default=352)
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino",
-                   "onnxruntime"], help="compiled runtime timed next to eager S2M-Net (CPU; "
-                   "auto: what inference picks; torch: none)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "openvino", "onnxruntime"],
+        help="compiled runtime timed next to eager S2M-Net (CPU; "
+        "auto: what inference picks; torch: none)",
+    )
     p.add_argument(
         "--clock",
         choices=["wall", "thread"],
@@ -394,8 +419,9 @@ def main(argv: list[str] | None = None) -> None:
         f"load {os.getloadavg()[0]:.1f}"
     )
     t0 = time.perf_counter()
-    bench_main(archs, device, args.size, reps, warmup, train_batch=2 if not gpu else 8,
-               backend=backend)
+    bench_main(
+        archs, device, args.size, reps, warmup, train_batch=2 if not gpu else 8, backend=backend
+    )
     bench_sizes(archs, device, sizes, reps, warmup, backend=backend)
     if gpu:
         batches = [1, 2, 4, 8] if args.quick else [1, 2, 4, 8, 16, 32]

@@ -56,8 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     image, labels = image[: args.size, : args.size], labels[: args.size, : args.size]
     bundle = load_default_model()
     seg_cfg = InferenceConfig(device="cpu")
-    ft_cfg = FinetuneConfig(epochs=1, steps_per_epoch=args.steps, batch_size=2,
-                            crop_size=min(128, args.size), val_fraction=0.0, device="cpu")
+    ft_cfg = FinetuneConfig(
+        epochs=1,
+        steps_per_epoch=args.steps,
+        batch_size=2,
+        crop_size=min(128, args.size),
+        val_fraction=0.0,
+        device="cpu",
+    )
 
     def one_segment() -> int:
         lab, _ = segment(image, bundle, seg_cfg)
@@ -106,11 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("end", *_probe()))
     wall = time.perf_counter() - t0
 
-    print(f"# soak: {args.segments} segment calls ({args.size}^2 crop of the DSB2018 sample, "
-          f"{n_objects} objects) + {done_ft} fine-tunes of {args.steps} steps, one process")
-    print(f"# {platform.platform()}, {torch.get_num_threads()} torch threads, torch "
-          f"{torch.__version__}; wall {wall:.0f} s (segment {t_seg / max(1, args.segments):.2f} s "
-          f"per call, fine-tune {t_ft / max(1, done_ft):.2f} s per run)")
+    print(
+        f"# soak: {args.segments} segment calls ({args.size}^2 crop of the DSB2018 sample, "
+        f"{n_objects} objects) + {done_ft} fine-tunes of {args.steps} steps, one process"
+    )
+    print(
+        f"# {platform.platform()}, {torch.get_num_threads()} torch threads, torch "
+        f"{torch.__version__}; wall {wall:.0f} s (segment {t_seg / max(1, args.segments):.2f} s "
+        f"per call, fine-tune {t_ft / max(1, done_ft):.2f} s per run)"
+    )
     print()
     print("| point | RSS MiB | vs baseline | OS threads | Python threads |")
     print("|---|---:|---:|---:|---:|")
@@ -121,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         slope = float(np.polyfit(xs, ys, 1)[0]) if np.ptp(xs) > 0 else 0.0
         print(f"\nRSS slope over the second half: {slope * 1024:.1f} KiB per segment call")
     end_rss, end_threads = rows[-1][1], rows[-1][2]
-    print(f"RSS end / baseline: {end_rss / base_rss:.3f}; threads end - baseline: "
-          f"{end_threads - base_threads:+d}")
+    print(
+        f"RSS end / baseline: {end_rss / base_rss:.3f}; threads end - baseline: "
+        f"{end_threads - base_threads:+d}"
+    )
     return 0
 
 

@@ -97,12 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     # No validation split: every applied step is then the run's result, so stop_now has a model
     # to hand out from the first step on (with validation it returns None until the first
     # validated improvement, and the previous model stays: also immediate).
-    cfg = FinetuneConfig(seconds=600, crop_size=args.crop_size, batch_size=args.batch_size,
-                         device="cpu", seed=args.seed, val_fraction=0.0)
+    cfg = FinetuneConfig(
+        seconds=600,
+        crop_size=args.crop_size,
+        batch_size=args.batch_size,
+        device="cpu",
+        seed=args.seed,
+        val_fraction=0.0,
+    )
     rng = np.random.default_rng(args.seed)
-    print(f"# stop latency: torch {torch.__version__}, cpu, threads {args.threads}, "
-          f"{platform.processor() or platform.machine()}; bundled S2M-Net, batch "
-          f"{args.batch_size} x {args.crop_size}^2, {args.runs} runs")
+    print(
+        f"# stop latency: torch {torch.__version__}, cpu, threads {args.threads}, "
+        f"{platform.processor() or platform.machine()}; bundled S2M-Net, batch "
+        f"{args.batch_size} x {args.crop_size}^2, {args.runs} runs"
+    )
     steps = step_seconds([(image, labels)], bundle, cfg, args.baseline_steps)
     step = statistics.median(steps)
     print(f"# baseline: {len(steps)} uninterrupted steps, median {step:.3f} s", flush=True)
@@ -113,15 +121,22 @@ def main(argv: list[str] | None = None) -> int:
         now.append(t_now)
         returned.append(t_ret)
         what = "best state so far" if got else "None: previous model kept"
-        print(f"# run {run}: stop {delay:.2f} s after the start -> stop_now {t_now:.3f} s "
-              f"({what}), worker returned after {t_ret:.3f} s ({done} steps done)", flush=True)
+        print(
+            f"# run {run}: stop {delay:.2f} s after the start -> stop_now {t_now:.3f} s "
+            f"({what}), worker returned after {t_ret:.3f} s ({done} steps done)",
+            flush=True,
+        )
     print()
     print("| measure | median s | max s | / median step |")
     print("|---|---:|---:|---:|")
-    print(f"| Stop (stop_now) -> usable model | {statistics.median(now):.3f} | {max(now):.3f} | "
-          f"{statistics.median(now) / step:.3f} |")
-    print(f"| Stop -> worker returned | {statistics.median(returned):.3f} | {max(returned):.3f} | "
-          f"{statistics.median(returned) / step:.2f} |")
+    print(
+        f"| Stop (stop_now) -> usable model | {statistics.median(now):.3f} | {max(now):.3f} | "
+        f"{statistics.median(now) / step:.3f} |"
+    )
+    print(
+        f"| Stop -> worker returned | {statistics.median(returned):.3f} | {max(returned):.3f} | "
+        f"{statistics.median(returned) / step:.2f} |"
+    )
     print(f"| one training step (baseline) | {step:.3f} | {max(steps):.3f} | 1.00 |")
     return 0
 

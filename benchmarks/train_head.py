@@ -49,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crops", type=int, default=128, help="augmented training crops to cache")
     ap.add_argument("--crop-size", type=int, default=224)
     ap.add_argument("--epochs", type=int, default=30, help="passes of the head over the cache")
-    ap.add_argument("--window", type=int, default=112,
-                    help="the head trains on random windows of this many output pixels")
+    ap.add_argument(
+        "--window",
+        type=int,
+        default=112,
+        help="the head trains on random windows of this many output pixels",
+    )
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -63,8 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     data = splits()
     pairs = [(i, lab) for i, lab, _ in data["train"]]
     names = [n for *_, n in data["train"]]
-    config = ModelConfig(arch="s2mnet", in_channels=1, num_classes=1,
-                         options={"bn_momentum": 0.1}, instance_head=True)
+    config = ModelConfig(
+        arch="s2mnet",
+        in_channels=1,
+        num_classes=1,
+        options={"bn_momentum": 0.1},
+        instance_head=True,
+    )
     bundle = new_model(config, name="S2M-Net nuclei (default)")
     warm_start(bundle, args.init_from)
     old = load_model(args.init_from)
@@ -72,8 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     bundle.normalization = old.normalization
     bundle.metadata = dict(old.metadata)
     net = bundle.model.eval()
-    cfg = FinetuneConfig(seconds=1.0, batch_size=args.batch_size, crop_size=args.crop_size,
-                         seed=args.seed, val_fraction=0.0, patience=None, loss="masl")
+    cfg = FinetuneConfig(
+        seconds=1.0,
+        batch_size=args.batch_size,
+        crop_size=args.crop_size,
+        seed=args.seed,
+        val_fraction=0.0,
+        patience=None,
+        loss="masl",
+    )
     sampler = _Sampler(_prepare_data(pairs, bundle, cfg, names, None), cfg)
 
     # 1. Cache the head's input (last BFD output) for every crop, and the crop's targets.
@@ -88,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             feats.append(grabbed.pop().to(torch.float16))
             targets.append(torch.from_numpy(instance_target_batch(y)))
             if k % 40 == 0:
-                print(f"cached {k + x.shape[0]}/{args.crops} crops "
-                      f"{time.perf_counter() - t_start:.0f}s", flush=True)
+                print(
+                    f"cached {k + x.shape[0]}/{args.crops} crops "
+                    f"{time.perf_counter() - t_start:.0f}s",
+                    flush=True,
+                )
     hook.remove()
     f_all, t_all = torch.cat(feats), torch.cat(targets)
     t_cache = time.perf_counter() - t_start
@@ -107,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.Adam(params, lr=args.lr)
     n = f_all.shape[0]
     steps = args.epochs * (n // args.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps,
-                                                pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=args.lr, total_steps=steps, pct_start=0.1
+    )
     g = torch.Generator().manual_seed(args.seed)
     step = 0
     for epoch in range(args.epochs):
@@ -119,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             # A random window: the head is local (two 3x3 convs), so its output there is what
             # the whole crop would give, at a fraction of the cost.
             fw = args.window // 2
-            y0, x0 = (int(v) for v in torch.randint(0, f_all.shape[-1] - fw + 1, (2,),
-                                                      generator=g))
+            y0, x0 = (int(v) for v in torch.randint(0, f_all.shape[-1] - fw + 1, (2,), generator=g))
             logits = head(f_all[idx, :, y0 : y0 + fw, x0 : x0 + fw].float())
             loss = loss_fn(logits, t_all[idx, :, 2 * y0 : 2 * (y0 + fw), 2 * x0 : 2 * (x0 + fw)])
             opt.zero_grad(set_to_none=True)
@@ -132,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             total += float(loss.detach())
             step += 1
         c = loss_fn.last_components
-        print(f"epoch {epoch + 1}/{args.epochs} loss {total / max(1, n // args.batch_size):.4f} "
-              f"(fg {c['foreground']:.3f} boundary {c['boundary']:.3f} distance "
-              f"{c['distance']:.3f}) {time.perf_counter() - t_start:.0f}s", flush=True)
+        print(
+            f"epoch {epoch + 1}/{args.epochs} loss {total / max(1, n // args.batch_size):.4f} "
+            f"(fg {c['foreground']:.3f} boundary {c['boundary']:.3f} distance "
+            f"{c['distance']:.3f}) {time.perf_counter() - t_start:.0f}s",
+            flush=True,
+        )
     for p in net.parameters():
         p.requires_grad_(True)
     net.eval()
@@ -143,24 +165,39 @@ def main(argv: list[str] | None = None) -> int:
     scores = evaluate(bundle, data["test"])
     bundle.metadata.update(
         name="S2M-Net nuclei (default)",
-        description=("Binary nuclei/cell segmentation for 1-channel fluorescence images; RGB "
-                     "input is converted to gray by the inference engine. Instance head "
-                     "(boundary + distance) separates touching nuclei (issue 15)."),
-        data={**(old.metadata.get("data") or {}), "train": names,
-              "held_out": [n for *_, n in data["test"]]},
+        description=(
+            "Binary nuclei/cell segmentation for 1-channel fluorescence images; RGB "
+            "input is converted to gray by the inference engine. Instance head "
+            "(boundary + distance) separates touching nuclei (issue 15)."
+        ),
+        data={
+            **(old.metadata.get("data") or {}),
+            "train": names,
+            "held_out": [n for *_, n in data["test"]],
+        },
         held_out_dice=scores,
-        training_command=(f"python -m benchmarks.train_head --init-from {args.init_from.name} "
-                          f"--crops {args.crops} --epochs {args.epochs} --window {args.window} "
-                          f"--lr {args.lr:g} --seed {args.seed} "
-                          f"--threads {args.threads}"),
+        training_command=(
+            f"python -m benchmarks.train_head --init-from {args.init_from.name} "
+            f"--crops {args.crops} --epochs {args.epochs} --window {args.window} "
+            f"--lr {args.lr:g} --seed {args.seed} "
+            f"--threads {args.threads}"
+        ),
         training_machine=f"{platform.machine()} torch {torch.__version__} threads {args.threads}",
         training_seconds=round(elapsed, 1),
-        head_training={"frozen_trunk_from": args.init_from.name, "cached_crops": n,
-                       "cache_seconds": round(t_cache, 1), "head_steps": step},
+        head_training={
+            "frozen_trunk_from": args.init_from.name,
+            "cached_crops": n,
+            "cache_seconds": round(t_cache, 1),
+            "head_steps": step,
+        },
     )
     out = save_model(bundle, args.out)
-    print(json.dumps({"held_out_dice": scores, "seconds": round(elapsed, 1), "steps": step,
-                      "out": str(out)}, indent=1))
+    print(
+        json.dumps(
+            {"held_out_dice": scores, "seconds": round(elapsed, 1), "steps": step, "out": str(out)},
+            indent=1,
+        )
+    )
     return 0
 
 

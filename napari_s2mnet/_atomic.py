@@ -56,7 +56,9 @@ def new_temp_file(target: Path) -> Path:
             continue
         os.close(fd)
         return tmp
-    raise FileExistsError(f"Could not create a temporary file next to {target}.")  # pragma: no cover
+    raise FileExistsError(
+        f"Could not create a temporary file next to {target}."
+    )  # pragma: no cover
 
 
 def commit(tmp: Path, target: Path) -> None:

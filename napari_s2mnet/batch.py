@@ -24,8 +24,14 @@ from napari_s2mnet.layout import ImageLayout, guess_layout
 if TYPE_CHECKING:  # pragma: no cover
     from napari_s2mnet.training import TrainReport
 
-__all__ = ["LABEL_SUFFIXES", "TextProgress", "expand_paths", "pair_files", "predict_paths",
-           "train_paths"]
+__all__ = [
+    "LABEL_SUFFIXES",
+    "TextProgress",
+    "expand_paths",
+    "pair_files",
+    "predict_paths",
+    "train_paths",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +71,21 @@ def expand_paths(
         path = Path(item)
         if path.is_dir():
             found = sorted(
-                p for p in path.iterdir()
+                p
+                for p in path.iterdir()
                 if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes
             )
             if not found and strict:
                 raise ValueError(f"No {what} files ({', '.join(suffixes)}) in folder {path}.")
             ignored = [p.name for p in path.iterdir() if p.is_file() and p not in found]
             if ignored:
-                log.info("%s: ignoring %d non-%s file(s): %s", path, len(ignored), what,
-                         ", ".join(sorted(ignored)[:5]))
+                log.info(
+                    "%s: ignoring %d non-%s file(s): %s",
+                    path,
+                    len(ignored),
+                    what,
+                    ", ".join(sorted(ignored)[:5]),
+                )
             if not found:
                 log.warning("%s: no %s files (%s) in this folder.", path, what, ", ".join(suffixes))
             files.extend(found)
@@ -203,7 +215,8 @@ def predict_paths(
         log.error("%s: no such file or folder; skipped.", path)
     if not files:
         raise FileNotFoundError(
-            "No input images found in " + ", ".join(str(p) for p in inputs)
+            "No input images found in "
+            + ", ".join(str(p) for p in inputs)
             + f" (supported: {', '.join(_FOLDER_IMAGE_SUFFIXES)})."
         )
     if model_path is not None:
@@ -246,9 +259,13 @@ def predict_paths(
             # Writing is part of the image's work: a full disk or a read-only folder fails this
             # image (reported below) and the run goes on with the next one.
             axes = {2: "YX", 3: "ZYX", 4: "TZYX"}[result.labels.ndim]
-            write_labels(out_dir / f"{stem}_labels.tif", result.labels,
-                         spacing=result.spacing if img.spacing is not None else None,
-                         unit=img.unit, axes=axes)
+            write_labels(
+                out_dir / f"{stem}_labels.tif",
+                result.labels,
+                spacing=result.spacing if img.spacing is not None else None,
+                unit=img.unit,
+                axes=axes,
+            )
             write_features_csv(result.features, out_dir / f"{stem}_features.csv")
         except (ValueError, TypeError, RuntimeError, OSError, MemoryError) as exc:
             bar.finish()
@@ -256,8 +273,13 @@ def predict_paths(
             log.error("%s: skipped: %s", path, reason)
             failed.append((path, reason))
             continue
-        log.info("%s: %d objects, %.1f s on %s", path.name, len(result.features),
-                 result.timings.get("total", math.nan), result.device)
+        log.info(
+            "%s: %d objects, %.1f s on %s",
+            path.name,
+            len(result.features),
+            result.timings.get("total", math.nan),
+            result.device,
+        )
     total = len(files) + len(missing)
     if failed:
         lines = [f"{len(failed)} of {total} input(s) failed:"]
@@ -282,8 +304,16 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 
 #: Name endings that mark a label file: ``day1_labels.tif`` pairs with the image ``day1.tif``.
-LABEL_SUFFIXES = ("_labels", "_label", "_masks", "_mask", "_seg", "_segmentation",
-                  "_instances", "_gt")
+LABEL_SUFFIXES = (
+    "_labels",
+    "_label",
+    "_masks",
+    "_mask",
+    "_seg",
+    "_segmentation",
+    "_instances",
+    "_gt",
+)
 
 
 def _stem(path: Path) -> str:
@@ -342,8 +372,9 @@ def pair_files(images: Sequence[Path], labels: Sequence[Path]) -> list[tuple[Pat
     problems = []
     for key, found in sorted(by_key.items()):
         if len(found) > 1:
-            problems.append(f"labels {', '.join(p.name for p in found)} all fit the image name "
-                            f"{key!r}")
+            problems.append(
+                f"labels {', '.join(p.name for p in found)} all fit the image name {key!r}"
+            )
     for key, found in sorted(seen.items()):
         if len(found) > 1:
             problems.append(f"images {', '.join(str(p) for p in found)} have the same name {key!r}")
@@ -371,8 +402,9 @@ def _names(paths: Sequence[Path], limit: int = 10) -> str:
 def _show_training(bar: TextProgress, r: TrainReport) -> None:
     """One training report: the bar in place on a terminal, elsewhere a line per validation
     (and at least every 30 s); the start message and warnings always as lines of their own."""
-    if r.message and (r.step == 0 or "restored" in r.message or "diverged" in r.message
-                      or "skipped" in r.message):
+    if r.message and (
+        r.step == 0 or "restored" in r.message or "diverged" in r.message or "skipped" in r.message
+    ):
         bar.line(r.message)
     total = r.total_steps or max(r.step, 1)
     frac = min(1.0, r.step / total) if total else 0.0
@@ -461,25 +493,35 @@ def train_paths(
         lay = layout_for_pair(img0, lab0, None, None, pairs[0][2])
         # RGB(A) -> 3 channels (alpha is dropped); another channel axis -> its length; else gray.
         c = 3 if lay.rgb else 1 if lay.channel_axis is None else int(img0.shape[lay.channel_axis])
-        bundle = new_model(ModelConfig(arch=arch or "s2mnet", in_channels=c,
-                                       num_classes=num_classes or 1))
+        bundle = new_model(
+            ModelConfig(arch=arch or "s2mnet", in_channels=c, num_classes=num_classes or 1)
+        )
     else:
         if arch is not None:
             raise ValueError("--arch only applies to a new model (--model new).")
         bundle = load_model(model_path) if model_path is not None else load_default_model()
         if num_classes is not None and num_classes != bundle.config.num_classes:
-            raise ValueError(f"The model has {bundle.config.num_classes} classes, not "
-                             f"{num_classes}; start a new model (--model new) to change it.")
+            raise ValueError(
+                f"The model has {bundle.config.num_classes} classes, not "
+                f"{num_classes}; start a new model (--model new) to change it."
+            )
 
     cfg = FinetuneConfig(epochs=epochs, seconds=seconds, device=device, allow_empty=allow_empty)
-    overrides = {"loss": loss, "seed": seed, "batch_size": batch_size, "crop_size": crop_size,
-                 "lr": lr, "val_fraction": val_fraction}
+    overrides = {
+        "loss": loss,
+        "seed": seed,
+        "batch_size": batch_size,
+        "crop_size": crop_size,
+        "lr": lr,
+        "val_fraction": val_fraction,
+    }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     ctx = _ddp.init_from_env(resolve_device(device).type)
     main = ctx.is_main
     control = FinetuneControl()
     previous = None
     if threading.current_thread() is threading.main_thread():
+
         def _on_sigint(signum: int, frame: Any) -> None:
             control.stop()
             signal.signal(signal.SIGINT, previous or signal.SIG_DFL)  # a second Ctrl-C kills
@@ -487,9 +529,14 @@ def train_paths(
         previous = signal.signal(signal.SIGINT, _on_sigint)
     bar = TextProgress(stream) if main else None
     try:
-        result = train(pairs, bundle, cfg,
-                       callback=(lambda r: _show_training(bar, r)) if bar else None,
-                       control=control, names=[p[2] for p in pairs])
+        result = train(
+            pairs,
+            bundle,
+            cfg,
+            callback=(lambda r: _show_training(bar, r)) if bar else None,
+            control=control,
+            names=[p[2] for p in pairs],
+        )
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -499,8 +546,10 @@ def train_paths(
         save_model(result.bundle, out)
         s = bar.stream
         best = f"{result.best_val_dice:.3f}" if result.best_val_dice is not None else "n/a"
-        s.write(f"{result.message}\nsteps: {result.steps}  best validation Dice: {best}  "
-                f"time: {result.elapsed:.1f} s\nsaved: {out}\n")
+        s.write(
+            f"{result.message}\nsteps: {result.steps}  best validation Dice: {best}  "
+            f"time: {result.elapsed:.1f} s\nsaved: {out}\n"
+        )
         s.flush()
     ctx.barrier()
     _ddp.cleanup(ctx)

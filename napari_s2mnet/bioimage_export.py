@@ -115,8 +115,7 @@ def export_bioimageio(
         np.save(tmp / "test_input.npy", raw.astype(np.float32))
         np.save(tmp / "test_output.npy", prob.numpy().astype(np.float32))
         export_onnx(model, tmp / "weights.onnx", (side, side))
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                   tmp / "weights.pt")
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
         _cover(tmp / "cover.png", raw[0, 0], prob.numpy()[0, 0])
         (tmp / "README.md").write_text(_readme(bundle, side), encoding="utf-8")
         descr = _description(bio, bundle, tmp, side, c_in, c_out, binary)
@@ -140,55 +139,87 @@ def _description(
     norm = bundle.normalization
     pre: list[Any] = [bio.EnsureDtypeDescr(kwargs=bio.EnsureDtypeKwargs(dtype="float32"))]
     if norm.method == "percentile":
-        pre.append(bio.ScaleRangeDescr(kwargs=bio.ScaleRangeKwargs(
-            axes=("y", "x") if norm.per_channel else ("channel", "y", "x"),
-            min_percentile=float(norm.low), max_percentile=float(norm.high))))
+        pre.append(
+            bio.ScaleRangeDescr(
+                kwargs=bio.ScaleRangeKwargs(
+                    axes=("y", "x") if norm.per_channel else ("channel", "y", "x"),
+                    min_percentile=float(norm.low),
+                    max_percentile=float(norm.high),
+                )
+            )
+        )
         if norm.clip:
-            pre.append(bio.ClipDescr(kwargs=bio.ClipKwargs(
-                min=-float(norm.clip), max=1.0 + float(norm.clip))))
-    post = [bio.SigmoidDescr()] if binary else [bio.SoftmaxDescr(
-        kwargs=bio.SoftmaxKwargs(axis="channel"))]
+            pre.append(
+                bio.ClipDescr(
+                    kwargs=bio.ClipKwargs(min=-float(norm.clip), max=1.0 + float(norm.clip))
+                )
+            )
+    post = (
+        [bio.SigmoidDescr()]
+        if binary
+        else [bio.SoftmaxDescr(kwargs=bio.SoftmaxKwargs(axis="channel"))]
+    )
 
     def axes(n_channels: int, prefix: str, out: bool) -> list[Any]:
         space = bio.SpaceOutputAxis if out else bio.SpaceInputAxis
         return [
             bio.BatchAxis(),
-            bio.ChannelAxis(channel_names=[bio.Identifier(f"{prefix}{i}")
-                                           for i in range(n_channels)]),
+            bio.ChannelAxis(
+                channel_names=[bio.Identifier(f"{prefix}{i}") for i in range(n_channels)]
+            ),
             space(id=bio.AxisId("y"), size=side),
             space(id=bio.AxisId("x"), size=side),
         ]
 
-    inputs = [bio.InputTensorDescr(
-        id=bio.TensorId("input"), axes=axes(c_in, "c", False),
-        test_tensor=bio.FileDescr(source=tmp / "test_input.npy"),
-        data=bio.IntervalOrRatioDataDescr(type="float32"), preprocessing=pre,
-        description="raw image intensities; the package normalises them")]
-    outputs = [bio.OutputTensorDescr(
-        id=bio.TensorId("output"), axes=axes(c_out, "p", True),
-        test_tensor=bio.FileDescr(source=tmp / "test_output.npy"),
-        data=bio.IntervalOrRatioDataDescr(type="float32"), postprocessing=post,
-        description="foreground probability" if binary else "class probabilities")]
+    inputs = [
+        bio.InputTensorDescr(
+            id=bio.TensorId("input"),
+            axes=axes(c_in, "c", False),
+            test_tensor=bio.FileDescr(source=tmp / "test_input.npy"),
+            data=bio.IntervalOrRatioDataDescr(type="float32"),
+            preprocessing=pre,
+            description="raw image intensities; the package normalises them",
+        )
+    ]
+    outputs = [
+        bio.OutputTensorDescr(
+            id=bio.TensorId("output"),
+            axes=axes(c_out, "p", True),
+            test_tensor=bio.FileDescr(source=tmp / "test_output.npy"),
+            data=bio.IntervalOrRatioDataDescr(type="float32"),
+            postprocessing=post,
+            description="foreground probability" if binary else "class probabilities",
+        )
+    ]
     arch = bio.ArchitectureFromLibraryDescr(
-        import_from="napari_s2mnet.bioimage_export", callable=bio.Identifier("build_network"),
-        kwargs=bundle.config.to_dict())
+        import_from="napari_s2mnet.bioimage_export",
+        callable=bio.Identifier("build_network"),
+        kwargs=bundle.config.to_dict(),
+    )
     weights = bio.WeightsDescr(
         onnx=bio.OnnxWeightsDescr(source=tmp / "weights.onnx", opset_version=17),
         pytorch_state_dict=bio.PytorchStateDictWeightsDescr(
-            source=tmp / "weights.pt", architecture=arch,
-            pytorch_version=bio.Version(torch.__version__.split("+")[0])))
+            source=tmp / "weights.pt",
+            architecture=arch,
+            pytorch_version=bio.Version(torch.__version__.split("+")[0]),
+        ),
+    )
     with ValidationContext(perform_io_checks=False):
         return bio.ModelDescr(
             name=_safe_name(bundle.name),
-            description=str(bundle.metadata.get("description") or
-                            f"{bundle.config.arch} segmentation model from napari-s2mnet."),
+            description=str(
+                bundle.metadata.get("description")
+                or f"{bundle.config.arch} segmentation model from napari-s2mnet."
+            ),
             authors=[bio.Author(name="napari-s2mnet developers")],
             cite=[bio.CiteEntry(text=S2MNET_CITATION, doi=bio.Doi(S2MNET_DOI))],
             license=bio.LicenseId("BSD-3-Clause"),
             documentation=bio.FileDescr(source=tmp / "README.md"),
             covers=[bio.FileDescr(source=tmp / "cover.png")],
             tags=["segmentation", "2d", "nuclei", "s2m-net", "napari-s2mnet"],
-            inputs=inputs, outputs=outputs, weights=weights,
+            inputs=inputs,
+            outputs=outputs,
+            weights=weights,
             version="0.1.0",
         )
 

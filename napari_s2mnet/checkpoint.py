@@ -52,8 +52,21 @@ DEFAULT_TILE_SIZE = 512  # inference tile of a model without training history
 
 # Sizes of one element per safetensors dtype (used to check the tensor table before loading).
 _DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 # Our headers are ~50 KB (the tensor table plus the training history); safetensors allows 100 MB,
 # but a header this module would have to scan and parse is bounded much lower.
@@ -195,7 +208,9 @@ def save_model(bundle: ModelBundle, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.safetensors'}.")
+        raise IsADirectoryError(
+            f"{path} is a folder; give a file name such as {path / 'model.safetensors'}."
+        )
     # A symlink is written through (its shared target is updated, the link stays); a device,
     # pipe or socket is refused instead of being replaced by a regular file.
     target = resolve_target(path)
@@ -248,7 +263,7 @@ def _write_bytes(fh: Any, data: bytes) -> None:
     """Write ``data`` in chunks (a separate function so tests can simulate a full disk)."""
     view = memoryview(data)
     for start in range(0, len(view), _CHUNK):
-        fh.write(view[start:start + _CHUNK])
+        fh.write(view[start : start + _CHUNK])
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,7 +295,9 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     try:
         version = int(raw_meta.get("format_version", ""))
     except ValueError:
-        raise ValueError(f"{path}: invalid format_version {raw_meta.get('format_version')!r}.") from None
+        raise ValueError(
+            f"{path}: invalid format_version {raw_meta.get('format_version')!r}."
+        ) from None
     if version > FORMAT_VERSION:
         raise ValueError(
             f"{path} was saved by a newer napari-s2mnet (file format version {version}, "
@@ -298,7 +315,9 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         try:
             value = json.loads(raw_meta[key])
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: the {key!r} entry of the header is not valid JSON ({exc}).") from None
+            raise ValueError(
+                f"{path}: the {key!r} entry of the header is not valid JSON ({exc})."
+            ) from None
         if not isinstance(value, dict):
             raise ValueError(f"{path}: the {key!r} entry of the header is not a JSON object.")
         out[key] = value
@@ -351,7 +370,9 @@ def load_model(path: str | os.PathLike, device: Any = "cpu") -> ModelBundle:
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, RuntimeError) as exc:
-        raise ValueError(f"{path}: could not read the tensors ({exc}); the file is damaged.") from None
+        raise ValueError(
+            f"{path}: could not read the tensors ({exc}); the file is damaged."
+        ) from None
     stored = info["weights_sha256"]
     if stored and state_hash(state) != stored:
         raise ValueError(
@@ -361,10 +382,14 @@ def load_model(path: str | os.PathLike, device: Any = "cpu") -> ModelBundle:
     model.load_state_dict(state, strict=True)
     model.to(_torch_device(device))
     model.eval()
-    return ModelBundle(model=model, config=config, normalization=normalization, metadata=info["metadata"])
+    return ModelBundle(
+        model=model, config=config, normalization=normalization, metadata=info["metadata"]
+    )
 
 
-def _validated_settings(path: Path, info: dict[str, Any]) -> tuple[ModelConfig, NormalizationConfig]:
+def _validated_settings(
+    path: Path, info: dict[str, Any]
+) -> tuple[ModelConfig, NormalizationConfig]:
     """The header's model config and normalisation, every field type- and range-checked."""
     try:
         config = validate_model_config(info["config"])
@@ -382,7 +407,9 @@ def _check_tensor_table(
 ) -> None:
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
+    mismatched = sorted(
+        k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k])
+    )
     if not (missing or unexpected or mismatched):
         return
 
@@ -396,8 +423,10 @@ def _check_tensor_table(
     if unexpected:
         parts.append(f"unexpected tensors: {show(unexpected)}")
     if mismatched:
-        parts.append("wrong shapes: " + show(
-            mismatched, lambda k: f"{k} {list(found[k])} (expected {list(expected[k])})"))
+        parts.append(
+            "wrong shapes: "
+            + show(mismatched, lambda k: f"{k} {list(found[k])} (expected {list(expected[k])})")
+        )
     raise ValueError(
         f"{path}: the stored weights do not match architecture {config.arch!r} "
         f"(in_channels={config.in_channels}, num_classes={config.num_classes}, options="
@@ -419,34 +448,49 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str
         head = fh.read(min(size, 64))
         kind = _sniff(head)
         if size < 10:
-            raise ValueError(f"{path} is only {size} bytes, too small to be a model file"
-                             f"{_appears(kind)}; expected {EXPECTED}.")
+            raise ValueError(
+                f"{path} is only {size} bytes, too small to be a model file"
+                f"{_appears(kind)}; expected {EXPECTED}."
+            )
         (n,) = struct.unpack("<Q", head[:8])
         first = head[8:9]
         if kind is not None and first != b"{":
-            why = (" Pickled PyTorch files are never loaded because unpickling can run "
-                   "arbitrary code; if you trust the file, load it in your own code and re-save it "
-                   "with napari_s2mnet.checkpoint.save_model."
-                   if "torch.save" in kind else "")
-            raise ValueError(f"{path} is not a safetensors file: it appears to be {kind}. "
-                             f"Expected {EXPECTED}.{why}")
+            why = (
+                " Pickled PyTorch files are never loaded because unpickling can run "
+                "arbitrary code; if you trust the file, load it in your own code and re-save it "
+                "with napari_s2mnet.checkpoint.save_model."
+                if "torch.save" in kind
+                else ""
+            )
+            raise ValueError(
+                f"{path} is not a safetensors file: it appears to be {kind}. "
+                f"Expected {EXPECTED}.{why}"
+            )
         if first != b"{" or n < 2 or n > _MAX_HEADER:
-            raise ValueError(f"{path} is not a safetensors file (its first bytes are not a "
-                             f"safetensors header){_appears(kind)}; expected {EXPECTED}.")
+            raise ValueError(
+                f"{path} is not a safetensors file (its first bytes are not a "
+                f"safetensors header){_appears(kind)}; expected {EXPECTED}."
+            )
         if 8 + n > size:
-            raise ValueError(f"{path} is truncated: its header says {n} header bytes but the file "
-                             f"has only {size} bytes (incomplete download or copy?). Expected "
-                             f"{EXPECTED}.")
+            raise ValueError(
+                f"{path} is truncated: its header says {n} header bytes but the file "
+                f"has only {size} bytes (incomplete download or copy?). Expected "
+                f"{EXPECTED}."
+            )
         fh.seek(8)
         raw = fh.read(n)
     check_json_depth(raw, f"{path}: the safetensors header")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise ValueError(f"{path}: the safetensors header is not valid JSON; the file is damaged or "
-                         f"not {EXPECTED}.") from None
+        raise ValueError(
+            f"{path}: the safetensors header is not valid JSON; the file is damaged or "
+            f"not {EXPECTED}."
+        ) from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: the safetensors header is not a JSON object; the file is damaged.")
+        raise ValueError(
+            f"{path}: the safetensors header is not a JSON object; the file is damaged."
+        )
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise ValueError(f"{path}: the safetensors metadata is not a str -> str map; damaged file.")
@@ -460,20 +504,30 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str
                 if not isinstance(s, int) or s < 0:
                     raise ValueError
                 numel *= s
-            ok = dtype in _DTYPE_SIZES and 0 <= begin <= end and end - begin == numel * _DTYPE_SIZES[dtype]
+            ok = (
+                dtype in _DTYPE_SIZES
+                and 0 <= begin <= end
+                and end - begin == numel * _DTYPE_SIZES[dtype]
+            )
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"{path}: the entry for tensor {name!r} in the header is invalid; "
-                             "the file is damaged.")
+            raise ValueError(
+                f"{path}: the entry for tensor {name!r} in the header is invalid; "
+                "the file is damaged."
+            )
         end_max = max(end_max, end)
     if end_max > data_len:
-        raise ValueError(f"{path} is truncated: the header lists {end_max} bytes of tensor data but "
-                         f"only {data_len} are present (incomplete download or copy?). "
-                         f"Expected {EXPECTED}.")
+        raise ValueError(
+            f"{path} is truncated: the header lists {end_max} bytes of tensor data but "
+            f"only {data_len} are present (incomplete download or copy?). "
+            f"Expected {EXPECTED}."
+        )
     if end_max < data_len:
-        raise ValueError(f"{path} has {data_len - end_max} unexpected bytes after the tensor data; "
-                         "the file is damaged.")
+        raise ValueError(
+            f"{path} has {data_len - end_max} unexpected bytes after the tensor data; "
+            "the file is damaged."
+        )
     return header, meta
 
 
@@ -585,5 +639,7 @@ def _dumps(obj: Any, what: str) -> str:
     try:
         return json.dumps(obj, default=_json_default, allow_nan=True, sort_keys=True)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"The model {what} cannot be stored as JSON: {exc}. Keep it to plain "
-                        "numbers, strings, lists and dicts.") from None
+        raise TypeError(
+            f"The model {what} cannot be stored as JSON: {exc}. Keep it to plain "
+            "numbers, strings, lists and dicts."
+        ) from None

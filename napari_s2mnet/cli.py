@@ -23,18 +23,33 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", type=Path, help="image files (TIFF, PNG, JPG) or folders")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--model", type=Path, default=None, help=".safetensors model (default: bundled)")
-    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps"
+    )
     p.add_argument("--tile-size", type=int, default=None, help="tile side in pixels")
     p.add_argument("--threshold", type=float, default=None, help="probability threshold")
     p.add_argument("--channel-axis", type=int, default=None, help="axis of channels, if any")
-    p.add_argument("--channels", type=int, nargs="+", default=None,
-                   help="channels that feed the model, in order (e.g. --channels 2 for the "
-                        "third channel and a 1-channel model); default: all")
-    p.add_argument("--z-context", type=int, default=0,
-                   help="stacks: 2.5-D smoothing over +-N neighbouring slices (default 0: off)")
-    p.add_argument("--input-transform", default="none", choices=["none", "invert", "hematoxylin"],
-                   help="invert: dark objects on a bright background (brightfield); hematoxylin: "
-                        "H&E/IHC RGB images (nuclei from the hematoxylin stain)")
+    p.add_argument(
+        "--channels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="channels that feed the model, in order (e.g. --channels 2 for the "
+        "third channel and a 1-channel model); default: all",
+    )
+    p.add_argument(
+        "--z-context",
+        type=int,
+        default=0,
+        help="stacks: 2.5-D smoothing over +-N neighbouring slices (default 0: off)",
+    )
+    p.add_argument(
+        "--input-transform",
+        default="none",
+        choices=["none", "invert", "hematoxylin"],
+        help="invert: dark objects on a bright background (brightfield); hematoxylin: "
+        "H&E/IHC RGB images (nuclei from the hematoxylin stain)",
+    )
     p.set_defaults(func=_run_predict)
 
 
@@ -58,32 +73,60 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train or fine-tune a model on image/label files")
     p.add_argument("--images", nargs="+", type=Path, required=True, help="image files or folders")
-    p.add_argument("--labels", nargs="+", type=Path, required=True,
-                   help="label files or folders, paired with --images by name: x.tif with x.tif "
-                        "(another folder) or x_labels/_masks/_mask/_seg.tif")
+    p.add_argument(
+        "--labels",
+        nargs="+",
+        type=Path,
+        required=True,
+        help="label files or folders, paired with --images by name: x.tif with x.tif "
+        "(another folder) or x_labels/_masks/_mask/_seg.tif",
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors file")
-    p.add_argument("--model", type=Path, default=None,
-                   help="start from this model (default: the bundled model; 'new' for random init)")
-    p.add_argument("--arch", default=None, help="architecture when starting from scratch (--model new)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="start from this model (default: the bundled model; 'new' for random init)",
+    )
+    p.add_argument(
+        "--arch", default=None, help="architecture when starting from scratch (--model new)"
+    )
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=int, default=None,
-                        help="virtual epochs of 10 steps (default 30)")
+    budget.add_argument(
+        "--epochs", type=int, default=None, help="virtual epochs of 10 steps (default 30)"
+    )
     budget.add_argument("--seconds", type=float, default=None, help="wall-clock budget instead")
     p.add_argument("--loss", default=None, help=", ".join(LOSS_NAMES) + " (default masl)")
-    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps"
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="classes incl. background for a new model (default 1: binary); labels "
-                        "are then class ids")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes incl. background for a new model (default 1: binary); labels "
+        "are then class ids",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="crops per step (per process)")
     p.add_argument("--crop-size", type=int, default=None, help="training crop side in pixels")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help="share held out for validation (0 disables)")
-    p.add_argument("--allow-empty", action="store_true",
-                   help="use images without labelled objects as background-only examples")
-    p.add_argument("--pair-by-order", action="store_true",
-                   help="pair images and labels in sorted order instead of by name")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="share held out for validation (0 disables)",
+    )
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="use images without labelled objects as background-only examples",
+    )
+    p.add_argument(
+        "--pair-by-order",
+        action="store_true",
+        help="pair images and labels in sorted order instead of by name",
+    )
     p.set_defaults(func=_run_train)
 
 
@@ -112,7 +155,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="describe a model file (default: the bundled model) and devices")
+    p = sub.add_parser(
+        "info", help="describe a model file (default: the bundled model) and devices"
+    )
     p.add_argument("model", nargs="?", type=Path, default=None)
     p.set_defaults(func=_run_info)
 
@@ -138,13 +183,27 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="export a model (default: the bundled model) to ONNX or bioimage.io"
     )
-    p.add_argument("model", nargs="?", type=Path, default=None,
-                   help="a .safetensors model file (default: the bundled model)")
-    p.add_argument("--format", dest="fmt", choices=["onnx", "bioimageio"], default=None,
-                   help="onnx (.onnx file) or bioimageio (.zip package); default: from -o's suffix")
+    p.add_argument(
+        "model",
+        nargs="?",
+        type=Path,
+        default=None,
+        help="a .safetensors model file (default: the bundled model)",
+    )
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        choices=["onnx", "bioimageio"],
+        default=None,
+        help="onnx (.onnx file) or bioimageio (.zip package); default: from -o's suffix",
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="output .onnx or .zip file")
-    p.add_argument("--tile-size", type=int, default=None,
-                   help="square tile side the graph is built for (default: the model's tile size)")
+    p.add_argument(
+        "--tile-size",
+        type=int,
+        default=None,
+        help="square tile side the graph is built for (default: the model's tile size)",
+    )
     p.set_defaults(func=_run_export)
 
 
@@ -160,8 +219,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="open napari with the S2M-Net widget and the sample image segmented"
     )
-    p.add_argument("--screenshot", type=Path, default=None,
-                   help="save a PNG of the whole window and quit (for headless checks)")
+    p.add_argument(
+        "--screenshot",
+        type=Path,
+        default=None,
+        help="save a PNG of the whole window and quit (for headless checks)",
+    )
     p.set_defaults(func=_run_demo)
 
 

@@ -214,4 +214,3 @@ def _available_text() -> str:
     if _mps_available():
         found.append("mps")
     return "available: " + ", ".join(found)
-

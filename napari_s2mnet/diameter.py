@@ -14,8 +14,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["equivalent_diameter", "estimate_diameter", "model_diameter", "resize_plane",
-           "scale_factor"]
+__all__ = [
+    "equivalent_diameter",
+    "estimate_diameter",
+    "model_diameter",
+    "resize_plane",
+    "scale_factor",
+]
 
 _TOLERANCE = 0.05  # rescaling by less than 5 % is not worth the interpolation
 _MIN_FACTOR, _MAX_FACTOR = 0.125, 8.0
@@ -37,14 +42,17 @@ def scale_factor(model_diam: float | None, diameter: float | None) -> float:
     if diameter is None or model_diam is None:
         return 1.0
     if not diameter > 0:
-        raise ValueError(f"The object diameter must be a positive number of pixels, got "
-                         f"{diameter!r}.")
+        raise ValueError(
+            f"The object diameter must be a positive number of pixels, got {diameter!r}."
+        )
     f = float(model_diam) / float(diameter)
     if not _MIN_FACTOR <= f <= _MAX_FACTOR:
-        raise ValueError(f"An object diameter of {diameter:g} px would rescale the image by "
-                         f"{f:.3g} (the model was trained on {model_diam:g}-px objects); give a "
-                         f"diameter between {model_diam / _MAX_FACTOR:.3g} and "
-                         f"{model_diam / _MIN_FACTOR:.3g} px, or leave it empty.")
+        raise ValueError(
+            f"An object diameter of {diameter:g} px would rescale the image by "
+            f"{f:.3g} (the model was trained on {model_diam:g}-px objects); give a "
+            f"diameter between {model_diam / _MAX_FACTOR:.3g} and "
+            f"{model_diam / _MIN_FACTOR:.3g} px, or leave it empty."
+        )
     return 1.0 if abs(f - 1.0) < _TOLERANCE else f
 
 
@@ -65,12 +73,17 @@ def resize_plane(arr: np.ndarray, shape: tuple[int, int], order: int) -> np.ndar
         return arr
     out_shape = (*arr.shape[:-2], *shape)
     if order == 0:
-        out = resize(arr, out_shape, order=0, preserve_range=True, anti_aliasing=False,
-                     mode="edge")
+        out = resize(arr, out_shape, order=0, preserve_range=True, anti_aliasing=False, mode="edge")
         return out.astype(arr.dtype, copy=False)
     shrink = shape[0] < arr.shape[-2] or shape[1] < arr.shape[-1]
-    out = resize(arr.astype(np.float32, copy=False), out_shape, order=1, preserve_range=True,
-                 anti_aliasing=shrink, mode="reflect")
+    out = resize(
+        arr.astype(np.float32, copy=False),
+        out_shape,
+        order=1,
+        preserve_range=True,
+        anti_aliasing=shrink,
+        mode="reflect",
+    )
     return out.astype(np.float32, copy=False)
 
 
@@ -94,8 +107,9 @@ def equivalent_diameter(labels: np.ndarray, min_area: int = 9) -> float | None:
     return float(np.sqrt(4.0 * np.median(np.concatenate(areas)) / np.pi))
 
 
-def estimate_diameter(image: Any, model: Any = None, config: Any = None, **kwargs: Any
-                      ) -> float | None:
+def estimate_diameter(
+    image: Any, model: Any = None, config: Any = None, **kwargs: Any
+) -> float | None:
     """Typical object diameter in ``image`` (pixels), measured with the model itself.
 
     A first pass segments the image as it is and takes the median equivalent diameter of the
@@ -116,16 +130,24 @@ def estimate_diameter(image: Any, model: Any = None, config: Any = None, **kwarg
     from napari_s2mnet.inference.run import _resolve_model
 
     bundle = _resolve_model(model)
-    cfg = dataclasses.replace(config or InferenceConfig(), diameter=None, compute_features=False,
-                              split_touching=True, uncertainty=False, return_probability=False)
+    cfg = dataclasses.replace(
+        config or InferenceConfig(),
+        diameter=None,
+        compute_features=False,
+        split_touching=True,
+        uncertainty=False,
+        return_probability=False,
+    )
     labels, _ = segment(image, bundle, cfg, **kwargs)
     estimate = equivalent_diameter(labels)
     trained = model_diameter(bundle)
     if estimate is None or trained is None:
         return estimate
     for _ in range(_MAX_PASSES - 1):
-        if abs(estimate / trained - 1.0) <= 0.25 or \
-                not _MIN_FACTOR <= trained / estimate <= _MAX_FACTOR:
+        if (
+            abs(estimate / trained - 1.0) <= 0.25
+            or not _MIN_FACTOR <= trained / estimate <= _MAX_FACTOR
+        ):
             break
         labels, _ = segment(image, bundle, dataclasses.replace(cfg, diameter=estimate), **kwargs)
         new = equivalent_diameter(labels)

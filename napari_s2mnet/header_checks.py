@@ -129,8 +129,7 @@ def validate_model_config(data: Any) -> ModelConfig:
     for key, value in options.items():
         if key not in hints:
             raise ValueError(
-                f"unknown option {key!r} for architecture {arch!r}; valid options: "
-                f"{sorted(hints)}."
+                f"unknown option {key!r} for architecture {arch!r}; valid options: {sorted(hints)}."
             )
         _check_option(f"options.{key}", value, hints[key])
     instance_head = data.get("instance_head", False)  # issue 15; absent in older files
@@ -138,8 +137,13 @@ def validate_model_config(data: Any) -> ModelConfig:
         raise ValueError(f"instance_head must be true or false, got {instance_head!r}.")
     if instance_head and num_classes != 1:
         raise ValueError(f"instance_head needs num_classes=1, got {num_classes}.")
-    config = ModelConfig(arch=arch, in_channels=in_channels, num_classes=num_classes,
-                         options=dict(options), instance_head=instance_head)
+    config = ModelConfig(
+        arch=arch,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        options=dict(options),
+        instance_head=instance_head,
+    )
     try:
         resolve_options(config)  # the architecture's own consistency checks
     except TypeError as exc:
@@ -198,7 +202,9 @@ def _conforms(value: Any, hint: Any) -> bool:
             return True
         if len(args) == 2 and args[1] is Ellipsis:
             return all(_conforms(v, args[0]) for v in value)
-        return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args, strict=True))
+        return len(value) == len(args) and all(
+            _conforms(v, a) for v, a in zip(value, args, strict=True)
+        )
     if origin is dict or hint is dict:
         return isinstance(value, Mapping)
     return False  # an option type this checker does not know: refuse rather than guess
@@ -242,7 +248,9 @@ def validate_metadata(meta: Mapping[str, Any]) -> None:
     if history is None:
         return
     if not isinstance(history, list):
-        raise ValueError(f"metadata history must be a list of training runs, got {type(history).__name__}.")
+        raise ValueError(
+            f"metadata history must be a list of training runs, got {type(history).__name__}."
+        )
     for i, run in enumerate(history):
         if not isinstance(run, Mapping):
             raise ValueError(f"metadata history[{i}] must be an object, got {run!r}.")
@@ -252,7 +260,9 @@ def validate_metadata(meta: Mapping[str, Any]) -> None:
         if not isinstance(cfg, Mapping):
             raise ValueError(f"metadata history[{i}].config must be an object, got {cfg!r}.")
         if cfg.get("crop_size") not in (None, 0):
-            check_int(cfg["crop_size"], f"metadata history[{i}].config.crop_size", MIN_TILE, MAX_TILE)
+            check_int(
+                cfg["crop_size"], f"metadata history[{i}].config.crop_size", MIN_TILE, MAX_TILE
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,7 +290,11 @@ def _requested(func: Any, args: tuple, kwargs: dict) -> int:
         elif name == "randint":
             size = next((a for a in reversed(args) if isinstance(a, list | tuple | torch.Size)), ())
         else:
-            size = args[0] if len(args) == 1 and isinstance(args[0], list | tuple | torch.Size) else args
+            size = (
+                args[0]
+                if len(args) == 1 and isinstance(args[0], list | tuple | torch.Size)
+                else args
+            )
         return math.prod(int(s) for s in size)
     if func in (torch.arange, torch.linspace):
         nums = [a for a in args if isinstance(a, int | float)]
@@ -324,7 +338,9 @@ def guarded_build(config: ModelConfig, max_elements: int) -> Any:
     total = 0
 
     class _Budget(TorchFunctionMode):
-        def __torch_function__(self, func: Any, types_: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        def __torch_function__(
+            self, func: Any, types_: Any, args: tuple = (), kwargs: Any = None
+        ) -> Any:
             nonlocal total
             kwargs = kwargs or {}
             try:

@@ -70,13 +70,15 @@ IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in rang
 def _check_labels(labels: Any, name: str = "labels", ndim: Sequence[int] = (2, 3)) -> np.ndarray:
     lab = np.asarray(labels)
     if lab.ndim not in ndim:
-        raise ValueError(f"{name} must have {' or '.join(map(str, ndim))} dimensions, got shape "
-                         f"{lab.shape}.")
+        raise ValueError(
+            f"{name} must have {' or '.join(map(str, ndim))} dimensions, got shape {lab.shape}."
+        )
     if lab.dtype == bool:
         return lab.astype(np.int32)
     if lab.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be an integer label image (0 = background), got dtype "
-                        f"{lab.dtype}.")
+        raise TypeError(
+            f"{name} must be an integer label image (0 = background), got dtype {lab.dtype}."
+        )
     if lab.size and lab.dtype.kind == "i" and lab.min() < 0:
         raise ValueError(f"{name} must be non-negative (0 = background, 1.. = objects).")
     return lab
@@ -100,8 +102,9 @@ def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, .
         return (1.0,) * ndim
     s = tuple(float(v) for v in spacing)
     if len(s) != ndim or not all(np.isfinite(v) and v > 0 for v in s):
-        raise ValueError(f"spacing must be {ndim} positive numbers (one per axis), got "
-                         f"{tuple(spacing)}.")
+        raise ValueError(
+            f"spacing must be {ndim} positive numbers (one per axis), got {tuple(spacing)}."
+        )
     return s
 
 
@@ -130,8 +133,12 @@ def instance_targets(labels: Any) -> tuple[np.ndarray, np.ndarray]:
     p = np.pad(lab, 1, mode="edge")
     core = p[1:-1, 1:-1]
     same = np.ones(lab.shape, dtype=bool)
-    for sl in ((slice(None, -2), slice(1, -1)), (slice(2, None), slice(1, -1)),
-               (slice(1, -1), slice(None, -2)), (slice(1, -1), slice(2, None))):
+    for sl in (
+        (slice(None, -2), slice(1, -1)),
+        (slice(2, None), slice(1, -1)),
+        (slice(1, -1), slice(None, -2)),
+        (slice(1, -1), slice(2, None)),
+    ):
         same &= p[sl] == core
     fg = lab > 0
     boundary = (fg & ~same).astype(np.float32)
@@ -270,8 +277,9 @@ def seeded_watershed(
         lut[keep] = np.arange(1, n + 1, dtype=np.int32)
         markers = lut[markers]
     if n:
-        labels = watershed(-inner, markers.astype(np.int32), mask=mask,
-                           connectivity=_structure(fg.ndim, False)).astype(np.int32, copy=False)
+        labels = watershed(
+            -inner, markers.astype(np.int32), mask=mask, connectivity=_structure(fg.ndim, False)
+        ).astype(np.int32, copy=False)
     else:
         labels = np.zeros(fg.shape, dtype=np.int32)
     n = _add_unseeded(labels, mask, n)
@@ -300,11 +308,14 @@ def head_instances(
     """
     m = np.asarray(maps)
     if m.ndim not in (3, 4) or m.shape[0] != 1 + len(INSTANCE_CHANNELS):
-        raise ValueError(f"maps must be (3, Y, X) or (3, Z, Y, X) (foreground, boundary, "
-                         f"distance), got shape {m.shape}.")
+        raise ValueError(
+            f"maps must be (3, Y, X) or (3, Z, Y, X) (foreground, boundary, "
+            f"distance), got shape {m.shape}."
+        )
     inner = interior_map(m[0], boundary=m[1], distance=m[2], mode=mode)
-    return seeded_watershed(m[0], inner, threshold=threshold, seed_threshold=seed_threshold,
-                            spacing=spacing)
+    return seeded_watershed(
+        m[0], inner, threshold=threshold, seed_threshold=seed_threshold, spacing=spacing
+    )
 
 
 def distance_watershed(
@@ -336,8 +347,9 @@ def distance_watershed(
     finest = min(sp)
     # peak_local_max's footprint is in pixels: scale it per axis by the spacing.
     size = [max(1, round(2 * min_distance * finest / s) + 1) for s in sp]
-    peaks = peak_local_max(dist, footprint=np.ones(size, dtype=bool), labels=comp,
-                           exclude_border=False)
+    peaks = peak_local_max(
+        dist, footprint=np.ones(size, dtype=bool), labels=comp, exclude_border=False
+    )
     seeds = np.zeros(m.shape, dtype=bool)
     seeds[tuple(peaks.T)] = True
     markers, n = ndi.label(seeds, structure=_structure(m.ndim, True))  # plateaus: one seed
@@ -484,5 +496,11 @@ def match_scores(
         fp, fn = n_p - tp, n_g - tp
         f1[float(t)] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
         ap[float(t)] = tp / (tp + fp + fn) if (tp + fp + fn) else 1.0
-    return {"n_pred": n_p, "n_gt": n_g, "f1": f1, "ap": ap,
-            "f1@0.5": f1.get(0.5, float("nan")), "mAP": float(np.mean(list(ap.values())))}
+    return {
+        "n_pred": n_p,
+        "n_gt": n_g,
+        "f1": f1,
+        "ap": ap,
+        "f1@0.5": f1.get(0.5, float("nan")),
+        "mAP": float(np.mean(list(ap.values()))),
+    }

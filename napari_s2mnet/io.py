@@ -53,10 +53,26 @@ FLOAT32_EXACT_MAX = 2**24  # largest integer range float32 stores exactly
 
 # napari / pint unit names -> the spelling ImageJ understands.
 _IMAGEJ_UNITS = {
-    "micrometer": "micron", "micrometre": "micron", "micron": "micron", "um": "micron",
-    "µm": "micron", "μm": "micron", "nanometer": "nm", "nanometre": "nm", "nm": "nm",
-    "millimeter": "mm", "millimetre": "mm", "mm": "mm", "centimeter": "cm", "cm": "cm",
-    "meter": "m", "metre": "m", "m": "m", "pixel": "pixel", "px": "pixel", "": "pixel",
+    "micrometer": "micron",
+    "micrometre": "micron",
+    "micron": "micron",
+    "um": "micron",
+    "µm": "micron",
+    "μm": "micron",
+    "nanometer": "nm",
+    "nanometre": "nm",
+    "nm": "nm",
+    "millimeter": "mm",
+    "millimetre": "mm",
+    "mm": "mm",
+    "centimeter": "cm",
+    "cm": "cm",
+    "meter": "m",
+    "metre": "m",
+    "m": "m",
+    "pixel": "pixel",
+    "px": "pixel",
+    "": "pixel",
 }
 
 
@@ -419,7 +435,9 @@ def load_image(path: str | os.PathLike) -> ImageData:
             f"{path.name!r} is not a supported image file; use one of {', '.join(IMAGE_SUFFIXES)}."
         )
     readers: dict[str, Callable[[Path], ImageData]] = {
-        ".tif": _load_tiff, ".tiff": _load_tiff, ".npy": _load_npy,
+        ".tif": _load_tiff,
+        ".tiff": _load_tiff,
+        ".npy": _load_npy,
     }
     try:
         img = readers.get(suffix, _load_imageio)(path)
@@ -475,8 +493,13 @@ def _load_tiff(path: Path) -> ImageData:
                 per_axis = []
                 for ax in axes.replace("S", ""):
                     per_axis.append(
-                        sx if ax == "X" else sy if ax == "Y"
-                        else float(ij.get("spacing", 1.0)) if ax == "Z" else 1.0
+                        sx
+                        if ax == "X"
+                        else sy
+                        if ax == "Y"
+                        else float(ij.get("spacing", 1.0))
+                        if ax == "Z"
+                        else 1.0
                     )
                 spacing = tuple(per_axis)
         except (KeyError, TypeError, ValueError, ZeroDivisionError):

@@ -78,11 +78,7 @@ def guess_layout(
     """
     shape = tuple(int(s) for s in shape)
     if rgb is None:
-        rgb = (
-            len(shape) > 2
-            and shape[-1] in (3, 4)
-            and all(s > min_side for s in shape[-3:-1])
-        )
+        rgb = len(shape) > 2 and shape[-1] in (3, 4) and all(s > min_side for s in shape[-3:-1])
     if rgb:
         if len(shape) < 3 or shape[-1] not in (3, 4):
             raise ValueError(
@@ -307,9 +303,11 @@ def plan_image(
     lead = tuple(view.shape[:-3])
     if ax is None and lead and min(view.shape[-3:-1]) <= 8:
         short = int(np.argmin(view.shape[-3:-1])) + len(lead)
-        notes.append(f"Axis {short} of shape {arr.shape} has only {arr.shape[short]} pixels and is "
-                     "read as a spatial axis (slices along the leading axes); if it holds "
-                     f"channels, set channel_axis={short}.")
+        notes.append(
+            f"Axis {short} of shape {arr.shape} has only {arr.shape[short]} pixels and is "
+            "read as a spatial axis (slices along the leading axes); if it holds "
+            f"channels, set channel_axis={short}."
+        )
     names = layout.axis_names
     if names is None:
         names = {0: (), 1: ("z",), 2: ("t", "z")}[len(lead)]
@@ -337,8 +335,9 @@ def plan_image(
         pass
     elif c_model == 1 and rgb:
         post = _channel_mean
-        notes.append("RGB image converted to gray (mean of the normalised channels) for a "
-                     "1-channel model.")
+        notes.append(
+            "RGB image converted to gray (mean of the normalised channels) for a 1-channel model."
+        )
     elif c_eff == 1 and c_model > 1:
         post = _Repeat(c_model)
         notes.append(f"Gray image replicated to the model's {c_model} input channels.")
@@ -354,17 +353,22 @@ def plan_image(
     return ImagePlan(view, lead, names, select, post, layout)
 
 
-def check_channels(channels: Sequence[int], c_img: int, shape: tuple[int, ...],
-                    ax: int | None) -> tuple[int, ...]:
+def check_channels(
+    channels: Sequence[int], c_img: int, shape: tuple[int, ...], ax: int | None
+) -> tuple[int, ...]:
     """Validated channel indices (negative allowed) for an image with ``c_img`` channels."""
     if ax is None:
-        raise ValueError(f"channels={tuple(channels)} needs a channel axis, but the image of shape "
-                         f"{shape} has none; set channel_axis (or rgb) as well.")
+        raise ValueError(
+            f"channels={tuple(channels)} needs a channel axis, but the image of shape "
+            f"{shape} has none; set channel_axis (or rgb) as well."
+        )
     picked = []
     for c in channels:
         if not isinstance(c, int | np.integer) or isinstance(c, bool) or not -c_img <= c < c_img:
-            raise ValueError(f"channels={tuple(channels)}: {c!r} is not a channel of the image "
-                             f"(shape {shape}, {c_img} channels on axis {ax}; valid 0..{c_img - 1}).")
+            raise ValueError(
+                f"channels={tuple(channels)}: {c!r} is not a channel of the image "
+                f"(shape {shape}, {c_img} channels on axis {ax}; valid 0..{c_img - 1})."
+            )
         picked.append(int(c) % c_img)
     if not picked:
         raise ValueError("channels=() selects nothing; pass None for all channels.")

@@ -27,9 +27,19 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 _UNIT_SUFFIX = {
-    "micrometer": "um", "micron": "um", "µm": "um", "μm": "um", "um": "um",
-    "nanometer": "nm", "nm": "nm", "millimeter": "mm", "mm": "mm",
-    "centimeter": "cm", "cm": "cm", "meter": "m", "m": "m",
+    "micrometer": "um",
+    "micron": "um",
+    "µm": "um",
+    "μm": "um",
+    "um": "um",
+    "nanometer": "nm",
+    "nm": "nm",
+    "millimeter": "mm",
+    "mm": "mm",
+    "centimeter": "cm",
+    "cm": "cm",
+    "meter": "m",
+    "m": "m",
 }
 _NO_UNIT = {"", "pixel", "pixels", "px", "none"}
 RENAMED = {"scale": "area_fraction", "scale_3d": "volume_fraction"}
@@ -77,7 +87,7 @@ def measurement_table(
     sp = [1.0] * nd
     if spacing is not None:
         given = [float(s) for s in spacing][-nd:]
-        sp[nd - len(given):] = given
+        sp[nd - len(given) :] = given
     suffix = unit_suffix(unit, sp[-2:] if "volume" not in features else sp[-3:])
     df = features.copy()
     df = df.rename(columns={k: v for k, v in RENAMED.items() if k in df.columns})
@@ -97,8 +107,9 @@ def measurement_table(
         ids_in = ids[present]
         com = np.full((len(ids), nd), np.nan)
         if len(ids_in):
-            com[present] = np.asarray(ndi.center_of_mass(np.ones(labels.shape, np.uint8), labels,
-                                                         ids_in), dtype=float).reshape(-1, nd)
+            com[present] = np.asarray(
+                ndi.center_of_mass(np.ones(labels.shape, np.uint8), labels, ids_in), dtype=float
+            ).reshape(-1, nd)
         for ax, name in enumerate(axes):
             if name == "t":
                 continue  # a time point, not a position
@@ -117,10 +128,15 @@ def measurement_table(
         if image is not None:
             img = np.asarray(image, dtype=np.float64)
             if img.shape != labels.shape:
-                raise ValueError(f"image of shape {img.shape} must have the labels' shape "
-                                 f"{labels.shape} for the intensity columns.")
-            for col, fn in (("mean_intensity", ndi.mean), ("max_intensity", ndi.maximum),
-                            ("integrated_intensity", ndi.sum)):
+                raise ValueError(
+                    f"image of shape {img.shape} must have the labels' shape "
+                    f"{labels.shape} for the intensity columns."
+                )
+            for col, fn in (
+                ("mean_intensity", ndi.mean),
+                ("max_intensity", ndi.maximum),
+                ("integrated_intensity", ndi.sum),
+            ):
                 vals = np.full(len(ids), np.nan)
                 if len(ids_in):
                     vals[present] = np.asarray(fn(img, labels, ids_in), dtype=float)
@@ -133,15 +149,25 @@ def measurement_table(
             for col in ("mean_intensity", "max_intensity", "integrated_intensity"):
                 new[col] = np.zeros(0)
     cols = list(df.columns)
-    sizes = [i for i, c in enumerate(cols) if re.match(r"(area|volume|surface_area)_", c)
-             and c not in RENAMED.values()]
+    sizes = [
+        i
+        for i, c in enumerate(cols)
+        if re.match(r"(area|volume|surface_area)_", c) and c not in RENAMED.values()
+    ]
     pos = max(sizes) + 1 if sizes else cols.index("label") + 1
     head, tail = list(df.columns[:pos]), list(df.columns[pos:])
     import pandas as pd
 
     extra = pd.DataFrame(new, index=df.index)
-    out = pd.concat([df[head], extra[[c for c in extra.columns if "intensity" not in c]],
-                     df[tail], extra[[c for c in extra.columns if "intensity" in c]]], axis=1)
+    out = pd.concat(
+        [
+            df[head],
+            extra[[c for c in extra.columns if "intensity" not in c]],
+            df[tail],
+            extra[[c for c in extra.columns if "intensity" in c]],
+        ],
+        axis=1,
+    )
     return out.reset_index(drop=True)
 
 

@@ -575,7 +575,9 @@ def update_stack_features(
     fresh = []
     for plane in sorted({tuple(int(i) for i in p) for p in planes}):
         if len(plane) != n_lead:
-            raise ValueError(f"plane index {plane} needs {n_lead} entries for shape {labels.shape}.")
+            raise ValueError(
+                f"plane index {plane} needs {n_lead} entries for shape {labels.shape}."
+            )
         img = labels[plane]
         present = touched & {int(v) for v in np.unique(img)}
         if not present:
@@ -592,7 +594,9 @@ def update_stack_features(
     else:
         missing = set(columns) - set(df.columns)
         if missing:
-            raise ValueError(f"df is not a stack features table: missing columns {sorted(missing)}.")
+            raise ValueError(
+                f"df is not a stack features table: missing columns {sorted(missing)}."
+            )
         base = df[~df["label"].isin(touched)]
     if fresh:
         new = _concat_ids(fresh)

@@ -130,8 +130,9 @@ def _spacing(spacing: Sequence[float] | None) -> tuple[float, float, float]:
         return (1.0, 1.0, 1.0)
     s = tuple(float(v) for v in spacing)
     if len(s) != 3 or not all(np.isfinite(v) and v > 0 for v in s):
-        raise ValueError(f"spacing must be three positive numbers (dz, dy, dx), got "
-                         f"{tuple(spacing)}.")
+        raise ValueError(
+            f"spacing must be three positive numbers (dz, dy, dx), got {tuple(spacing)}."
+        )
     return s
 
 
@@ -185,13 +186,17 @@ def inscribed_radius_3d(mask: Any, spacing: Sequence[float] | None = None) -> fl
             for c in (0, 1):
                 # The trilinear interpolant of the voxel values at this kind of lattice point:
                 # the mean of the 1, 2, 4 or 8 voxels it touches.
-                acc = np.zeros(tuple(n - o for n, o in zip(p.shape, (a, b, c), strict=True)),
-                               dtype=np.float32)
+                acc = np.zeros(
+                    tuple(n - o for n, o in zip(p.shape, (a, b, c), strict=True)), dtype=np.float32
+                )
                 for i in range(a + 1):
                     for j in range(b + 1):
                         for k in range(c + 1):
-                            acc += p[i : p.shape[0] - a + i, j : p.shape[1] - b + j,
-                                     k : p.shape[2] - c + k]
+                            acc += p[
+                                i : p.shape[0] - a + i,
+                                j : p.shape[1] - b + j,
+                                k : p.shape[2] - c + k,
+                            ]
                 lat[a::2, b::2, c::2] = acc > 0.5 * 2 ** (a + b + c)
     if not lat.any():
         return 0.0
@@ -248,8 +253,17 @@ def object_descriptors_3d(
     m, sp = _as_3d_bool(mask_crop, "mask_crop"), _spacing(spacing)
     n = int(np.count_nonzero(m))
     if n == 0:
-        return dict.fromkeys(("volume_vox", "volume", "surface_area", "sphericity",
-                              "tubularity_3d", "irregularity_3d"), 0.0)
+        return dict.fromkeys(
+            (
+                "volume_vox",
+                "volume",
+                "surface_area",
+                "sphericity",
+                "tubularity_3d",
+                "irregularity_3d",
+            ),
+            0.0,
+        )
     vol = n * float(np.prod(sp))
     surf = _surface_area(m, sp)
     return {
@@ -284,8 +298,10 @@ def object_features_3d(
 
     lab = np.asarray(labels)
     if lab.ndim != 3 or lab.dtype.kind not in "iub":
-        raise ValueError(f"labels must be a 3-D (Z, Y, X) integer label volume, got shape "
-                         f"{lab.shape} dtype {lab.dtype}.")
+        raise ValueError(
+            f"labels must be a 3-D (Z, Y, X) integer label volume, got shape "
+            f"{lab.shape} dtype {lab.dtype}."
+        )
     sp = _spacing(spacing)
     prob = None if probability is None else np.asarray(probability)
     if prob is not None and prob.shape != lab.shape:
@@ -299,12 +315,32 @@ def object_features_3d(
         crop = lab_i[sl] == i + 1
         d = object_descriptors_3d(crop, sp)
         mean_p = float(prob[sl][crop].mean()) if prob is not None else float("nan")
-        rows.append((i + 1, i + 1, int(d["volume_vox"]), d["volume"], d["surface_area"],
-                     d["sphericity"], d["tubularity_3d"], d["irregularity_3d"],
-                     d["volume_vox"] / total, int(crop.any(axis=(1, 2)).sum()), 1, mean_p))
+        rows.append(
+            (
+                i + 1,
+                i + 1,
+                int(d["volume_vox"]),
+                d["volume"],
+                d["surface_area"],
+                d["sphericity"],
+                d["tubularity_3d"],
+                d["irregularity_3d"],
+                d["volume_vox"] / total,
+                int(crop.any(axis=(1, 2)).sum()),
+                1,
+                mean_p,
+            )
+        )
     df = pd.DataFrame.from_records(rows, columns=list(FEATURE_COLUMNS_3D))
-    df = df.astype({"index": "int64", "label": "int64", "volume_vox": "int64",
-                    "z_planes": "int64", "class": "int64"})
+    df = df.astype(
+        {
+            "index": "int64",
+            "label": "int64",
+            "volume_vox": "int64",
+            "z_planes": "int64",
+            "class": "int64",
+        }
+    )
     df.attrs["columns_3d"] = COLUMNS_3D
     return df
 
@@ -335,8 +371,10 @@ def update_features_3d(
     lab = np.asarray(labels)
     n_lead = lab.ndim - 3
     if n_lead < 0 or len(lead_names) != n_lead:
-        raise ValueError(f"labels of shape {lab.shape} need {max(n_lead, 0)} lead name(s) before "
-                         f"(Z, Y, X), got {tuple(lead_names)}.")
+        raise ValueError(
+            f"labels of shape {lab.shape} need {max(n_lead, 0)} lead name(s) before "
+            f"(Z, Y, X), got {tuple(lead_names)}."
+        )
     touched = sorted({int(i) for i in touched_ids if int(i) > 0})
     fresh = []
     for outer in np.ndindex(*lab.shape[:n_lead]):
@@ -351,8 +389,11 @@ def update_features_3d(
         if len(part):
             fresh.append(part)
     columns = [*FEATURE_COLUMNS_3D, *lead_names]
-    base = (df[~df["label"].isin(touched)] if df is not None and len(df)
-            else pd.DataFrame(columns=columns))
+    base = (
+        df[~df["label"].isin(touched)]
+        if df is not None and len(df)
+        else pd.DataFrame(columns=columns)
+    )
     parts = [p for p in (base, *fresh) if len(p)]
     out = (pd.concat(parts, ignore_index=True) if parts else base.iloc[:0])[columns]
     out = out.sort_values("label", kind="stable").reset_index(drop=True)

@@ -41,8 +41,11 @@ class NormalizationConfig:
             )
         for name in ("low", "high", "clip"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
-                    or not np.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float | np.integer | np.floating)
+                or not np.isfinite(value)
+            ):
                 raise ValueError(f"normalisation {name} must be a finite number, got {value!r}.")
         if not 0.0 <= self.low < self.high <= 100.0:
             raise ValueError(
@@ -52,7 +55,9 @@ class NormalizationConfig:
         if self.clip < 0:
             raise ValueError(f"normalisation clip must be >= 0 (0: no clipping), got {self.clip}.")
         if not isinstance(self.per_channel, bool | np.bool_):
-            raise ValueError(f"normalisation per_channel must be true or false, got {self.per_channel!r}.")
+            raise ValueError(
+                f"normalisation per_channel must be true or false, got {self.per_channel!r}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict."""
@@ -65,7 +70,9 @@ class NormalizationConfig:
             raise ValueError(f"normalisation settings must be a JSON object, got {data!r}.")
         unknown = sorted(set(data) - set(fields_of(cls)))
         if unknown:
-            raise ValueError(f"unknown normalisation settings {unknown}; expected {fields_of(cls)}.")
+            raise ValueError(
+                f"unknown normalisation settings {unknown}; expected {fields_of(cls)}."
+            )
         return cls(**data)
 
 
@@ -74,7 +81,9 @@ def fields_of(cls: type) -> list[str]:
     return [f.name for f in fields(cls)]
 
 
-def normalize(image: np.ndarray, config: NormalizationConfig, channel_axis: int | None = 0) -> np.ndarray:
+def normalize(
+    image: np.ndarray, config: NormalizationConfig, channel_axis: int | None = 0
+) -> np.ndarray:
     """Normalise ``image`` to float32 following ``config``.
 
     The statistics and the arithmetic run in float64 whenever float32 cannot hold the input
@@ -107,7 +116,11 @@ def normalize(image: np.ndarray, config: NormalizationConfig, channel_axis: int 
 def work_dtype(dtype: np.dtype | type) -> type:
     """float32 when it holds every value of ``dtype`` exactly, else float64."""
     dt = np.dtype(dtype)
-    if dt.kind == "b" or (dt.kind in "iu" and dt.itemsize <= 2) or (dt.kind == "f" and dt.itemsize <= 4):
+    if (
+        dt.kind == "b"
+        or (dt.kind in "iu" and dt.itemsize <= 2)
+        or (dt.kind == "f" and dt.itemsize <= 4)
+    ):
         return np.float32
     return np.float64
 
@@ -219,8 +232,9 @@ def stats_from_samples(samples: np.ndarray, config: NormalizationConfig) -> Norm
         lows.append(lo)
         offsets.append(offset)
         scales.append(scale if scale > _resolution(lo, hi, work) else 0.0)
-    return NormalizationStats("percentile", tuple(lows), tuple(scales), float(config.clip),
-                              tuple(offsets))
+    return NormalizationStats(
+        "percentile", tuple(lows), tuple(scales), float(config.clip), tuple(offsets)
+    )
 
 
 def _resolution(lo: float, hi: float, work: type) -> float:

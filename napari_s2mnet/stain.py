@@ -63,8 +63,9 @@ def transform_input(image: np.ndarray, layout: Any, mode: str) -> tuple[np.ndarr
             f"input_transform='hematoxylin' needs an RGB image (colour axis last, 3 or 4 values), "
             f"got shape {image.shape}; use 'invert' for a gray brightfield image."
         )
-    return hematoxylin(image), dataclasses.replace(layout, rgb=False, channel_axis=None,
-                                                   channels=None)
+    return hematoxylin(image), dataclasses.replace(
+        layout, rgb=False, channel_axis=None, channels=None
+    )
 
 
 def _invert(image: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ def run_demo(screenshot: Path | None = None) -> int:
     def finished() -> None:
         if screenshot is None:
             return
+
         def grab() -> None:
             from napari._qt.dialogs.qt_notification import NapariQtNotification
 
@@ -41,6 +42,7 @@ def run_demo(screenshot: Path | None = None) -> int:
             viewer.screenshot(str(screenshot), canvas_only=False)
             print(f"[demo] saved window screenshot to {screenshot}")
             viewer.close()
+
         QTimer.singleShot(500, grab)
 
     def errored(exc: BaseException) -> None:

@@ -26,8 +26,9 @@ class OptionalValue(Container):
     def __init__(self, inner: Widget, name: str, label: str, auto_text: str = "auto") -> None:
         self._auto = CheckBox(value=True, text=auto_text)
         self._inner = inner
-        super().__init__(widgets=[self._auto, inner], layout="horizontal", labels=False,
-                         name=name, label=label)
+        super().__init__(
+            widgets=[self._auto, inner], layout="horizontal", labels=False, name=name, label=label
+        )
         self.margins = (0, 0, 0, 0)
         self._auto.changed.connect(lambda v: setattr(self._inner, "enabled", not v))
         self._inner.enabled = False
@@ -76,8 +77,9 @@ def dataclass_form(
         decimals = opts.pop("decimals", None)
         if optional:
             inner_value = placeholder.get(name, default)
-            inner = create_widget(value=inner_value, annotation=tp, name=f"{name}_value",
-                                  options=opts)
+            inner = create_widget(
+                value=inner_value, annotation=tp, name=f"{name}_value", options=opts
+            )
             _set_decimals(inner, decimals, inner_value)
             w: Widget = OptionalValue(inner, name=name, label=label)
             w.value = default

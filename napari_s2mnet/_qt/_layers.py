@@ -54,11 +54,17 @@ class LayerWatcher:
     napari's emitters hold bound methods weakly.
     """
 
-    def __init__(self, layers: Any, on_change: Callable[[], None],
-                 per_layer: dict[str, Callable[[Any], None]] | None = None) -> None:
+    def __init__(
+        self,
+        layers: Any,
+        on_change: Callable[[], None],
+        per_layer: dict[str, Callable[[Any], None]] | None = None,
+    ) -> None:
         self._on_change = on_change
-        self._per_layer: dict[str, Callable[[Any], None]] = {"name": self._changed,
-                                                               **(per_layer or {})}
+        self._per_layer: dict[str, Callable[[Any], None]] = {
+            "name": self._changed,
+            **(per_layer or {}),
+        }
         layers.events.inserted.connect(self._inserted)
         layers.events.removed.connect(self._removed)
         for layer in layers:
@@ -123,14 +129,14 @@ def touched_planes(paint_item: Any, shape: tuple[int, ...]) -> set[tuple[int, ..
             ranges = [range(*k.indices(n)) for k, n in zip(keys, shape, strict=False)]
             planes.update(itertools.product(*ranges))
         else:  # index arrays: coordinates of single pixels, one plane per distinct prefix
-            lead = np.stack([np.broadcast_to(np.asarray(k), np.shape(keys[-1])).ravel()
-                             for k in keys], axis=1)
+            lead = np.stack(
+                [np.broadcast_to(np.asarray(k), np.shape(keys[-1])).ravel() for k in keys], axis=1
+            )
             planes.update(tuple(int(v) for v in row) for row in np.unique(lead, axis=0))
     return planes
 
 
-def mark_painted(painted: np.ndarray | None, paint_item: Any, shape: tuple[int, ...]
-                 ) -> np.ndarray:
+def mark_painted(painted: np.ndarray | None, paint_item: Any, shape: tuple[int, ...]) -> np.ndarray:
     """``painted`` (bool, the layer's shape; new if ``None`` or reshaped) with the pixels of a
     napari paint history item set: what the user painted, filled or erased (issue 14)."""
     if painted is None or painted.shape != tuple(shape):
@@ -195,14 +201,16 @@ def refresh_features(layer: Any, full: bool = False) -> None:
 
         lead = [c for c in df.columns if c not in FEATURE_COLUMNS_3D]
         if len(lead) == data.ndim - 3:
-            layer.features = update_features_3d(df, data, touched, lead_names=lead,
-                                                spacing=tuple(layer.scale[-3:]))
+            layer.features = update_features_3d(
+                df, data, touched, lead_names=lead, spacing=tuple(layer.scale[-3:])
+            )
     elif touched and inf is not None and inf.planes and df is not None and "label" in df:
         # Stacks from the engine: one row per id, the plane in the extra (z / t) columns.
         lead = [c for c in df.columns if c not in FEATURE_COLUMNS]
         if len(lead) == data.ndim - 2:  # instance stacks (semantic ones are per class)
-            layer.features = update_stack_features(df, data, touched, inf.planes, lead,
-                                                   spacing=spacing)
+            layer.features = update_stack_features(
+                df, data, touched, inf.planes, lead, spacing=spacing
+            )
     from napari_s2mnet._qt._table import present
 
     present(layer)  # units, centroid, intensity: the table the user reads

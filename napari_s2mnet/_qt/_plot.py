@@ -40,15 +40,23 @@ class LossPlot(QWidget):
         self.ax.tick_params(axis="y", colors=LOSS_COLOR)
         self.ax_dice.tick_params(labelsize=7)
         self.ax_dice.tick_params(axis="y", colors=DICE_COLOR)
-        (self._loss_line,) = self.ax.plot([], [], color=LOSS_COLOR, lw=1.2, marker="o", ms=2.5,
-                                          label="loss")
-        (self._train_line,) = self.ax_dice.plot([], [], color="tab:olive", lw=1, ls="--",
-                                                marker="x", ms=3, label="train Dice")
-        (self._val_line,) = self.ax_dice.plot([], [], color=DICE_COLOR, lw=1.5, marker="o",
-                                              ms=3, label="val Dice")
+        (self._loss_line,) = self.ax.plot(
+            [], [], color=LOSS_COLOR, lw=1.2, marker="o", ms=2.5, label="loss"
+        )
+        (self._train_line,) = self.ax_dice.plot(
+            [], [], color="tab:olive", lw=1, ls="--", marker="x", ms=3, label="train Dice"
+        )
+        (self._val_line,) = self.ax_dice.plot(
+            [], [], color=DICE_COLOR, lw=1.5, marker="o", ms=3, label="val Dice"
+        )
         # Above the axes, outside them: the legend never covers a curve.
-        self.figure.legend(handles=[self._loss_line, self._train_line, self._val_line],
-                           loc="outside upper center", ncols=3, fontsize=6, frameon=False)
+        self.figure.legend(
+            handles=[self._loss_line, self._train_line, self._val_line],
+            loc="outside upper center",
+            ncols=3,
+            fontsize=6,
+            frameon=False,
+        )
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas)
@@ -64,8 +72,9 @@ class LossPlot(QWidget):
         self.val_dice: list[float] = []
         self._draw()
 
-    def add_point(self, step: int, loss: float, train_dice: float | None = None,
-                  val_dice: float | None = None) -> None:
+    def add_point(
+        self, step: int, loss: float, train_dice: float | None = None, val_dice: float | None = None
+    ) -> None:
         """Append one report and redraw."""
         if loss is not None and math.isfinite(loss):
             self.steps.append(step)

@@ -100,9 +100,11 @@ class ModelSession:
 
 def _source_words(source: str) -> str:
     """The session's source tag as a user reads it."""
-    words = {"bundled default": "bundled with the plugin",
-             "fine-tuned in this session": "fine-tuned in this window",
-             "new in this session": "untrained (fine-tune it before segmenting)"}
+    words = {
+        "bundled default": "bundled with the plugin",
+        "fine-tuned in this session": "fine-tuned in this window",
+        "new in this session": "untrained (fine-tune it before segmenting)",
+    }
     if source in words:
         return words[source]
     if source.endswith(".safetensors"):

@@ -43,8 +43,13 @@ def present(layer: Labels | None) -> None:
     data = np.asarray(layer.data)
     units = getattr(layer, "units", None)
     unit = str(units[-1]) if units else None
-    layer.features = measurement_table(core, data, spacing=tuple(layer.scale), unit=unit,
-                                       image=_intensity(inf.source_layer(), data.shape))
+    layer.features = measurement_table(
+        core,
+        data,
+        spacing=tuple(layer.scale),
+        unit=unit,
+        image=_intensity(inf.source_layer(), data.shape),
+    )
 
 
 def _intensity(image: Any, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -86,8 +91,12 @@ def show_features_table(viewer: Any, layer: Labels) -> Any:
         dock = dock.parentWidget()
     main = dock.parentWidget() if dock is not None else None
     if isinstance(main, QMainWindow):
-        height = table.table.minimumHeight() + table.sizeHint().height() - \
-            table.table.sizeHint().height() + 40
+        height = (
+            table.table.minimumHeight()
+            + table.sizeHint().height()
+            - table.table.sizeHint().height()
+            + 40
+        )
         main.resizeDocks([dock], [height], Qt.Orientation.Vertical)
         main.resizeDocks([dock], [max(dock.width(), 480)], Qt.Orientation.Horizontal)
     viewer.window._s2mnet_table = table
@@ -102,8 +111,11 @@ def _make_table(viewer: Any) -> Any:
 
         def _single_labels(self) -> Labels | None:
             layers = self._selected_layers
-            if len(layers) == 1 and isinstance(layers[0], Labels) and \
-                    "label" in layers[0].features.columns:
+            if (
+                len(layers) == 1
+                and isinstance(layers[0], Labels)
+                and "label" in layers[0].features.columns
+            ):
                 return layers[0]
             return None
 
@@ -119,8 +131,10 @@ def _make_table(viewer: Any) -> Any:
             if layer is None or self._selection_blocked:
                 super()._on_table_selection_changed()
                 return
-            rows = [self.table.model().mapToSource(i).row()
-                    for i in self.table.selectionModel().selectedIndexes()]
+            rows = [
+                self.table.model().mapToSource(i).row()
+                for i in self.table.selectionModel().selectedIndexes()
+            ]
             if rows:
                 df = self.table.model().sourceModel().df
                 with self._block_selection():
@@ -135,18 +149,24 @@ def _make_table(viewer: Any) -> Any:
 
             model = self.table.model()
             df = model.sourceModel().df
-            hits = np.flatnonzero(df["label"].to_numpy() == layer.selected_label) \
-                if "label" in df.columns else []
+            hits = (
+                np.flatnonzero(df["label"].to_numpy() == layer.selected_label)
+                if "label" in df.columns
+                else []
+            )
             with self._block_selection():
                 if not len(hits):
                     self.table.selectionModel().clearSelection()
                     return
                 idx = model.mapFromSource(model.sourceModel().index(int(hits[0]), 0))
-                sel = QItemSelection(model.index(idx.row(), 0),
-                                     model.index(idx.row(), model.columnCount() - 1))
+                sel = QItemSelection(
+                    model.index(idx.row(), 0), model.index(idx.row(), model.columnCount() - 1)
+                )
                 self.table.selectionModel().select(
-                    sel, QItemSelectionModel.SelectionFlag.ClearAndSelect
-                    | QItemSelectionModel.SelectionFlag.Rows)
+                    sel,
+                    QItemSelectionModel.SelectionFlag.ClearAndSelect
+                    | QItemSelectionModel.SelectionFlag.Rows,
+                )
                 self.table.scrollTo(idx)
 
     from qtpy.QtCore import Qt

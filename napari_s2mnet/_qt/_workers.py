@@ -91,8 +91,9 @@ def start_worker(
     """
     # _ignore_errors: superqt would re-raise in the main thread, which reaches napari only
     # through sys.excepthook (installed by napari.run(), not in IPython or scripts).
-    worker: GeneratorWorker = create_worker(_reraising(gen_func), *args, _start_thread=False,
-                                            _ignore_errors=True, **kwargs)
+    worker: GeneratorWorker = create_worker(
+        _reraising(gen_func), *args, _start_thread=False, _ignore_errors=True, **kwargs
+    )
     pbar = _JobProgress(total=0, desc=desc, cancel_callback=on_cancel or worker.quit)
     worker.pbar = pbar  # where napari's own create_worker(_progress=...) keeps its bar
 

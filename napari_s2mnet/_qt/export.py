@@ -33,15 +33,20 @@ class ExportWidget(QWidget):
         self.export_button = PushButton(text="Export")
         self.features_button = PushButton(text="Compute features")
         self.table_button = PushButton(text="Show table")
-        self.form = Container(widgets=[self.labels, self.all_layers, self.fmt, self.features,
-                                       self.path, self.folder])
+        self.form = Container(
+            widgets=[self.labels, self.all_layers, self.fmt, self.features, self.path, self.folder]
+        )
         self.status = QLabel("")
         self.status.setWordWrap(True)
         layout = scrolling_body(self)
         layout.addWidget(self.form.native)
-        layout.addWidget(Container(widgets=[self.export_button, self.features_button,
-                                            self.table_button],
-                                   layout="horizontal", labels=False).native)
+        layout.addWidget(
+            Container(
+                widgets=[self.export_button, self.features_button, self.table_button],
+                layout="horizontal",
+                labels=False,
+            ).native
+        )
         self.model_button = PushButton(text="Export model...")  # ONNX / bioimage.io (issue 18)
         layout.addWidget(self.model_button.native)
         layout.addWidget(self.status)
@@ -52,7 +57,8 @@ class ExportWidget(QWidget):
         self.features_button.changed.connect(self.compute_features)
         self.table_button.changed.connect(self._show_table)
         self._layer_watch = _layers.LayerWatcher(
-            napari_viewer.layers, lambda: _layers.refresh_layer_combo(self.labels))
+            napari_viewer.layers, lambda: _layers.refresh_layer_combo(self.labels)
+        )
         napari_viewer.layers.events.inserted.connect(self._pick_new_labels)
         self.labels.reset_choices()
         if self.labels.value is None and self.labels.choices:
@@ -85,8 +91,10 @@ class ExportWidget(QWidget):
             show_warning("Choose a labels layer first.")
             return
         if np.asarray(layer.data).ndim != 2:
-            show_warning("Features are computed for 2-D labels; segment stacks with S2M-Net to get "
-                         "per-slice features.")
+            show_warning(
+                "Features are computed for 2-D labels; segment stacks with S2M-Net to get "
+                "per-slice features."
+            )
             return
         _layers.info(layer).spacing = tuple(float(s) for s in layer.scale[-2:])
         _layers.refresh_features(layer, full=True)
@@ -115,18 +123,30 @@ class ExportWidget(QWidget):
             if str(path) in ("", ".") or path.is_dir():
                 self._fail("Choose a file name to export to.")
                 return []
-            jobs = [(layer, path.with_suffix(ext) if path.suffix.lower() not in
-                     (".tif", ".tiff", ".png", ".npy") else path)]
+            jobs = [
+                (
+                    layer,
+                    path.with_suffix(ext)
+                    if path.suffix.lower() not in (".tif", ".tiff", ".png", ".npy")
+                    else path,
+                )
+            ]
         written: list[Path] = []
         try:
             for layer, path in jobs:
                 scale = tuple(float(s) for s in layer.scale)
                 unit = _unit(layer)
-                written.append(Path(write_labels(path, np.asarray(layer.data), spacing=scale,
-                                                 unit=unit)))
+                written.append(
+                    Path(write_labels(path, np.asarray(layer.data), spacing=scale, unit=unit))
+                )
                 if self.features.value and layer.features is not None and len(layer.features):
-                    written.append(Path(write_features_csv(layer.features,
-                                                           path.with_name(path.stem + "_features.csv"))))
+                    written.append(
+                        Path(
+                            write_features_csv(
+                                layer.features, path.with_name(path.stem + "_features.csv")
+                            )
+                        )
+                    )
         except (ValueError, OSError) as exc:
             show_error(f"Export failed: {exc}")
             self.status.setText(f"Export failed: {exc}")
@@ -140,8 +160,8 @@ class ExportWidget(QWidget):
         from qtpy.QtWidgets import QFileDialog
 
         path, _ = QFileDialog.getSaveFileName(
-            self, "Export model", "s2mnet_model.onnx",
-            "ONNX (*.onnx);;bioimage.io package (*.zip)")
+            self, "Export model", "s2mnet_model.onnx", "ONNX (*.onnx);;bioimage.io package (*.zip)"
+        )
         return self.export_model(path) if path else None
 
     def export_model(self, target: str | Path) -> Any:
@@ -163,9 +183,11 @@ class ExportWidget(QWidget):
 
         self.status.setText(f"Exporting {bundle.name!r} to {Path(target).name}...")
         return start_worker(
-            job, desc="Export model",
+            job,
+            desc="Export model",
             on_return=lambda p: self.status.setText(f"Model exported to {p}"),
-            on_error=lambda e: self.status.setText(f"Model export failed: {e}"))
+            on_error=lambda e: self.status.setText(f"Model export failed: {e}"),
+        )
 
     def _fail(self, text: str) -> None:
         show_warning(text)

@@ -42,8 +42,16 @@ from napari_s2mnet.training.config import (
 # A widget choice, not a config default: the value offered when the user switches the budget to
 # seconds (FinetuneConfig has no time budget by default; its default is DEFAULT_EPOCHS epochs).
 SECONDS_SUGGESTION = 60.0
-ADVANCED_FIELDS = ["loss", "lr", "batch_size", "crop_size", "val_fraction", "uncorrected_weight",
-                   "seed", "allow_empty"]
+ADVANCED_FIELDS = [
+    "loss",
+    "lr",
+    "batch_size",
+    "crop_size",
+    "val_fraction",
+    "uncorrected_weight",
+    "seed",
+    "allow_empty",
+]
 MAIN_FIELDS = ["scope", "diameter"]
 
 
@@ -99,41 +107,58 @@ class FinetuneWidget(QWidget):
         self.refresh_pairs = PushButton(text="Refresh")
         defaults = FinetuneConfig.interactive("cpu")  # the device is resolved at Run
         by_time = defaults.seconds is not None and defaults.epochs is None
-        self.budget_mode = ComboBox(label="budget", choices=["seconds", "epochs"],
-                                    value="seconds" if by_time else "epochs")
-        self.budget_value = FloatSpinBox(label="amount", min=1, max=100000, step=1,
-                                         value=_budget_default(defaults, self.budget_mode.value))
+        self.budget_mode = ComboBox(
+            label="budget", choices=["seconds", "epochs"], value="seconds" if by_time else "epochs"
+        )
+        self.budget_value = FloatSpinBox(
+            label="amount",
+            min=1,
+            max=100000,
+            step=1,
+            value=_budget_default(defaults, self.budget_mode.value),
+        )
         self.advanced = dataclass_form(
             FinetuneConfig,
             ADVANCED_FIELDS,
             labels={"lr": "learning rate", "allow_empty": "use empty images as background"},
-            options={"loss": {"choices": list(LOSS_NAMES)},
-                     "lr": {"min": 1e-6, "max": 1e-1, "step": 1e-5},
-                     "crop_size": {"min": 32, "max": 1024, "step": 32},
-                     "val_fraction": {"min": 0.0, "max": 0.5, "step": 0.05},
-                     "uncorrected_weight": {"min": 0.0, "max": 10.0, "step": 0.5}},
-            tooltips={"uncorrected_weight": "loss weight of pixels you did not correct (the "
-                                            "model's own output); 0 ignores them"},
+            options={
+                "loss": {"choices": list(LOSS_NAMES)},
+                "lr": {"min": 1e-6, "max": 1e-1, "step": 1e-5},
+                "crop_size": {"min": 32, "max": 1024, "step": 32},
+                "val_fraction": {"min": 0.0, "max": 0.5, "step": 0.05},
+                "uncorrected_weight": {"min": 0.0, "max": 10.0, "step": 0.5},
+            },
+            tooltips={
+                "uncorrected_weight": "loss weight of pixels you did not correct (the "
+                "model's own output); 0 ignores them"
+            },
         )
         self.main_form = dataclass_form(
-            FinetuneConfig, MAIN_FIELDS,
+            FinetuneConfig,
+            MAIN_FIELDS,
             labels={"scope": "train", "diameter": "object diameter (px)"},
-            options={"scope": {"choices": list(SCOPES)},
-                     "diameter": {"min": 2.0, "max": 2000.0, "step": 1.0}},
+            options={
+                "scope": {"choices": list(SCOPES)},
+                "diameter": {"min": 2.0, "max": 2000.0, "step": 1.0},
+            },
             placeholder={"diameter": 30.0},
-            tooltips={"scope": "which weights learn: all; decoder+head (faster steps); "
-                               "head+norm (fastest, smallest change)",
-                      "diameter": "typical object diameter in pixels; auto = as the model was "
-                                  "trained (no rescaling)"},
+            tooltips={
+                "scope": "which weights learn: all; decoder+head (faster steps); "
+                "head+norm (fastest, smallest change)",
+                "diameter": "typical object diameter in pixels; auto = as the model was "
+                "trained (no rescaling)",
+            },
         )
         _set_form(self.advanced, defaults)
         _set_form(self.main_form, defaults)
         self.run_button = PushButton(text="Fine-tune")
         self.stop_button = PushButton(text="Stop (keep best)", enabled=False)
         self.continue_button = PushButton(
-            text="Continue", enabled=False,
+            text="Continue",
+            enabled=False,
             tooltip="continue the last stopped or timed-out run where it ended, for the budget "
-                    "above (same pairs and settings)")
+            "above (same pairs and settings)",
+        )
         self.revert_button = PushButton(text="Revert model", enabled=False)
         self.save_button = PushButton(text="Save model...")
         self.progress = ProgressRow()
@@ -173,7 +198,10 @@ class FinetuneWidget(QWidget):
 
         self.refresh_pairs.changed.connect(self.update_pairs)
         self.budget_mode.changed.connect(
-            lambda mode: setattr(self.budget_value, "value", _budget_default(FinetuneConfig(), mode)))
+            lambda mode: setattr(
+                self.budget_value, "value", _budget_default(FinetuneConfig(), mode)
+            )
+        )
         self.run_button.changed.connect(lambda: self.run())
         self.continue_button.changed.connect(lambda: self.run(resume=True))
         self.stop_button.changed.connect(self.stop)
@@ -187,8 +215,9 @@ class FinetuneWidget(QWidget):
         self._edit_timer.setSingleShot(True)
         self._edit_timer.setInterval(0)
         self._edit_timer.timeout.connect(self._check_edited)
-        self._layer_watch = _layers.LayerWatcher(napari_viewer.layers, self.update_pairs,
-                                                 per_layer={"paint": self._on_paint})
+        self._layer_watch = _layers.LayerWatcher(
+            napari_viewer.layers, self.update_pairs, per_layer={"paint": self._on_paint}
+        )
         self.update_pairs()
         self._show_model()
         _warm_up_in_background()
@@ -201,11 +230,14 @@ class FinetuneWidget(QWidget):
             self.pairs.clear()
             self._pair_objs: list[tuple[Image, Labels]] = []
             self._listed_edited = weakref.WeakSet(
-                lyr for lyr in self.viewer.layers
-                if isinstance(lyr, Labels) and _layers.info(lyr).edited)
+                lyr
+                for lyr in self.viewer.layers
+                if isinstance(lyr, Labels) and _layers.info(lyr).edited
+            )
             for img, lab, edited in candidate_pairs(self.viewer):
-                item = QListWidgetItem(f"{img.name}  ↔  {lab.name}"
-                                       + ("  (edited)" if edited else ""))
+                item = QListWidgetItem(
+                    f"{img.name}  ↔  {lab.name}" + ("  (edited)" if edited else "")
+                )
                 item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
                 checked = self._user_checks.get(lab, edited)
                 item.setCheckState(Qt.CheckState.Checked if checked else Qt.CheckState.Unchecked)
@@ -217,8 +249,7 @@ class FinetuneWidget(QWidget):
     def _item_changed(self, item: QListWidgetItem) -> None:
         row = self.pairs.row(item)
         if 0 <= row < len(self._pair_objs):
-            self._user_checks[self._pair_objs[row][1]] = \
-                item.checkState() == Qt.CheckState.Checked
+            self._user_checks[self._pair_objs[row][1]] = item.checkState() == Qt.CheckState.Checked
 
     def _on_paint(self, *_: Any) -> None:
         self._edit_timer.start()
@@ -226,8 +257,11 @@ class FinetuneWidget(QWidget):
     def _check_edited(self) -> None:
         """Re-list when a labels layer became edited since the list was built."""
         for lyr in self.viewer.layers:
-            if isinstance(lyr, Labels) and lyr not in self._listed_edited \
-                    and _layers.info(lyr).edited:
+            if (
+                isinstance(lyr, Labels)
+                and lyr not in self._listed_edited
+                and _layers.info(lyr).edited
+            ):
                 self.update_pairs()
                 return
 
@@ -273,8 +307,10 @@ class FinetuneWidget(QWidget):
             return None
         pairs = list(self._resume_pairs) if state is not None else self.selected_pairs()
         if not pairs:
-            show_warning("Check at least one (image, labels) pair. Segment an image and correct "
-                         "its labels with napari's paint tools first.")
+            show_warning(
+                "Check at least one (image, labels) pair. Segment an image and correct "
+                "its labels with napari's paint tools first."
+            )
             return None
         try:
             model = self.session.active()
@@ -301,7 +337,13 @@ class FinetuneWidget(QWidget):
         self.run_button.enabled, self.stop_button.enabled = False, True
         self.continue_button.enabled = False
         self.worker = start_worker(
-            finetune, data, model, config, control=self.control, names=names, resume=state,
+            finetune,
+            data,
+            model,
+            config,
+            control=self.control,
+            names=names,
+            resume=state,
             corrected=corrected,
             desc="S2M-Net fine-tune",
             on_yield=self._report,
@@ -341,9 +383,14 @@ class FinetuneWidget(QWidget):
         self._steps_seen = max(self._steps_seen, int(report.step))
         total = max(int(report.total_steps or 0), 1)
         estimate = "~" if self._timed else ""  # a time budget's step count is an estimate
-        self.progress.report(int(report.step), total,
-                             f"step {int(report.step)}/{estimate}{total}, epoch {report.epoch}")
-        self.plot.add_point(int(report.step), float(report.loss), report.train_dice, report.val_dice)
+        self.progress.report(
+            int(report.step),
+            total,
+            f"step {int(report.step)}/{estimate}{total}, epoch {report.epoch}",
+        )
+        self.plot.add_point(
+            int(report.step), float(report.loss), report.train_dice, report.val_dice
+        )
         if report.message:
             self.status.setText(report.message)
 
@@ -359,24 +406,31 @@ class FinetuneWidget(QWidget):
         reason = str(result.stopped_reason)
         verb = "Stopped" if reason == "cancelled" else "Done"
         best = result.best_val_dice
-        best_txt = f", best validation Dice {best:.3f}" if best is not None and math.isfinite(best) \
-            else ""
+        best_txt = (
+            f", best validation Dice {best:.3f}" if best is not None and math.isfinite(best) else ""
+        )
         scores = _score_text(result)
         if result.steps == 0:
             return f"{verb} before any step: the previous model stays active."
         if result.kept_previous or result.best_step == 0:
             # The corrected (or validation) data said the fine-tuned model was not better.
-            where = ("the regions you corrected and the labels around them"
-                     if result.corrected_before is not None
-                     else "the held-out part of the labels")
+            where = (
+                "the regions you corrected and the labels around them"
+                if result.corrected_before is not None
+                else "the held-out part of the labels"
+            )
             show_info("S2M-Net fine-tuning: no improvement; the starting model is kept.")
-            return (f"{verb} ({reason}{best_txt}): no improvement: the starting model is kept "
-                    f"(the fine-tuned model did not do better on {where}). {scores}").strip()
+            return (
+                f"{verb} ({reason}{best_txt}): no improvement: the starting model is kept "
+                f"(the fine-tuned model did not do better on {where}). {scores}"
+            ).strip()
         self.session.set_active(result.bundle, "fine-tuned in this session")
         self.revert_button.enabled = self.session.can_revert
         show_info("S2M-Net fine-tuning finished; the new model is active.")
-        return (f"{verb} ({reason}, state of step {result.best_step}{best_txt}). {scores}The "
-                "fine-tuned model is now active for Segment; Revert restores the previous one.")
+        return (
+            f"{verb} ({reason}, state of step {result.best_step}{best_txt}). {scores}The "
+            "fine-tuned model is now active for Segment; Revert restores the previous one."
+        )
 
     def _errored(self, exc: BaseException) -> None:
         # start_worker already shows the error as a napari notification.
@@ -412,8 +466,9 @@ class FinetuneWidget(QWidget):
         from napari_s2mnet.checkpoint import save_model
 
         if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, "Save model", "s2mnet_finetuned.safetensors",
-                                                  "S2M-Net model (*.safetensors)")
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Save model", "s2mnet_finetuned.safetensors", "S2M-Net model (*.safetensors)"
+            )
             if not path:
                 return None
         path = Path(path)
@@ -462,9 +517,11 @@ def corrected_masks(pairs: list[tuple[Image, Labels]]) -> list[Any] | None:
     for _img, lab in pairs:
         painted = _layers.info(lab).painted
         data = np.asarray(lab.data)
-        out.append(grow_corrected(data, painted)
-                   if painted is not None and painted.shape == data.shape and painted.any()
-                   else None)
+        out.append(
+            grow_corrected(data, painted)
+            if painted is not None and painted.shape == data.shape and painted.any()
+            else None
+        )
     return out if any(m is not None for m in out) else None
 
 
@@ -473,7 +530,7 @@ def _score_text(result: FinetuneResult) -> str:
     before, after = result.corrected_before, result.corrected_after
     if before is None or after is None:
         return ""
-    return (f"On the regions you corrected: Dice {before:.2f} before, {after:.2f} after. ")
+    return f"On the regions you corrected: Dice {before:.2f} before, {after:.2f} after. "
 
 
 def _set_form(form: Any, cfg: FinetuneConfig) -> None:

@@ -78,75 +78,118 @@ class SegmentWidget(QWidget):
 
         self.image = ComboBox(label="image", choices=self._image_layers, nullable=True)
         self.channel_axis = ComboBox(
-            label="channel axis", choices=self._channel_choices, value=NO_CHANNEL_AXIS,
+            label="channel axis",
+            choices=self._channel_choices,
+            value=NO_CHANNEL_AXIS,
             tooltip="for a multichannel layer (not RGB): the axis that holds the model's input "
-                    "channels; 'none' segments every plane of a stack on its own")
+            "channels; 'none' segments every plane of a stack on its own",
+        )
         self.input_channel = ComboBox(
-            label="model input", choices=self._input_choices, value=ALL_CHANNELS,
+            label="model input",
+            choices=self._input_choices,
+            value=ALL_CHANNELS,
             tooltip="which channel feeds the model (e.g. the nuclear stain for a 1-channel "
-                    "model); 'all' passes every channel (RGB is averaged to gray for a "
-                    "1-channel model)")
+            "model); 'all' passes every channel (RGB is averaged to gray for a "
+            "1-channel model)",
+        )
         self.input_transform = ComboBox(
-            label="input", choices=[(text, key) for key, text in INPUT_TRANSFORMS.items()],
+            label="input",
+            choices=[(text, key) for key, text in INPUT_TRANSFORMS.items()],
             value=InferenceConfig().input_transform,
             tooltip="brightfield: 'invert' makes dark objects bright; H&E / IHC RGB: the "
-                    "hematoxylin stain (nuclei) feeds the model as bright objects")
-        self.model = ComboBox(label="model", choices=self._model_choices,
-                              tooltip="the bundled model, models fine-tuned in this window and "
-                                      "model files loaded or saved recently")
+            "hematoxylin stain (nuclei) feeds the model as bright objects",
+        )
+        self.model = ComboBox(
+            label="model",
+            choices=self._model_choices,
+            tooltip="the bundled model, models fine-tuned in this window and "
+            "model files loaded or saved recently",
+        )
         self.open_button = PushButton(text="Open...", tooltip="load a .safetensors model file")
         self.device = ComboBox(label="device", choices=available_devices(), value="auto")
-        self.new_arch = ComboBox(label="architecture", choices=_architectures(), value="s2mnet",
-                                 tooltip="start an untrained model of this architecture, then "
-                                         "fine-tune it on your labels")
-        self.new_button = PushButton(text="Start untrained model",
-                                     tooltip="random weights: segments nothing useful until "
-                                             "fine-tuned on your labels")
+        self.new_arch = ComboBox(
+            label="architecture",
+            choices=_architectures(),
+            value="s2mnet",
+            tooltip="start an untrained model of this architecture, then "
+            "fine-tune it on your labels",
+        )
+        self.new_button = PushButton(
+            text="Start untrained model",
+            tooltip="random weights: segments nothing useful until fine-tuned on your labels",
+        )
         self.run_button = PushButton(text="Run")
         self.size_form = dataclass_form(
-            InferenceConfig, ["diameter"], labels={"diameter": "object diameter (px)"},
+            InferenceConfig,
+            ["diameter"],
+            labels={"diameter": "object diameter (px)"},
             options={"diameter": {"min": 2.0, "max": 2000.0, "step": 1.0, "decimals": 1}},
             placeholder={"diameter": 30.0},
-            tooltips={"diameter": "typical object diameter in pixels; the image is rescaled so "
-                                  "objects reach the model at the size it was trained on. "
-                                  "auto: no rescaling"})
+            tooltips={
+                "diameter": "typical object diameter in pixels; the image is rescaled so "
+                "objects reach the model at the size it was trained on. "
+                "auto: no rescaling"
+            },
+        )
         self.size_form.margins = (0, 0, 0, 0)
-        self.estimate_button = PushButton(text="Estimate",
-                                          tooltip="measure the typical object diameter with "
-                                                  "the model (one or two segmentation passes)")
+        self.estimate_button = PushButton(
+            text="Estimate",
+            tooltip="measure the typical object diameter with "
+            "the model (one or two segmentation passes)",
+        )
         self.estimate_worker: Any = None
         self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.table_button = PushButton(text="Show table",
-                                       tooltip="the features table of the result (or of the "
-                                               "selected labels layer); click a row to select "
-                                               "that object")
-        self.controls = Container(widgets=[self.image, self.channel_axis, self.input_channel,
-                                           self.input_transform,
-                                           Container(widgets=[self.model, self.open_button],
-                                                     layout="horizontal", labels=False,
-                                                     label="model"),
-                                           Container(widgets=[self.size_form,
-                                                              self.estimate_button],
-                                                     layout="horizontal", labels=False,
-                                                     label="objects")])
+        self.table_button = PushButton(
+            text="Show table",
+            tooltip="the features table of the result (or of the "
+            "selected labels layer); click a row to select "
+            "that object",
+        )
+        self.controls = Container(
+            widgets=[
+                self.image,
+                self.channel_axis,
+                self.input_channel,
+                self.input_transform,
+                Container(
+                    widgets=[self.model, self.open_button],
+                    layout="horizontal",
+                    labels=False,
+                    label="model",
+                ),
+                Container(
+                    widgets=[self.size_form, self.estimate_button],
+                    layout="horizontal",
+                    labels=False,
+                    label="objects",
+                ),
+            ]
+        )
         self.controls.margins = (0, 0, 0, 0)
         self.advanced = dataclass_form(
             InferenceConfig,
             ADVANCED_FIELDS,
-            labels={"tta": "test-time augmentation", "uncertainty": "uncertainty layer",
-                    "z_context": "2.5-D z context"},
-            options={"tile_size": {"min": 32, "max": 4096, "step": 32},
-                     "overlap": {"min": 0.0, "max": 0.75, "step": 0.025, "decimals": 3},
-                     "threshold": {"min": 0.0, "max": 1.0, "step": 0.05},
-                     "min_size": {"min": 0, "max": 100000},
-                     "z_context": {"min": 0, "max": 20}},
+            labels={
+                "tta": "test-time augmentation",
+                "uncertainty": "uncertainty layer",
+                "z_context": "2.5-D z context",
+            },
+            options={
+                "tile_size": {"min": 32, "max": 4096, "step": 32},
+                "overlap": {"min": 0.0, "max": 0.75, "step": 0.025, "decimals": 3},
+                "threshold": {"min": 0.0, "max": 1.0, "step": 0.05},
+                "min_size": {"min": 0, "max": 100000},
+                "z_context": {"min": 0, "max": 20},
+            },
             placeholder={"threshold": 0.5, "tile_size": 256},
-            tooltips={"threshold": "auto: the model's own threshold",
-                      "tile_size": "auto: the crop size the model was trained with (S2M-Net is "
-                                   "most accurate at that size)",
-                      "split_touching": "split touching objects with a distance-transform watershed",
-                      "z_context": "stacks: average each slice's probabilities with N slices "
-                                   "above and below before thresholding (0: off)"},
+            tooltips={
+                "threshold": "auto: the model's own threshold",
+                "tile_size": "auto: the crop size the model was trained with (S2M-Net is "
+                "most accurate at that size)",
+                "split_touching": "split touching objects with a distance-transform watershed",
+                "z_context": "stacks: average each slice's probabilities with N slices "
+                "above and below before thresholding (0: off)",
+            },
         )
         self.device_label = QLabel()
         self.model_label = QLabel()
@@ -158,11 +201,17 @@ class SegmentWidget(QWidget):
         collapsible = QCollapsible("Advanced")
         collapsible.addWidget(Container(widgets=[self.device]).native)
         collapsible.addWidget(self.advanced.native)
-        collapsible.addWidget(Container(widgets=[self.new_arch, self.new_button],
-                                        layout="horizontal", labels=False).native)
+        collapsible.addWidget(
+            Container(
+                widgets=[self.new_arch, self.new_button], layout="horizontal", labels=False
+            ).native
+        )
         self.collapsible = collapsible
-        buttons = Container(widgets=[self.run_button, self.cancel_button, self.table_button],
-                            layout="horizontal", labels=False)
+        buttons = Container(
+            widgets=[self.run_button, self.cancel_button, self.table_button],
+            layout="horizontal",
+            labels=False,
+        )
         buttons.margins = (0, 0, 0, 0)
         layout = scrolling_body(self)
         layout.addWidget(self.controls.native)
@@ -263,7 +312,9 @@ class SegmentWidget(QWidget):
         from napari_s2mnet.devices import describe_device, resolve_device
 
         try:
-            self.device_label.setText(f"Runs on: {describe_device(resolve_device(self.device.value))}")
+            self.device_label.setText(
+                f"Runs on: {describe_device(resolve_device(self.device.value))}"
+            )
         except (ValueError, RuntimeError) as exc:
             self.device_label.setText(f"Device unavailable: {exc}")
 
@@ -282,8 +333,7 @@ class SegmentWidget(QWidget):
         current = self._current_model_key() if session is not None else None
         for name, path in recent_models():
             choices.append((f"{name} ({path.name})", str(path)))
-        if current not in (None, BUNDLED, SESSION_MODEL) and current not in \
-                [c[1] for c in choices]:
+        if current not in (None, BUNDLED, SESSION_MODEL) and current not in [c[1] for c in choices]:
             choices.append((f"{Path(current).name}", current))
         return choices
 
@@ -310,8 +360,9 @@ class SegmentWidget(QWidget):
     def load_model_file(self, path: str | Path | None = None) -> Any:
         """Load a ``.safetensors`` model file (asks for one if ``path`` is None); returns it."""
         if path is None:
-            path, _ = QFileDialog.getOpenFileName(self, "Open S2M-Net model", "",
-                                                  "S2M-Net model (*.safetensors)")
+            path, _ = QFileDialog.getOpenFileName(
+                self, "Open S2M-Net model", "", "S2M-Net model (*.safetensors)"
+            )
             if not path:
                 return None
         path = Path(path).resolve()
@@ -342,8 +393,12 @@ class SegmentWidget(QWidget):
     # -- running -------------------------------------------------------------------------------
     def config(self) -> InferenceConfig:
         """The inference config the widget currently describes."""
-        return InferenceConfig(device=self.device.value, input_transform=self.input_transform.value,
-                               **form_values(self.advanced), **form_values(self.size_form))
+        return InferenceConfig(
+            device=self.device.value,
+            input_transform=self.input_transform.value,
+            **form_values(self.advanced),
+            **form_values(self.size_form),
+        )
 
     def run(self) -> Any:
         """Start segmentation of the selected image layer; returns the worker."""
@@ -423,9 +478,15 @@ class SegmentWidget(QWidget):
             self.estimate_button.enabled = True
 
         self.estimate_worker = start_worker(
-            _estimate_job, np.asarray(layer.data), model,
-            dc.replace(self.config(), diameter=None), layout, desc="S2M-Net: object diameter",
-            on_return=done, on_finish=finished)
+            _estimate_job,
+            np.asarray(layer.data),
+            model,
+            dc.replace(self.config(), diameter=None),
+            layout,
+            desc="S2M-Net: object diameter",
+            on_return=done,
+            on_finish=finished,
+        )
         return self.estimate_worker
 
     def _report(self, report: Progress) -> None:
@@ -445,8 +506,9 @@ class SegmentWidget(QWidget):
             results = [ref() for ref in self._last_result.values()]
             layer = next((r for r in reversed(results) if r in self.viewer.layers), None)
         if layer is None:
-            layer = next((lyr for lyr in reversed(self.viewer.layers)
-                          if isinstance(lyr, Labels)), None)
+            layer = next(
+                (lyr for lyr in reversed(self.viewer.layers) if isinstance(lyr, Labels)), None
+            )
         if layer is None:
             show_warning("Segment an image (or open a labels layer) first.")
             return None
@@ -481,8 +543,12 @@ class SegmentWidget(QWidget):
         meta = _spatial_meta(image, nd, drop_axis=self._result_drop_axis)
         previous = self._last_result.get(id(image))
         target = previous() if previous is not None else None
-        if target is not None and target in self.viewer.layers and not _layers.info(target).edited \
-                and target.data.shape == labels.shape:
+        if (
+            target is not None
+            and target in self.viewer.layers
+            and not _layers.info(target).edited
+            and target.data.shape == labels.shape
+        ):
             target.data = labels  # our own untouched result: update in place
             target.features = result.features
             out = target
@@ -499,12 +565,20 @@ class SegmentWidget(QWidget):
             self.viewer.add_layer(out)
             self._last_result[id(image)] = weakref.ref(out)
         if result.uncertainty is not None:
-            self.viewer.add_image(result.uncertainty, name=f"{image.name} uncertainty",
-                                  colormap="inferno", opacity=0.5, blending="additive",
-                                  contrast_limits=(0.0, 1.0), **meta)
+            self.viewer.add_image(
+                result.uncertainty,
+                name=f"{image.name} uncertainty",
+                colormap="inferno",
+                opacity=0.5,
+                blending="additive",
+                contrast_limits=(0.0, 1.0),
+                **meta,
+            )
         n = len(result.features) if result.features is not None else 0
         messages = "; ".join(result.messages)
-        self.status.setText(f"Done: {n} objects in {out.name!r} ({result.device}, {result.backend}). {messages}".strip())
+        self.status.setText(
+            f"Done: {n} objects in {out.name!r} ({result.device}, {result.backend}). {messages}".strip()
+        )
         for note in result.messages:  # each note may mean the input was not read as meant
             show_warning(note)
         self.progress.finish(f"done: {n} objects")
@@ -553,8 +627,6 @@ def _spatial_meta(image: Image, nd: int, drop_axis: int | None = None) -> dict[s
     if units is not None:
         meta["units"] = keep(units)
     return meta
-
-
 
 
 def _estimate_job(data: np.ndarray, model: Any, config: InferenceConfig, layout: Any) -> Any:

@@ -97,11 +97,15 @@ class InferenceConfig:
         from napari_s2mnet.stain import check_transform
 
         check_transform(self.input_transform)
-        if self.diameter is not None and (isinstance(self.diameter, bool) or
-                                          not isinstance(self.diameter, int | float | np.number)
-                                          or not 2 <= float(self.diameter) <= 2000):
-            raise ValueError(f"diameter must be a number of pixels in [2, 2000] or None (as "
-                             f"the model was trained), got {self.diameter!r}.")
+        if self.diameter is not None and (
+            isinstance(self.diameter, bool)
+            or not isinstance(self.diameter, int | float | np.number)
+            or not 2 <= float(self.diameter) <= 2000
+        ):
+            raise ValueError(
+                f"diameter must be a number of pixels in [2, 2000] or None (as "
+                f"the model was trained), got {self.diameter!r}."
+            )
         if self.tile_size is not None and (
             not isinstance(self.tile_size, int | np.integer) or self.tile_size < 16
         ):
@@ -123,8 +127,10 @@ class InferenceConfig:
             )
         if not isinstance(self.min_size, int | np.integer) or self.min_size < 0:
             raise ValueError(f"min_size must be an integer >= 0 pixels, got {self.min_size!r}.")
-        if (not isinstance(self.split_min_distance, int | np.integer)
-                or not 1 <= self.split_min_distance <= MAX_SPLIT_DISTANCE):
+        if (
+            not isinstance(self.split_min_distance, int | np.integer)
+            or not 1 <= self.split_min_distance <= MAX_SPLIT_DISTANCE
+        ):
             # The peak search's window is (2 d + 1) pixels wide: 10**9 asked for exabytes.
             raise ValueError(
                 f"split_min_distance must be an integer from 1 to {MAX_SPLIT_DISTANCE} pixels, "
@@ -137,8 +143,7 @@ class InferenceConfig:
             )
         if self.labels_3d not in ("auto", "stitch", "watershed", "off"):
             raise ValueError(
-                f"labels_3d must be 'auto', 'stitch', 'watershed' or 'off', got "
-                f"{self.labels_3d!r}."
+                f"labels_3d must be 'auto', 'stitch', 'watershed' or 'off', got {self.labels_3d!r}."
             )
         if self.backend not in ("auto", "torch", "openvino", "onnxruntime"):
             raise ValueError(

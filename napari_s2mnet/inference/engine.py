@@ -181,8 +181,9 @@ class Engine:
                 xs.append(part.transpose(2, 0, 1))
             return self._forward(np.ascontiguousarray(np.stack(xs)))
 
-        blending = blend_iter((height, width), g, self.out_channels, predict_batch,
-                              self.state.batch_size)
+        blending = blend_iter(
+            (height, width), g, self.out_channels, predict_batch, self.state.batch_size
+        )
         done_before = 0
         while True:
             try:

@@ -62,8 +62,9 @@ def instances(
     from napari_s2mnet.instances import distance_watershed, head_instances
 
     if head is not None:
-        lab, n = head_instances(np.concatenate([prob[None], head]), threshold=threshold,
-                                spacing=spacing)
+        lab, n = head_instances(
+            np.concatenate([prob[None], head]), threshold=threshold, spacing=spacing
+        )
         if config.fill_holes:  # holes inside an object join it (per plane)
             filled = ndi.binary_fill_holes(lab > 0) if lab.ndim == 2 else lab > 0
             if (filled & (lab == 0)).any():
@@ -75,14 +76,16 @@ def instances(
     if config.fill_holes:
         mask = ndi.binary_fill_holes(mask)
     lab = np.zeros(mask.shape, dtype=np.int32)
-    n = int(ndi.label(mask, structure=ndi.generate_binary_structure(mask.ndim, mask.ndim),
-                      output=lab))
+    n = int(
+        ndi.label(mask, structure=ndi.generate_binary_structure(mask.ndim, mask.ndim), output=lab)
+    )
     if n and config.split_touching:
         if mask.ndim == 2 and spacing is None:
             lab, n = split_touching(mask, lab, n, config.split_min_distance)
         else:
-            lab, n = distance_watershed(mask, min_distance=config.split_min_distance,
-                                        spacing=spacing)
+            lab, n = distance_watershed(
+                mask, min_distance=config.split_min_distance, spacing=spacing
+            )
     del mask
     return _drop_small(lab, n, config.min_size)
 
@@ -376,8 +379,9 @@ class SliceResults:
         mode = DEFAULT_LABELS_3D if self.config.labels_3d == "auto" else self.config.labels_3d
         return None if mode == "off" else mode
 
-    def _add_to_volume(self, idx: tuple[int, ...], prob: np.ndarray,
-                       head: np.ndarray | None) -> None:
+    def _add_to_volume(
+        self, idx: tuple[int, ...], prob: np.ndarray, head: np.ndarray | None
+    ) -> None:
         """Collect one plane of the current z-run; label the run in 3-D at its last plane."""
         if self.volume == "stitch":  # per-plane labels now, only the joining waits
             lab, _ = instances(prob, self.threshold, self.config, head)
@@ -397,8 +401,7 @@ class SliceResults:
         if self.volume == "stitch":
             vol = stitch_planes(np.stack([lab for lab, _ in self._run]), STITCH_THRESHOLD)
             n = int(vol.max()) if vol.size else 0
-            prob = (np.stack([p for _, p in self._run])
-                    if self.config.compute_features else None)
+            prob = np.stack([p for _, p in self._run]) if self.config.compute_features else None
         else:
             # Anisotropic 3-D distance-transform watershed of the foreground, for every binary
             # model: the instance head's maps are normalised per 2-D cross-section, and seeds
@@ -440,8 +443,9 @@ class SliceResults:
         """The label image of all slices (smallest unsigned dtype); frees the slices."""
         from napari_s2mnet.io import smallest_uint_dtype
 
-        out = assemble(self.slice_labels, self.offsets, self.plan, self.total_objects,
-                       smallest_uint_dtype)
+        out = assemble(
+            self.slice_labels, self.offsets, self.plan, self.total_objects, smallest_uint_dtype
+        )
         self.slice_labels = []
         return out
 

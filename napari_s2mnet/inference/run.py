@@ -170,13 +170,17 @@ def _diameter_factor(bundle: ModelBundle, cfg: InferenceConfig, notes: list[str]
         return 1.0
     trained = model_diameter(bundle)
     if trained is None:
-        notes.append(f"The model file does not say which object size it was trained on, so "
-                     f"the diameter {cfg.diameter:g} px is not used (no rescaling).")
+        notes.append(
+            f"The model file does not say which object size it was trained on, so "
+            f"the diameter {cfg.diameter:g} px is not used (no rescaling)."
+        )
         return 1.0
     factor = scale_factor(trained, float(cfg.diameter))
     if factor != 1.0:
-        notes.append(f"Rescaled by {factor:.2f}: objects of {cfg.diameter:g} px reach the model "
-                     f"at its training diameter ({trained:g} px).")
+        notes.append(
+            f"Rescaled by {factor:.2f}: objects of {cfg.diameter:g} px reach the model "
+            f"at its training diameter ({trained:g} px)."
+        )
     return factor
 
 

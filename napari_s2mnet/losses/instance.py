@@ -58,8 +58,11 @@ class InstanceHeadLoss(nn.Module):
         l_bnd = F.binary_cross_entropy_with_logits(lb, tb) + _soft_dice_loss(torch.sigmoid(lb), tb)
         l_dist = F.binary_cross_entropy_with_logits(logits[:, 2], target[:, 2])
         comps = dict(getattr(self.foreground, "last_components", {}) or {})
-        comps.update(foreground=float(fg.detach()), boundary=float(l_bnd.detach()),
-                     distance=float(l_dist.detach()))
+        comps.update(
+            foreground=float(fg.detach()),
+            boundary=float(l_bnd.detach()),
+            distance=float(l_dist.detach()),
+        )
         self.last_components = comps
         return fg + self.weight * (l_bnd + l_dist)
 

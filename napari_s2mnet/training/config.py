@@ -37,12 +37,24 @@ SCOPES = ("all", "decoder+head", "head+norm")
 # per-step cost of each scope (docs/benchmarks.md): see FinetuneConfig.interactive. The CPU
 # trains decoder+head (2.2x cheaper steps, the best F1 at k = 5 with the instance-head model);
 # the GPU preset (not measured on a GPU yet) trains everything.
-INTERACTIVE_CPU: dict[str, Any] = {"seconds": 60.0, "epochs": None, "crop_size": 128,
-                                   "batch_size": 2, "lr": 3e-4, "scope": "decoder+head",
-                                   "warmup_fraction": 0.05}
-INTERACTIVE_GPU: dict[str, Any] = {"seconds": 60.0, "epochs": None, "crop_size": 256,
-                                   "batch_size": 8, "lr": 3e-4, "scope": "all",
-                                   "warmup_fraction": 0.05}
+INTERACTIVE_CPU: dict[str, Any] = {
+    "seconds": 60.0,
+    "epochs": None,
+    "crop_size": 128,
+    "batch_size": 2,
+    "lr": 3e-4,
+    "scope": "decoder+head",
+    "warmup_fraction": 0.05,
+}
+INTERACTIVE_GPU: dict[str, Any] = {
+    "seconds": 60.0,
+    "epochs": None,
+    "crop_size": 256,
+    "batch_size": 8,
+    "lr": 3e-4,
+    "scope": "all",
+    "warmup_fraction": 0.05,
+}
 
 
 def _is_gpu(device: str) -> bool:
@@ -165,40 +177,68 @@ class FinetuneConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` with an actionable message for out-of-range settings."""
         checks = [
-            (self.epochs is None or (isinstance(self.epochs, int) and self.epochs >= 1),
-             f"epochs must be a positive integer or None, got {self.epochs!r}"),
-            (self.seconds is None or self.seconds > 0,
-             f"seconds must be positive or None, got {self.seconds!r}"),
-            (self.steps_per_epoch >= 1, f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}"),
+            (
+                self.epochs is None or (isinstance(self.epochs, int) and self.epochs >= 1),
+                f"epochs must be a positive integer or None, got {self.epochs!r}",
+            ),
+            (
+                self.seconds is None or self.seconds > 0,
+                f"seconds must be positive or None, got {self.seconds!r}",
+            ),
+            (
+                self.steps_per_epoch >= 1,
+                f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}",
+            ),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.crop_size >= 16, f"crop_size must be >= 16 pixels, got {self.crop_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr], got {self.min_lr}"),
-            (0 <= self.warmup_fraction < 1,
-             f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}"),
+            (
+                0 <= self.warmup_fraction < 1,
+                f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}",
+            ),
             (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.val_fraction < 0.9,
-             f"val_fraction must be in [0, 0.9), got {self.val_fraction}"),
-            (self.val_every is None or self.val_every >= 1,
-             f"val_every must be >= 1 or None, got {self.val_every}"),
-            (self.patience is None or self.patience >= 1,
-             f"patience must be >= 1 or None, got {self.patience}"),
-            (0 <= self.foreground_fraction <= 1,
-             f"foreground_fraction must be in [0, 1], got {self.foreground_fraction}"),
-            (0 <= self.scale_jitter < 1, f"scale_jitter must be in [0, 1), got {self.scale_jitter}"),
-            (0 <= self.intensity_jitter < 1,
-             f"intensity_jitter must be in [0, 1), got {self.intensity_jitter}"),
+            (
+                0 <= self.val_fraction < 0.9,
+                f"val_fraction must be in [0, 0.9), got {self.val_fraction}",
+            ),
+            (
+                self.val_every is None or self.val_every >= 1,
+                f"val_every must be >= 1 or None, got {self.val_every}",
+            ),
+            (
+                self.patience is None or self.patience >= 1,
+                f"patience must be >= 1 or None, got {self.patience}",
+            ),
+            (
+                0 <= self.foreground_fraction <= 1,
+                f"foreground_fraction must be in [0, 1], got {self.foreground_fraction}",
+            ),
+            (
+                0 <= self.scale_jitter < 1,
+                f"scale_jitter must be in [0, 1), got {self.scale_jitter}",
+            ),
+            (
+                0 <= self.intensity_jitter < 1,
+                f"intensity_jitter must be in [0, 1), got {self.intensity_jitter}",
+            ),
             (self.max_recoveries >= 0, f"max_recoveries must be >= 0, got {self.max_recoveries}"),
-            (self.divergence_factor > 1,
-             f"divergence_factor must be > 1, got {self.divergence_factor}"),
+            (
+                self.divergence_factor > 1,
+                f"divergence_factor must be > 1, got {self.divergence_factor}",
+            ),
             (self.scope in SCOPES, f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}"),
-            (0 <= self.uncorrected_weight <= 10,
-             f"uncorrected_weight must be in [0, 10], got {self.uncorrected_weight}"),
-            (self.diameter is None or (isinstance(self.diameter, int | float)
-                                       and 2 <= self.diameter <= 2000),
-             f"diameter must be a number of pixels in [2, 2000] or None (automatic), got "
-             f"{self.diameter!r}"),
+            (
+                0 <= self.uncorrected_weight <= 10,
+                f"uncorrected_weight must be in [0, 10], got {self.uncorrected_weight}",
+            ),
+            (
+                self.diameter is None
+                or (isinstance(self.diameter, int | float) and 2 <= self.diameter <= 2000),
+                f"diameter must be a number of pixels in [2, 2000] or None (automatic), got "
+                f"{self.diameter!r}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -363,30 +403,40 @@ class LoopState:
     context_before: float | None = None
 
 
-def _check_resume(state: ResumeState, model: ModelBundle, config: FinetuneConfig | None,
-                  data_key: str) -> FinetuneConfig:
+def _check_resume(
+    state: ResumeState, model: ModelBundle, config: FinetuneConfig | None, data_key: str
+) -> FinetuneConfig:
     """The config to continue with; a clear error when the run cannot be continued as asked."""
     if not isinstance(state, ResumeState):
-        raise TypeError(f"resume must be a ResumeState (FinetuneResult.resume), "
-                        f"got {type(state).__name__}.")
+        raise TypeError(
+            f"resume must be a ResumeState (FinetuneResult.resume), got {type(state).__name__}."
+        )
     if model.config.to_dict() != state.model_config:
-        raise ValueError("resume: the model's architecture differs from the stopped run's; pass "
-                         "the bundle the run returned (FinetuneResult.bundle).")
+        raise ValueError(
+            "resume: the model's architecture differs from the stopped run's; pass "
+            "the bundle the run returned (FinetuneResult.bundle)."
+        )
     if config is None:
         return copy.deepcopy(state.config)
     budget = ("epochs", "seconds")
-    changed = [f.name for f in fields(FinetuneConfig) if f.name not in budget
-               and getattr(config, f.name) != getattr(state.config, f.name)]
+    changed = [
+        f.name
+        for f in fields(FinetuneConfig)
+        if f.name not in budget and getattr(config, f.name) != getattr(state.config, f.name)
+    ]
     if changed:
-        raise ValueError(f"resume: only the budget (epochs, seconds) may change when a run is "
-                         f"continued, but {', '.join(changed)} differ(s); start a new fine-tune "
-                         "from the returned model instead.")
+        raise ValueError(
+            f"resume: only the budget (epochs, seconds) may change when a run is "
+            f"continued, but {', '.join(changed)} differ(s); start a new fine-tune "
+            "from the returned model instead."
+        )
     if data_key != state.data_key:
-        raise ValueError("resume: the training pairs differ from those of the stopped run "
-                         "(images, labels or validation split changed); start a new fine-tune "
-                         "from the returned model instead.")
+        raise ValueError(
+            "resume: the training pairs differ from those of the stopped run "
+            "(images, labels or validation split changed); start a new fine-tune "
+            "from the returned model instead."
+        )
     return copy.deepcopy(config)
-
 
 
 class FinetuneControl:

@@ -59,8 +59,13 @@ class _Data:
     corrected: bool = False  # trained from corrected regions (region-weighted loss)
 
 
-def layout_for_pair(image: np.ndarray, labels: np.ndarray, channel_axis: int | None,
-                given: ImageLayout | None, name: str) -> ImageLayout:
+def layout_for_pair(
+    image: np.ndarray,
+    labels: np.ndarray,
+    channel_axis: int | None,
+    given: ImageLayout | None,
+    name: str,
+) -> ImageLayout:
     """The :class:`~napari_s2mnet.layout.ImageLayout` of ``image``.
 
     Given explicitly (per pair or ``config.channel_axis``), or inferred from the labels' shape:
@@ -111,16 +116,19 @@ def _normalized_planes(
             f"{name}: the image's spatial shape {tuple(spatial)} (shape {image.shape}, layout "
             f"{lay}) differs from the labels' shape {labels.shape}; they must match."
         )
-    stats = stats_from_samples(plan.select(pixel_samples(plan.view, plan.view.ndim - 1)),
-                               bundle.normalization)
+    stats = stats_from_samples(
+        plan.select(pixel_samples(plan.view, plan.view.ndim - 1)), bundle.normalization
+    )
     base = apply_normalization(plan.select(plan.view), stats, channel_axis=-1)
     base = plan.post(base)  # normalised channels -> model channels (gray repeated)
     ny, nx = spatial[-2:]
     planes = np.ascontiguousarray(
-        np.moveaxis(base.reshape(-1, ny, nx, base.shape[-1]), -1, 1), dtype=np.float32)
+        np.moveaxis(base.reshape(-1, ny, nx, base.shape[-1]), -1, 1), dtype=np.float32
+    )
     if planes.shape[1] != int(bundle.config.in_channels):  # pragma: no cover - inference contract
-        raise ValueError(f"{name}: got {planes.shape[1]} channels for a model with "
-                         f"{bundle.config.in_channels}.")
+        raise ValueError(
+            f"{name}: got {planes.shape[1]} channels for a model with {bundle.config.in_channels}."
+        )
     return planes, labels.reshape(-1, ny, nx)
 
 
@@ -133,8 +141,10 @@ def _count_objects(mask: np.ndarray) -> int:
 
 def _unpack(pair: Any, i: int, names: Sequence[str] | None, role: str) -> tuple[Any, Any, str, Any]:
     if not isinstance(pair, tuple | list) or not 2 <= len(pair) <= 4:
-        raise TypeError(f"{role} pair #{i} must be a tuple (image, labels[, name][, layout]), "
-                        f"got {type(pair).__name__}.")
+        raise TypeError(
+            f"{role} pair #{i} must be a tuple (image, labels[, name][, layout]), "
+            f"got {type(pair).__name__}."
+        )
     name = str(names[i]) if names is not None and i < len(names) else f"image {i}"
     layout = None
     for extra in pair[2:]:
@@ -143,8 +153,10 @@ def _unpack(pair: Any, i: int, names: Sequence[str] | None, role: str) -> tuple[
         elif isinstance(extra, str):
             name = extra
         elif extra is not None:
-            raise TypeError(f"{role} pair #{i}: extra entries must be a name (str) or an "
-                            f"ImageLayout, got {type(extra).__name__}.")
+            raise TypeError(
+                f"{role} pair #{i}: extra entries must be a name (str) or an "
+                f"ImageLayout, got {type(extra).__name__}."
+            )
     return pair[0], pair[1], name, layout
 
 
@@ -166,8 +178,10 @@ def _prepare(
 
     factor = scale_factor(model_diameter(bundle), config.diameter)
     if corrected is not None and len(corrected) != len(pairs):
-        raise ValueError(f"corrected has {len(corrected)} masks for {len(pairs)} pairs; give one "
-                         "per pair (None for a pair whose labels are all checked).")
+        raise ValueError(
+            f"corrected has {len(corrected)} masks for {len(pairs)} pairs; give one "
+            "per pair (None for a pair whose labels are all checked)."
+        )
     if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], np.ndarray):
         pairs = [pairs]  # a single (image, labels) pair
     if not isinstance(pairs, Sequence) or len(pairs) == 0:
@@ -182,18 +196,24 @@ def _prepare(
         image, labels = np.asarray(image), np.asarray(labels)
         if labels.dtype.kind == "f":
             if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
-                raise ValueError(f"{name}: labels must hold whole numbers (label ids); got "
-                                 f"fractional or non-finite {labels.dtype} values.")
+                raise ValueError(
+                    f"{name}: labels must hold whole numbers (label ids); got "
+                    f"fractional or non-finite {labels.dtype} values."
+                )
             check_float_label_range(labels, name)  # before the cast wraps 1e30 to a negative
             labels = labels.astype(np.int64)
         elif labels.dtype.kind not in "biu":
             raise TypeError(f"{name}: labels dtype {labels.dtype} is not an integer type.")
         if labels.ndim < 2:
-            raise ValueError(f"{name}: labels must be 2-D (Y, X) or a stack (..., Y, X), got "
-                             f"shape {labels.shape}.")
+            raise ValueError(
+                f"{name}: labels must be 2-D (Y, X) or a stack (..., Y, X), got "
+                f"shape {labels.shape}."
+            )
         if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
-            raise ValueError(f"{name}: labels contain negative values; use 0 for background and "
-                             "positive ids for objects.")
+            raise ValueError(
+                f"{name}: labels contain negative values; use 0 for background and "
+                "positive ids for objects."
+            )
         lay = layout_for_pair(image, labels, config.channel_axis, layout, name)
         mask = check_mask(corrected[i], labels.shape, name) if corrected is not None else None
         planes, lab = _normalized_planes(image, labels, lay, bundle, name)
@@ -228,12 +248,27 @@ def _prepare(
             )
         item = _Item(planes, target, _fg_index(target), name)
         if mask is not None:
-            item.regions = Regions(weight=np.empty(0, np.float32), centres=np.empty(0, np.int64),
-                                   val=None, val_boxes=[], all_mask=mask, all_boxes=[],
-                                   n_regions=0, n_val=0)
+            item.regions = Regions(
+                weight=np.empty(0, np.float32),
+                centres=np.empty(0, np.int64),
+                val=None,
+                val_boxes=[],
+                all_mask=mask,
+                all_boxes=[],
+                n_regions=0,
+                n_val=0,
+            )
         items.append(item)
-        info.append({"name": name, "shape": list(image.shape), "dtype": str(image.dtype),
-                     "n_objects": n_obj, "planes": int(target.shape[0]), "scale": factor})
+        info.append(
+            {
+                "name": name,
+                "shape": list(image.shape),
+                "dtype": str(image.dtype),
+                "n_objects": n_obj,
+                "planes": int(target.shape[0]),
+                "scale": factor,
+            }
+        )
     if role == "training" and not any(it.fg.size for it in items):
         raise ValueError("None of the training images has a labelled object; label some objects.")
     return items, info
@@ -262,7 +297,7 @@ def _split(items: list[_Item], config: FinetuneConfig) -> tuple[list[_Item], lis
         rng = np.random.default_rng([config.seed, 7])
         n_val = max(1, round(config.val_fraction * len(planes)))
         order = [with_obj[k] for k in rng.permutation(len(with_obj))]
-        val_set = set(order[:min(n_val, len(with_obj) - 1)])
+        val_set = set(order[: min(n_val, len(with_obj) - 1)])
         train, val = [], []
         for i, it in enumerate(items):
             keep = [s for s in range(it.target.shape[0]) if (i, s) not in val_set]
@@ -273,8 +308,11 @@ def _split(items: list[_Item], config: FinetuneConfig) -> tuple[list[_Item], lis
                     tgt = np.ascontiguousarray(it.target[sel])
                     out.append(_Item(img, tgt, _fg_index(tgt), f"{it.name} ({tag})"))
         n_obj = sum(_count_objects(v.target > 0) for v in val)
-        return train, val, (f"validation on {len(val_set)} of {len(planes)} images/slices "
-                            f"({n_obj} objects)")
+        return (
+            train,
+            val,
+            (f"validation on {len(val_set)} of {len(planes)} images/slices ({n_obj} objects)"),
+        )
     # Few images: hold out a band (bottom rows or right columns, the longer side) of each one.
     train, val = [], []
     n_val_obj = 0
@@ -288,21 +326,36 @@ def _split(items: list[_Item], config: FinetuneConfig) -> tuple[list[_Item], lis
             continue
         cut = size - band
         full = slice(None)
-        tr = _sub_item(it, slice(0, cut), full, "(train)") if along_rows else \
-            _sub_item(it, full, slice(0, cut), "(train)")
-        va = _sub_item(it, slice(cut, None), full, "(val)") if along_rows else \
-            _sub_item(it, full, slice(cut, None), "(val)")
+        tr = (
+            _sub_item(it, slice(0, cut), full, "(train)")
+            if along_rows
+            else _sub_item(it, full, slice(0, cut), "(train)")
+        )
+        va = (
+            _sub_item(it, slice(cut, None), full, "(val)")
+            if along_rows
+            else _sub_item(it, full, slice(cut, None), "(val)")
+        )
         train.append(tr)
         val.append(va)
         n_val_obj += _count_objects(va.target > 0)
     has_train_fg = any(it.fg.size for it in train)
     if n_val_obj < _MIN_VAL_OBJECTS or not has_train_fg:
         total = sum(_count_objects(it.target > 0) for it in items)
-        return items, [], (f"no validation: too little data ({total} labelled objects; "
-                           f"need >= {_MIN_VAL_OBJECTS} in a held-out {config.val_fraction:.0%} "
-                           "band); the result is the last state")
-    return train, val, (f"validation on the last {config.val_fraction:.0%} of each image "
-                        f"({n_val_obj} objects)")
+        return (
+            items,
+            [],
+            (
+                f"no validation: too little data ({total} labelled objects; "
+                f"need >= {_MIN_VAL_OBJECTS} in a held-out {config.val_fraction:.0%} "
+                "band); the result is the last state"
+            ),
+        )
+    return (
+        train,
+        val,
+        (f"validation on the last {config.val_fraction:.0%} of each image ({n_val_obj} objects)"),
+    )
 
 
 def _prepare_data(
@@ -320,21 +373,24 @@ def _prepare_data(
     if val_pairs is not None:
         val, _ = _prepare(val_pairs, bundle, config, None, "validation")
         n_val = sum(_count_objects(v.target > 0) for v in val)
-        return _Data(items, val, f"validation on {len(val)} given images ({n_val} objects)",
-                     info, n_objects)
+        return _Data(
+            items, val, f"validation on {len(val)} given images ({n_val} objects)", info, n_objects
+        )
     train, val, split = _split(items, config)
     return _Data(train, val, split, info, n_objects)
 
 
-
-def _corrected_data(items: list[_Item], info: list[dict[str, Any]], config: FinetuneConfig,
-                    n_objects: int) -> _Data:
+def _corrected_data(
+    items: list[_Item], info: list[dict[str, Any]], config: FinetuneConfig, n_objects: int
+) -> _Data:
     """Training from corrections: region weights, crop centres, held-out corrected regions."""
     masks = [it.regions.all_mask if it.regions is not None else None for it in items]
     n_total = sum(count_regions(m) for m in masks if m is not None)
     if n_total == 0 and all(m is not None for m in masks):
-        raise ValueError("No corrected pixels: paint, fill or erase labels where the model was "
-                         "wrong first (or train on whole labels without corrected masks).")
+        raise ValueError(
+            "No corrected pixels: paint, fill or erase labels where the model was "
+            "wrong first (or train on whole labels without corrected masks)."
+        )
     held = choose_held_out(n_total, config)
     offset = 0
     val: list[_Item] = []
@@ -342,25 +398,36 @@ def _corrected_data(items: list[_Item], info: list[dict[str, Any]], config: Fine
     for it, mask in zip(items, masks, strict=True):
         if mask is None:  # a fully checked pair: every pixel counts, none held out
             mask = np.ones(it.target.shape, bool)
-            regions = Regions(weight=np.full(it.target.shape, CORRECTED, np.float32),
-                              centres=_fg_index(it.target), val=None, val_boxes=[],
-                              all_mask=mask, all_boxes=[], n_regions=0, n_val=0)
+            regions = Regions(
+                weight=np.full(it.target.shape, CORRECTED, np.float32),
+                centres=_fg_index(it.target),
+                val=None,
+                val_boxes=[],
+                all_mask=mask,
+                all_boxes=[],
+                n_regions=0,
+                n_val=0,
+            )
         else:
             regions, offset = build_regions(mask, config, held, offset)
         it.regions = regions
         if regions.val is not None:
-            val.append(_Item(it.image, it.target, it.fg, f"{it.name} (held-out corrections)",
-                             regions))
+            val.append(
+                _Item(it.image, it.target, it.fg, f"{it.name} (held-out corrections)", regions)
+            )
             n_val += regions.n_val
     if not any(it.regions.centres.size for it in items if it.regions is not None):
-        raise ValueError("Every corrected region is held out for validation; correct more "
-                         "objects or set val_fraction=0.")
+        raise ValueError(
+            "Every corrected region is held out for validation; correct more "
+            "objects or set val_fraction=0."
+        )
     if n_val:
-        split = (f"validation on {n_val} of {n_total} corrected regions (held out from "
-                 "training)")
+        split = f"validation on {n_val} of {n_total} corrected regions (held out from training)"
     else:
-        split = (f"no validation: {n_total} corrected region(s), validation needs at least "
-                 f"{MIN_VAL_REGIONS}; the result is the final state")
+        split = (
+            f"no validation: {n_total} corrected region(s), validation needs at least "
+            f"{MIN_VAL_REGIONS}; the result is the final state"
+        )
     return _Data(items, val, split, info, n_objects, corrected=True)
 
 
@@ -376,4 +443,3 @@ def _fingerprint(data: _Data) -> str:
                 h.update(f"{arr.dtype}{arr.shape}".encode())
                 h.update(np.ascontiguousarray(arr).data)
     return h.hexdigest()
-

@@ -157,8 +157,10 @@ class _Run:
         for p in self.net.parameters():
             if p.requires_grad:
                 (decay if p.ndim > 1 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": config.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
         self.loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         if self.loss_params:  # MASL's learnable weights: optimised, never decayed
             groups.append({"params": self.loss_params, "weight_decay": 0.0})
@@ -204,15 +206,20 @@ class _Run:
             yt = torch.from_numpy(y.astype(np.int64)).to(self.device)
         return xt, yt, wt
 
-    def forward_loss(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_loss(
+        self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             logits = self.ddp(x)
         if weight is not None:  # corrections: the loss counts where the user looked
-            return (region_loss(logits.float(), y, weight, self.num_classes,
-                                self.cfg.uncorrected_weight), logits.detach())
+            return (
+                region_loss(
+                    logits.float(), y, weight, self.num_classes, self.cfg.uncorrected_weight
+                ),
+                logits.detach(),
+            )
         # Losses run in float32 on the logits (MASL's learnable weights never see fp16).
         return self.loss_fn(logits.float(), y), logits.detach()
 
@@ -259,9 +266,17 @@ class _Run:
     def validate(self) -> float | None:
         if not self.val_tiles:
             return None
-        dice = _evaluate(self.net, self.data.val, self.val_tiles,
-                         self.num_classes, self.threshold, self.device, self.ctx,
-                         self.amp, masks=self.val_masks)
+        dice = _evaluate(
+            self.net,
+            self.data.val,
+            self.val_tiles,
+            self.num_classes,
+            self.threshold,
+            self.device,
+            self.ctx,
+            self.amp,
+            masks=self.val_masks,
+        )
         self.set_train_mode()
         return dice
 
@@ -272,8 +287,17 @@ class _Run:
         if not self.region_tiles:
             return None
         masks = [~m for m in self.region_masks] if context else self.region_masks
-        dice = _evaluate(self.net, self.data.train, self.region_tiles, self.num_classes,
-                         self.threshold, self.device, self.ctx, self.amp, masks=masks)
+        dice = _evaluate(
+            self.net,
+            self.data.train,
+            self.region_tiles,
+            self.num_classes,
+            self.threshold,
+            self.device,
+            self.ctx,
+            self.amp,
+            masks=masks,
+        )
         self.set_train_mode()
         return dice
 
@@ -322,32 +346,45 @@ class _Finetune:
         from napari_s2mnet.checkpoint import model_hash
 
         if not isinstance(model, ModelBundle):
-            raise TypeError(f"model must be a ModelBundle (see checkpoint.load_model / "
-                            f"new_model), got {type(model).__name__}.")
-        config = copy.deepcopy(config if config is not None else
-                               (resume.config if isinstance(resume, ResumeState)
-                                else FinetuneConfig()))
+            raise TypeError(
+                f"model must be a ModelBundle (see checkpoint.load_model / "
+                f"new_model), got {type(model).__name__}."
+            )
+        config = copy.deepcopy(
+            config
+            if config is not None
+            else (resume.config if isinstance(resume, ResumeState) else FinetuneConfig())
+        )
         config.validate()
         device = _resolve(config.device)
         ctx = _ddp.init_from_env(device.type)
         if ctx.enabled and device.type == "cuda":
             device = torch.device("cuda", ctx.local_rank)
         if resume is not None and ctx.enabled:
-            raise ValueError("resume is not supported in data-parallel runs; continue on one "
-                             "process or start a new run from the saved model.")
+            raise ValueError(
+                "resume is not supported in data-parallel runs; continue on one "
+                "process or start a new run from the saved model."
+            )
         data = _prepare_data(pairs, model, config, names, val_pairs, corrected)
         self.key = _fingerprint(data) if resume is not None else ""
         if resume is not None:
             config = _check_resume(resume, model, config, self.key)
         self.model = model  # the caller's: never modified
-        self.config, self.device, self.ctx, self.data, self.control = (config, device, ctx,
-                                                                        data, control)
+        self.config, self.device, self.ctx, self.data, self.control = (
+            config,
+            device,
+            ctx,
+            data,
+            control,
+        )
         self.parent = resume.parent if resume is not None else model_hash(model)
         self.parent_meta = resume.parent_metadata if resume is not None else model.metadata
-        self.work = ModelBundle(model=copy.deepcopy(model.model),
-                                config=copy.deepcopy(model.config),
-                                normalization=copy.deepcopy(model.normalization),
-                                metadata=copy.deepcopy(model.metadata))
+        self.work = ModelBundle(
+            model=copy.deepcopy(model.model),
+            config=copy.deepcopy(model.config),
+            normalization=copy.deepcopy(model.normalization),
+            metadata=copy.deepcopy(model.metadata),
+        )
         self.run = _Run(self.work, data, config, device, ctx)
         self.total = config.total_steps
         self.val_every = config.val_every or config.steps_per_epoch
@@ -356,8 +393,14 @@ class _Finetune:
         if resume is None:
             self.state = LoopState(last_good=self.run.snapshot())
         else:
-            self.run.restore({"model": resume.net, "opt": resume.optimizer,
-                              "loss": resume.loss, "scaler": resume.scaler})
+            self.run.restore(
+                {
+                    "model": resume.net,
+                    "opt": resume.optimizer,
+                    "loss": resume.loss,
+                    "scaler": resume.scaler,
+                }
+            )
             torch.set_rng_state(resume.rng)
             if resume.cuda_rng is not None and device.type == "cuda":
                 torch.cuda.set_rng_state(resume.cuda_rng, device)
@@ -365,15 +408,17 @@ class _Finetune:
         self.t0 = time.perf_counter() - (resume.elapsed if resume is not None else 0.0)
         self.reason: str | None = None  # why the run ends, once it does
         self.publishing = isinstance(control, FinetuneControl) and not ctx.enabled
-        self.stop_flag = torch.zeros(3, dtype=torch.float64, device=device if ctx.enabled else "cpu")
+        self.stop_flag = torch.zeros(
+            3, dtype=torch.float64, device=device if ctx.enabled else "cpu"
+        )
         # Stop within one layer of the forward pass, not at the end of the step: hooks raise
         # _StopNow (one process only: a rank leaving a collective early would hang the others).
-        self.interrupter = _Interrupter(self.run.net, control) \
-            if control is not None and not ctx.enabled else None
+        self.interrupter = (
+            _Interrupter(self.run.net, control) if control is not None and not ctx.enabled else None
+        )
         # Where a resumed run picks up: random streams and buffers as of this step's start.
         self.rng_at_step = torch.get_rng_state()
-        self.cuda_rng_at_step = torch.cuda.get_rng_state(device) if device.type == "cuda" \
-            else None
+        self.cuda_rng_at_step = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         self.buffers_at_step: dict[str, Any] = {}
         self.in_step = False
         self.kept_why = ""  # why finish() put the starting model back
@@ -410,18 +455,40 @@ class _Finetune:
             net = copy.deepcopy(self.model.model)  # the caller's model: never touched by the run
             net.load_state_dict(weights)
             net.to(self.device).eval()
-            meta = _result_metadata(self.parent_meta, self.parent, self.config, self.data, steps,
-                                    best_step, best_val, init_val, "cancelled", elapsed,
-                                    self.device, self.ctx)
-            bundle = ModelBundle(model=net, config=copy.deepcopy(self.model.config),
-                                 normalization=copy.deepcopy(self.model.normalization),
-                                 metadata=meta)
-            summary = _summary("cancelled", steps, best_val, init_val, best_step, elapsed,
-                               self.data)
-            return FinetuneResult(bundle=bundle, history=list(self.history),
-                                  best_val_dice=best_val, stopped_reason="cancelled",
-                                  initial_val_dice=init_val, steps=steps, best_step=best_step,
-                                  elapsed=elapsed, message=summary)
+            meta = _result_metadata(
+                self.parent_meta,
+                self.parent,
+                self.config,
+                self.data,
+                steps,
+                best_step,
+                best_val,
+                init_val,
+                "cancelled",
+                elapsed,
+                self.device,
+                self.ctx,
+            )
+            bundle = ModelBundle(
+                model=net,
+                config=copy.deepcopy(self.model.config),
+                normalization=copy.deepcopy(self.model.normalization),
+                metadata=meta,
+            )
+            summary = _summary(
+                "cancelled", steps, best_val, init_val, best_step, elapsed, self.data
+            )
+            return FinetuneResult(
+                bundle=bundle,
+                history=list(self.history),
+                best_val_dice=best_val,
+                stopped_reason="cancelled",
+                initial_val_dice=init_val,
+                steps=steps,
+                best_step=best_step,
+                elapsed=elapsed,
+                message=summary,
+            )
 
         self.control._publish(make)
 
@@ -436,9 +503,11 @@ class _Finetune:
             s.context_before = self.run.corrected_dice(context=True)
             s.best_state = self.weights()
             mode_text = f"data-parallel x{self.ctx.world_size}, " if self.ctx.enabled else ""
-            msg = (f"training on {len(self.data.info)} image(s) with {self.data.n_objects} "
-                   f"objects, {cfg.budget_text()}, {mode_text}device {self.device}; "
-                   f"{self.data.split}")
+            msg = (
+                f"training on {len(self.data.info)} image(s) with {self.data.n_objects} "
+                f"objects, {cfg.budget_text()}, {mode_text}device {self.device}; "
+                f"{self.data.split}"
+            )
             if s.init_val is not None:
                 msg += f"; starting validation Dice {s.init_val:.3f}"
             if s.corrected_before is not None:
@@ -447,9 +516,17 @@ class _Finetune:
             msg = f"resuming at step {s.step} ({cfg.budget_text()}, device {self.device})"
             if s.pending_val:  # the stopped run was interrupted in this validation
                 self.validate()
-        return self.report(step=s.step, epoch=cfg.epoch_of(s.step), total_steps=self.total,
-                           loss=float("nan"), val_dice=s.init_val, best_val_dice=s.best_val,
-                           lr=0.0, elapsed=self.elapsed(), message=msg)
+        return self.report(
+            step=s.step,
+            epoch=cfg.epoch_of(s.step),
+            total_steps=self.total,
+            loss=float("nan"),
+            val_dice=s.init_val,
+            best_val_dice=s.best_val,
+            lr=0.0,
+            elapsed=self.elapsed(),
+            message=msg,
+        )
 
     def _limit(self, elapsed: float) -> str | None:
         """Why the run ends before the next step (budget, stop request), or ``None``."""
@@ -477,8 +554,9 @@ class _Finetune:
         progress = elapsed / cfg.seconds if cfg.seconds is not None else 0.0
         if self.total is not None and cfg.seconds is not None:
             progress = 0.0  # both budgets: the step schedule rules, time only cuts short
-        factor = _lr_factor(progress, self.state.step, cfg.warmup_fraction, self.total,
-                            cfg.min_lr / cfg.lr)
+        factor = _lr_factor(
+            progress, self.state.step, cfg.warmup_fraction, self.total, cfg.min_lr / cfg.lr
+        )
         lr = cfg.lr * factor * self.state.lr_scale
         self.run.set_lr(lr)
         return lr
@@ -490,8 +568,11 @@ class _Finetune:
         bad_local = 0.0 if math.isfinite(loss_value) else 1.0
         if not self.ctx.enabled:
             return loss_value, bad_local > 0
-        agg = torch.tensor([loss_value if bad_local == 0 else 0.0, bad_local, 1.0],
-                           dtype=torch.float64, device=self.device)
+        agg = torch.tensor(
+            [loss_value if bad_local == 0 else 0.0, bad_local, 1.0],
+            dtype=torch.float64,
+            device=self.device,
+        )
         self.ctx.all_reduce_sum(agg)
         bad = float(agg[1]) > 0
         return (float(agg[0]) / self.ctx.world_size if not bad else float("nan")), bad
@@ -517,8 +598,11 @@ class _Finetune:
         x, y, w = run.batch_weighted(s.step)
         loss, logits = run.forward_loss(x, y, w)
         loss_mean, bad = self._agree(float(loss.detach()))
-        exploding = (not bad and len(s.good_losses) >= 10
-                     and loss_mean > cfg.divergence_factor * float(np.median(s.good_losses)))
+        exploding = (
+            not bad
+            and len(s.good_losses) >= 10
+            and loss_mean > cfg.divergence_factor * float(np.median(s.good_losses))
+        )
         message = ""
         if not bad and not exploding:
             run.backward(loss)
@@ -529,8 +613,10 @@ class _Finetune:
             s.exploding_run += 1
             if s.exploding_run >= 3:
                 bad = True
-                message = (f"loss exploded ({loss_mean:.3g} > {cfg.divergence_factor:g} x the "
-                           "running median for 3 steps)")
+                message = (
+                    f"loss exploded ({loss_mean:.3g} > {cfg.divergence_factor:g} x the "
+                    "running median for 3 steps)"
+                )
             else:
                 message = f"skipped an outlier step (loss {loss_mean:.3g})"
         else:
@@ -539,13 +625,21 @@ class _Finetune:
         self.in_step = False
 
         if bad:
-            message = self.recover(message or ("non-finite loss" if not math.isfinite(loss_mean)
-                                               else "non-finite gradients"))
+            message = self.recover(
+                message
+                or ("non-finite loss" if not math.isfinite(loss_mean) else "non-finite gradients")
+            )
             if self.reason == "diverged":
-                return self.report(step=s.step, epoch=cfg.epoch_of(s.step),
-                                   total_steps=self.total, loss=loss_mean, lr=lr,
-                                   elapsed=self.elapsed(), best_val_dice=s.best_val,
-                                   message=message)
+                return self.report(
+                    step=s.step,
+                    epoch=cfg.epoch_of(s.step),
+                    total_steps=self.total,
+                    loss=loss_mean,
+                    lr=lr,
+                    elapsed=self.elapsed(),
+                    best_val_dice=s.best_val,
+                    message=message,
+                )
         else:
             if not exploding:
                 s.good_losses.append(loss_mean)
@@ -569,10 +663,19 @@ class _Finetune:
             est_total = max(s.step, round(s.step * cfg.seconds / elapsed))
         if val is not None and cfg.patience is not None and s.since_best >= cfg.patience:
             self.reason = "early stopping"  # after this report
-        return self.report(step=s.step, epoch=cfg.epoch_of(s.step), total_steps=est_total,
-                           loss=loss_mean, components=run.components(), train_dice=train_dice,
-                           val_dice=val, best_val_dice=s.best_val, lr=lr, elapsed=elapsed,
-                           message=message)
+        return self.report(
+            step=s.step,
+            epoch=cfg.epoch_of(s.step),
+            total_steps=est_total,
+            loss=loss_mean,
+            components=run.components(),
+            train_dice=train_dice,
+            val_dice=val,
+            best_val_dice=s.best_val,
+            lr=lr,
+            elapsed=elapsed,
+            message=message,
+        )
 
     def validate(self) -> float | None:
         """Validate now; keep the best state; count validations without improvement."""
@@ -599,15 +702,19 @@ class _Finetune:
         self.run.restore(s.last_good)
         if s.recoveries > cfg.max_recoveries:
             self.reason = "diverged"
-            return (f"{what} at step {s.step}; training diverged after {cfg.max_recoveries} "
-                    f"recoveries: stopping and keeping the last good state (step "
-                    f"{s.last_good_step}).")
+            return (
+                f"{what} at step {s.step}; training diverged after {cfg.max_recoveries} "
+                f"recoveries: stopping and keeping the last good state (step "
+                f"{s.last_good_step})."
+            )
         s.lr_scale *= 0.5
         if not self.run.val_tiles:
             self.publish(self.weights(), s.last_good_step)
-        return (f"{what} at step {s.step}: restored the last good state (step "
-                f"{s.last_good_step}) and halved the learning rate to "
-                f"{cfg.lr * s.lr_scale:.2e}")
+        return (
+            f"{what} at step {s.step}: restored the last good state (step "
+            f"{s.last_good_step}) and halved the learning rate to "
+            f"{cfg.lr * s.lr_scale:.2e}"
+        )
 
     def drop_step(self) -> None:
         """A stop inside the forward pass: the optimiser has not applied this step; undo its
@@ -633,12 +740,22 @@ class _Finetune:
         # by fresh copies), and a resumed run deep-copies them in turn.
         loop = replace(s, good_losses=deque(s.good_losses, maxlen=s.good_losses.maxlen))
         return ResumeState(
-            config=copy.deepcopy(self.config), model_config=self.model.config.to_dict(),
-            data_key=self.key or _fingerprint(self.data), parent=self.parent,
-            parent_metadata=self.parent_meta, step=s.step, elapsed=self.elapsed(),
-            net=snap["model"], optimizer=snap["opt"], loss=snap["loss"], scaler=snap["scaler"],
-            rng=self.rng_at_step, cuda_rng=self.cuda_rng_at_step, loop=loop,
-            history=list(self.history))
+            config=copy.deepcopy(self.config),
+            model_config=self.model.config.to_dict(),
+            data_key=self.key or _fingerprint(self.data),
+            parent=self.parent,
+            parent_metadata=self.parent_meta,
+            step=s.step,
+            elapsed=self.elapsed(),
+            net=snap["model"],
+            optimizer=snap["opt"],
+            loss=snap["loss"],
+            scaler=snap["scaler"],
+            rng=self.rng_at_step,
+            cuda_rng=self.cuda_rng_at_step,
+            loop=loop,
+            history=list(self.history),
+        )
 
     def _check_corrected(self, best_step: int) -> tuple[float | None, bool]:
         """Dice of the state about to be returned on the corrected regions, and whether the
@@ -652,17 +769,26 @@ class _Finetune:
         run.net.eval()
         # Around the corrections the labels are the model's own output, left as they were: a
         # model that learned "background everywhere" from deletions breaks them there.
-        broke_context = (context is not None and s.context_before is not None
-                         and context < s.context_before - _CONTEXT_DROP)
+        broke_context = (
+            context is not None
+            and s.context_before is not None
+            and context < s.context_before - _CONTEXT_DROP
+        )
         worse = not run.val_tiles and after is not None and after < s.corrected_before - _WORSE
         if not (worse or broke_context):
             return after, False
         run.net.load_state_dict(self.model.model.state_dict())
-        why = (f"it changed the labels around your corrections that you left as they were "
-               f"(Dice there {s.context_before:.2f} -> {context:.2f})" if broke_context
-               else "it was worse on the corrected regions")
-        self.kept_why = (f"its Dice on the corrected regions {after:.2f}, but " if after is not None
-                         and broke_context else "") + why
+        why = (
+            f"it changed the labels around your corrections that you left as they were "
+            f"(Dice there {s.context_before:.2f} -> {context:.2f})"
+            if broke_context
+            else "it was worse on the corrected regions"
+        )
+        self.kept_why = (
+            f"its Dice on the corrected regions {after:.2f}, but "
+            if after is not None and broke_context
+            else ""
+        ) + why
         return s.corrected_before, True
 
     def finish(self) -> tuple[TrainReport, FinetuneResult]:
@@ -679,8 +805,12 @@ class _Finetune:
         # Final validation when the last step was not validated (the best state may be the
         # last). Not after Stop: the user wants it now, so the best validated state is kept.
         final_val = None
-        if run.val_tiles and reason not in ("diverged", "cancelled") \
-                and s.step % self.val_every != 0 and s.step > 0:
+        if (
+            run.val_tiles
+            and reason not in ("diverged", "cancelled")
+            and s.step % self.val_every != 0
+            and s.step > 0
+        ):
             val = final_val = run.validate()
             if best_val is None or val > best_val:
                 best_val, best_step = val, s.step
@@ -705,26 +835,54 @@ class _Finetune:
         run.net.eval()
         elapsed = self.elapsed()
         self.work.model = run.net
-        self.work.metadata = _result_metadata(self.parent_meta, self.parent, cfg, self.data,
-                                              s.step, best_step, best_val, s.init_val, reason,
-                                              elapsed, self.device, self.ctx)
+        self.work.metadata = _result_metadata(
+            self.parent_meta,
+            self.parent,
+            cfg,
+            self.data,
+            s.step,
+            best_step,
+            best_val,
+            s.init_val,
+            reason,
+            elapsed,
+            self.device,
+            self.ctx,
+        )
         summary = _summary(reason, s.step, best_val, s.init_val, chosen_step, elapsed, self.data)
         if s.corrected_before is not None and after is not None:
-            summary += (f"; Dice on the corrected regions {s.corrected_before:.3f} -> "
-                        f"{after:.3f}")
+            summary += f"; Dice on the corrected regions {s.corrected_before:.3f} -> {after:.3f}"
             if kept:
-                summary += (f"; the starting model is kept: the fine-tuned one was not better "
-                            f"({self.kept_why})")
-        last = self.report(step=s.step, epoch=cfg.epoch_of(s.step), total_steps=s.step,
-                           loss=float("nan"), val_dice=final_val, best_val_dice=best_val,
-                           lr=0.0, elapsed=elapsed, message=summary)
-        return last, FinetuneResult(bundle=self.work, history=self.history,
-                                    best_val_dice=best_val, stopped_reason=reason,
-                                    initial_val_dice=s.init_val, steps=s.step,
-                                    best_step=best_step, elapsed=elapsed, message=summary,
-                                    resume=resumable, corrected_before=s.corrected_before,
-                                    corrected_after=after,
-                                    kept_previous=kept or (best_step == 0 and s.step > 0))
+                summary += (
+                    f"; the starting model is kept: the fine-tuned one was not better "
+                    f"({self.kept_why})"
+                )
+        last = self.report(
+            step=s.step,
+            epoch=cfg.epoch_of(s.step),
+            total_steps=s.step,
+            loss=float("nan"),
+            val_dice=final_val,
+            best_val_dice=best_val,
+            lr=0.0,
+            elapsed=elapsed,
+            message=summary,
+        )
+        return last, FinetuneResult(
+            bundle=self.work,
+            history=self.history,
+            best_val_dice=best_val,
+            stopped_reason=reason,
+            initial_val_dice=s.init_val,
+            steps=s.step,
+            best_step=best_step,
+            elapsed=elapsed,
+            message=summary,
+            resume=resumable,
+            corrected_before=s.corrected_before,
+            corrected_after=after,
+            kept_previous=kept or (best_step == 0 and s.step > 0),
+        )
 
 
 def finetune(
@@ -794,8 +952,15 @@ def finetune(
     return result
 
 
-def _summary(reason: str, steps: int, best: float | None, init: float | None, best_step: int,
-             elapsed: float, data: _Data) -> str:
+def _summary(
+    reason: str,
+    steps: int,
+    best: float | None,
+    init: float | None,
+    best_step: int,
+    elapsed: float,
+    data: _Data,
+) -> str:
     text = f"{reason}: {steps} steps in {elapsed:.0f} s"
     if best is None:
         return text + f"; {data.split}"
@@ -806,9 +971,18 @@ def _summary(reason: str, steps: int, best: float | None, init: float | None, be
 
 
 def _result_metadata(
-    parent_meta: dict[str, Any], parent: str, config: FinetuneConfig, data: _Data, steps: int,
-    best_step: int, best_val: float | None, init_val: float | None, reason: str, elapsed: float,
-    device: torch.device, ctx: DistContext,
+    parent_meta: dict[str, Any],
+    parent: str,
+    config: FinetuneConfig,
+    data: _Data,
+    steps: int,
+    best_step: int,
+    best_val: float | None,
+    init_val: float | None,
+    reason: str,
+    elapsed: float,
+    device: torch.device,
+    ctx: DistContext,
 ) -> dict[str, Any]:
     meta = copy.deepcopy(parent_meta)
     now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
@@ -858,4 +1032,3 @@ def train(
     from napari_s2mnet.inference import run_to_end
 
     return run_to_end(finetune(pairs, model, config, **kwargs), callback)
-

@@ -94,16 +94,16 @@ def _evaluate(
     with torch.no_grad():
         for i, s, y0, x0, h, w in tiles[rank::world]:
             it = items[i]
-            img = it.image[s, :, y0:y0 + h, x0:x0 + w]
+            img = it.image[s, :, y0 : y0 + h, x0 : x0 + w]
             x = torch.from_numpy(np.ascontiguousarray(img))[None].to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                 logits = net(x)
             pred = _predict_classes(logits.float(), num_classes, threshold)[0].cpu()
-            tgt = torch.from_numpy(np.ascontiguousarray(it.target[s, y0:y0 + h, x0:x0 + w]))
+            tgt = torch.from_numpy(np.ascontiguousarray(it.target[s, y0 : y0 + h, x0 : x0 + w]))
             if num_classes == 1:  # instance-head models keep instance ids in the target
                 tgt = tgt > 0
             if masks is not None:
-                sel = torch.from_numpy(np.ascontiguousarray(masks[i][s, y0:y0 + h, x0:x0 + w]))
+                sel = torch.from_numpy(np.ascontiguousarray(masks[i][s, y0 : y0 + h, x0 : x0 + w]))
                 pred, tgt = pred[sel].long(), tgt[sel].long()
                 if num_classes == 1:  # background counts too: a deleted object is all background
                     both = torch.cat([_dice_stats(pred, tgt, 1), _dice_stats(1 - pred, 1 - tgt, 1)])
@@ -122,7 +122,7 @@ def region_tiles(items: list[_Item], held_out: bool) -> list[tuple[int, int, int
     for i, it in enumerate(items):
         if it.regions is None:
             continue
-        for box in (it.regions.val_boxes if held_out else it.regions.all_boxes):
+        for box in it.regions.val_boxes if held_out else it.regions.all_boxes:
             tiles.append((i, *box))
     return tiles
 
@@ -158,8 +158,13 @@ def evaluate_dice(
     orig = next(iter(net.parameters())).device
     net.to(dev)
     try:
-        return _evaluate(net, items, _val_tiles(items, model.tile_size),
-                         model.config.num_classes, model.threshold, dev)
+        return _evaluate(
+            net,
+            items,
+            _val_tiles(items, model.tile_size),
+            model.config.num_classes,
+            model.threshold,
+            dev,
+        )
     finally:
         net.to(orig)
-

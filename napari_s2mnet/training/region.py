@@ -77,8 +77,9 @@ def grow_corrected(labels: np.ndarray, painted: np.ndarray, margin: int = 2) -> 
 
     labels, painted = np.asarray(labels), np.asarray(painted, bool)
     if labels.shape != painted.shape:
-        raise ValueError(f"painted mask shape {painted.shape} differs from the labels' "
-                         f"{labels.shape}.")
+        raise ValueError(
+            f"painted mask shape {painted.shape} differs from the labels' {labels.shape}."
+        )
     ids = np.unique(labels[painted])
     out = painted | np.isin(labels, ids[ids > 0])
     if margin > 0 and out.any():
@@ -95,8 +96,10 @@ def check_mask(mask: Any, shape: tuple[int, ...], name: str) -> np.ndarray | Non
         return None
     arr = np.asarray(mask)
     if arr.shape != tuple(shape):
-        raise ValueError(f"{name}: the corrected mask has shape {arr.shape} but the labels have "
-                         f"{tuple(shape)}; it must mark pixels of the labels.")
+        raise ValueError(
+            f"{name}: the corrected mask has shape {arr.shape} but the labels have "
+            f"{tuple(shape)}; it must mark pixels of the labels."
+        )
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{name}: the corrected mask must be boolean or numeric, got {arr.dtype}.")
     return arr != 0
@@ -134,8 +137,9 @@ def _box(comp: np.ndarray, s: int, stride: int = 32) -> tuple[int, int, int, int
     return (s, y0, x0, h, w)
 
 
-def build_regions(mask: np.ndarray, config: FinetuneConfig, held: set[int], offset: int
-                  ) -> tuple[Regions, int]:
+def build_regions(
+    mask: np.ndarray, config: FinetuneConfig, held: set[int], offset: int
+) -> tuple[Regions, int]:
     """The :class:`Regions` of one item; components numbered from ``offset`` are held out when
     their number is in ``held``. Returns the regions and the next number."""
     from scipy import ndimage
@@ -158,9 +162,16 @@ def build_regions(mask: np.ndarray, config: FinetuneConfig, held: set[int], offs
     train_px = np.flatnonzero((weight == CORRECTED).reshape(-1))
     if train_px.size > _MAX_CENTRES:
         train_px = train_px[:: -(-train_px.size // _MAX_CENTRES)]
-    regions = Regions(weight=weight, centres=train_px, val=val if n_val else None,
-                      val_boxes=val_boxes, all_mask=mask, all_boxes=all_boxes,
-                      n_regions=len(comps), n_val=n_val)
+    regions = Regions(
+        weight=weight,
+        centres=train_px,
+        val=val if n_val else None,
+        val_boxes=val_boxes,
+        all_mask=mask,
+        all_boxes=all_boxes,
+        n_regions=len(comps),
+        n_val=n_val,
+    )
     return regions, offset + len(comps)
 
 
@@ -178,8 +189,13 @@ def count_regions(mask: np.ndarray) -> int:
     return len(_components(mask))
 
 
-def region_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-                num_classes: int, uncorrected_weight: float = 1.0) -> torch.Tensor:
+def region_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    num_classes: int,
+    uncorrected_weight: float = 1.0,
+) -> torch.Tensor:
     """Loss on the corrected pixels plus ``uncorrected_weight`` times the loss on the others.
 
     ``weight`` is the ``(B, H, W)`` code map (:data:`CORRECTED`, :data:`UNCORRECTED`, 0 =
@@ -234,8 +250,9 @@ def apply_scope(net: nn.Module, scope: str) -> int:
                     p.requires_grad_(True)
     n = sum(p.numel() for p in net.parameters() if p.requires_grad)
     if n == 0:
-        raise ValueError(f"scope {scope!r} leaves nothing to train in this architecture; use "
-                         "scope='all'.")
+        raise ValueError(
+            f"scope {scope!r} leaves nothing to train in this architecture; use scope='all'."
+        )
     return n
 
 

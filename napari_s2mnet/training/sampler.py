@@ -52,8 +52,10 @@ class _Sampler:
         # Learning from corrections: crops centred on corrected pixels, with loss weights.
         self.weighted = bool(data.corrected)
         if self.weighted:
-            cen = np.array([it.regions.centres.size if it.regions is not None else 0
-                            for it in self.items], dtype=np.float64)
+            cen = np.array(
+                [it.regions.centres.size if it.regions is not None else 0 for it in self.items],
+                dtype=np.float64,
+            )
             self.p_fg = cen / cen.sum()
             # Uncorrected pixels that count a little are worth some uniform crops too.
             self.p_centre = 1.0 if config.uncorrected_weight == 0 else config.foreground_fraction
@@ -122,4 +124,3 @@ class _Sampler:
         """Stacked crops: images, targets (and weights when training from corrections)."""
         crops = [self.crop(step, start + i) for i in range(count)]
         return tuple(np.stack([c[j] for c in crops]) for j in range(len(crops[0])))
-

@@ -21,9 +21,9 @@ def _false_object(image: np.ndarray, truth: np.ndarray) -> np.ndarray:
     near = ndimage.binary_dilation(truth > 0, iterations=4)
     for y in range(4, 128 - 10, 2):
         for x in range(4, 128 - 34, 2):
-            if not near[y:y + 6, x:x + 30].any():
+            if not near[y : y + 6, x : x + 30].any():
                 mask = np.zeros(image.shape, bool)
-                mask[y:y + 6, x:x + 30] = True
+                mask[y : y + 6, x : x + 30] = True
                 image[mask] = np.percentile(image[truth > 0], 90)
                 return mask
     raise AssertionError("no background area for the streak")

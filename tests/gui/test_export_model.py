@@ -11,8 +11,15 @@ import torch
 
 pytestmark = pytest.mark.gui
 
-TINY = {"widths": [8, 8], "stem": 8, "head_widths": [8, 8], "expansion": 2,
-        "sstm_use_spatial": [False, True], "sstm_use_spectral": [True, True], "K": 8}
+TINY = {
+    "widths": [8, 8],
+    "stem": 8,
+    "head_widths": [8, 8],
+    "expansion": 2,
+    "sstm_use_spatial": [False, True],
+    "sstm_use_spectral": [True, True],
+    "K": 8,
+}
 
 
 @pytest.fixture
@@ -44,8 +51,9 @@ def _wait_worker(qtbot, widget, timeout=60_000):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="needs onnx")
-def test_export_model_button_writes_a_valid_onnx(viewer, tiny_bundle, qtbot, tmp_path,
-                                                 monkeypatch) -> None:
+def test_export_model_button_writes_a_valid_onnx(
+    viewer, tiny_bundle, qtbot, tmp_path, monkeypatch
+) -> None:
     import onnx
     from qtpy.QtWidgets import QFileDialog
 
@@ -60,8 +68,10 @@ def test_export_model_button_writes_a_valid_onnx(viewer, tiny_bundle, qtbot, tmp
     monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(fake_dialog))
     ex.model_button.native.click()
     assert asked, "the button opens the save dialog"
-    qtbot.waitUntil(lambda: "Model exported to" in ex.status.text()
-                    or "failed" in ex.status.text(), timeout=60_000)
+    qtbot.waitUntil(
+        lambda: "Model exported to" in ex.status.text() or "failed" in ex.status.text(),
+        timeout=60_000,
+    )
     assert "Model exported to" in ex.status.text(), ex.status.text()
 
     graph = onnx.load(str(target))
@@ -97,8 +107,9 @@ def test_segment_status_names_the_backend_that_ran(viewer, qtbot, monkeypatch, b
     layer.data = layer.data[:128, :128]  # a small crop keeps the test fast
     seg.image.value = layer
     config = seg.config
-    monkeypatch.setattr(seg, "config", lambda: dataclasses.replace(config(), device="cpu",
-                                                                    backend=backend))
+    monkeypatch.setattr(
+        seg, "config", lambda: dataclasses.replace(config(), device="cpu", backend=backend)
+    )
     seg.run_button.native.click()
     _wait_worker(qtbot, seg)
     # e.g. "Done: 12 objects in 'nuclei S2M-Net' (CPU (1 thread), openvino)."

@@ -16,17 +16,18 @@ def test_segment_widget_shows_why_a_crafted_model_file_is_refused(
 
     viewer, seg, _, _ = viewer_with_plugin
     good = tmp_path / "good.safetensors"
-    save_model(new_model(ModelConfig(arch="unet", in_channels=1,
-                                     options={"base": 2, "depth": 2})), good)
+    save_model(
+        new_model(ModelConfig(arch="unet", in_channels=1, options={"base": 2, "depth": 2})), good
+    )
     raw = good.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     config = json.loads(header["__metadata__"]["config"])
     config["in_channels"] = 2_000_000  # the crafted header
     header["__metadata__"]["config"] = json.dumps(config)
     blob = json.dumps(header).encode()
     bad = tmp_path / "crafted.safetensors"
-    bad.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    bad.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
 
     shown = []
     monkeypatch.setattr(seg_module, "show_warning", shown.append)

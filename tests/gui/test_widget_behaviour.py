@@ -40,8 +40,9 @@ def test_runtime_error_in_the_model_resets_segment(viewer_with_plugin, qtbot, mo
     from napari.utils.notifications import notification_manager
 
     notified = []  # what napari's worker relays to the notification manager
-    monkeypatch.setattr(notification_manager, "receive_error",
-                        lambda _type, exc, *_: notified.append(exc))
+    monkeypatch.setattr(
+        notification_manager, "receive_error", lambda _type, exc, *_: notified.append(exc)
+    )
     monkeypatch.setattr(bundle.model, "forward", broken_forward)
     seg.image.value = viewer.layers["nuclei"]
     n_layers = len(viewer.layers)
@@ -108,8 +109,7 @@ def _finetune_on_gt(viewer, ft, crop=256, batch=4):
     ft.advanced["val_fraction"].value = 0.0  # no validation: each applied step is the result
 
 
-def test_stop_during_backward_gives_a_usable_model_at_once(viewer_with_plugin, qtbot,
-                                                           monkeypatch):
+def test_stop_during_backward_gives_a_usable_model_at_once(viewer_with_plugin, qtbot, monkeypatch):
     """Stop lands in a multi-second CPU backward pass; the model is usable within a second."""
     from napari_s2mnet import training
 
@@ -207,8 +207,15 @@ def test_no_improvement_does_not_claim_a_fine_tuned_model(viewer_with_plugin):
     viewer, _, ft, _ = viewer_with_plugin
     session = _session(viewer)
     before = session.active()
-    result = FinetuneResult(bundle=before, history=[], best_val_dice=0.5, initial_val_dice=0.5,
-                            stopped_reason="early stopping", steps=20, best_step=0)
+    result = FinetuneResult(
+        bundle=before,
+        history=[],
+        best_val_dice=0.5,
+        initial_val_dice=0.5,
+        stopped_reason="early stopping",
+        steps=20,
+        best_step=0,
+    )
     ft._done(result)
     assert session.active() is before
     assert "no improvement: the starting model is kept" in ft.status.text()
@@ -248,10 +255,19 @@ def test_features_table_shows_morphology(viewer_with_plugin, qtbot):
     _, table = viewer.window.add_plugin_dock_widget("napari", "Features table widget")
     viewer.layers.selection.active = out
     model = table.table.model()
-    headers = {model.headerData(i, Qt.Orientation.Horizontal, Qt.ItemDataRole.DisplayRole)
-               for i in range(model.columnCount())}
-    for col in ("compactness", "tubularity", "irregularity", "area_fraction", "area_px",
-                "centroid_y_px", "mean_intensity"):
+    headers = {
+        model.headerData(i, Qt.Orientation.Horizontal, Qt.ItemDataRole.DisplayRole)
+        for i in range(model.columnCount())
+    }
+    for col in (
+        "compactness",
+        "tubularity",
+        "irregularity",
+        "area_fraction",
+        "area_px",
+        "centroid_y_px",
+        "mean_intensity",
+    ):
         assert col in headers, headers
     assert model.rowCount() == len(out.features) > 0
 

@@ -55,10 +55,25 @@ def test_segment_adds_labels_with_features_and_scale(viewer_with_plugin, qtbot):
     np.testing.assert_allclose(out.translate, image.translate)
     feats = out.features
     # Scale without a unit: physical columns say "units" (issue 16: units in the names).
-    for col in ("index", "label", "area_px", "area_units2", "centroid_y_units",
-                "centroid_x_units", "bbox_y0", "bbox_x1", "compactness", "tubularity",
-                "irregularity", "area_fraction", "class", "mean_probability", "mean_intensity",
-                "max_intensity", "integrated_intensity"):
+    for col in (
+        "index",
+        "label",
+        "area_px",
+        "area_units2",
+        "centroid_y_units",
+        "centroid_x_units",
+        "bbox_y0",
+        "bbox_x1",
+        "compactness",
+        "tubularity",
+        "irregularity",
+        "area_fraction",
+        "class",
+        "mean_probability",
+        "mean_intensity",
+        "max_intensity",
+        "integrated_intensity",
+    ):
         assert col in feats.columns
     assert "scale" not in feats.columns and "area" not in feats.columns
     ids = np.unique(out.data)
@@ -146,12 +161,16 @@ def test_finetune_updates_plot_and_model_and_stops(viewer_with_plugin, qtbot):
     assert after is not before
     assert ft.last_result.stopped_reason == "cancelled"
     assert ft.last_result.steps >= 3
-    changed = any(not np.allclose(w0[k].numpy(), v.numpy())
-                  for k, v in after.model.state_dict().items() if v.dtype.is_floating_point)
+    changed = any(
+        not np.allclose(w0[k].numpy(), v.numpy())
+        for k, v in after.model.state_dict().items()
+        if v.dtype.is_floating_point
+    )
     assert changed
     # the previous model is untouched and Revert brings it back
-    assert all(np.array_equal(w0[k].numpy(), v.numpy())
-               for k, v in before.model.state_dict().items())
+    assert all(
+        np.array_equal(w0[k].numpy(), v.numpy()) for k, v in before.model.state_dict().items()
+    )
     assert ft.revert_button.enabled
     ft.revert()
     assert session.active() is before
@@ -272,8 +291,9 @@ def test_segment_multichannel_layer_with_channel_axis(viewer_with_plugin, qtbot)
     torch.manual_seed(0)
     two = new_model(ModelConfig(arch="unet", in_channels=2, options={"base": 4, "depth": 2}))
     data = np.random.default_rng(0).integers(0, 4000, (2, 70, 90), dtype=np.uint16)
-    layer = viewer.add_image(data, name="two channels", scale=(1.0, 0.3, 0.4),
-                             axis_labels=("c", "y", "x"))
+    layer = viewer.add_image(
+        data, name="two channels", scale=(1.0, 0.3, 0.4), axis_labels=("c", "y", "x")
+    )
     seg.image.value = layer
     assert list(seg.channel_axis.choices) == [-1, 0]
     assert seg.channel_axis.value == -1  # a 1-channel model: 'none' (planes)

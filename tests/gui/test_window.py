@@ -49,8 +49,12 @@ def test_plot_is_readable_from_the_first_step(viewer_with_plugin):
     # Nothing sits on the plot: the widgets around it do not overlap its rectangle.
     rect = plot.geometry()
     for child in plot.parentWidget().children():
-        if child is not plot and hasattr(child, "geometry") and child.isWidgetType() \
-                and child.isVisible():
+        if (
+            child is not plot
+            and hasattr(child, "geometry")
+            and child.isWidgetType()
+            and child.isVisible()
+        ):
             assert not rect.intersects(child.geometry()), child
 
 
@@ -99,8 +103,9 @@ def test_model_picker_lists_bundled_and_saved_models(viewer_with_plugin, tmp_pat
     assert "tiny test model (mine.safetensors)" in names, names
     # Picking the bundled model by name loads it; picking the saved one loads that file.
     seg.model.value = "bundled"
-    assert session.source == "bundled default" and "bundled with the plugin" in \
-        seg.model_label.text()
+    assert (
+        session.source == "bundled default" and "bundled with the plugin" in seg.model_label.text()
+    )
     seg.model.value = str(path.resolve())
     assert session.active().name == "tiny test model"
     assert "from file mine.safetensors" in seg.model_label.text()
@@ -169,8 +174,11 @@ def test_show_table_one_id_column_ten_rows_and_row_selects_object(viewer_with_pl
     table = seg.show_table()
     view = table.table
     model = view.model()
-    shown = [model.headerData(c, Qt.Orientation.Horizontal) for c in range(model.columnCount())
-             if not view.isColumnHidden(c)]
+    shown = [
+        model.headerData(c, Qt.Orientation.Horizontal)
+        for c in range(model.columnCount())
+        if not view.isColumnHidden(c)
+    ]
     assert shown[0] == "label" and "index" not in shown and "Index" not in shown, shown
     assert view.minimumHeight() >= 10 * view.verticalHeader().defaultSectionSize()
     assert model.rowCount() == len(gt.features)
@@ -185,7 +193,10 @@ def test_show_table_one_id_column_ten_rows_and_row_selects_object(viewer_with_pl
     rows = {model.mapToSource(i).row() for i in view.selectionModel().selectedIndexes()}
     assert rows == {7}, (rows, col)
     seg.show_table()  # a second click shows the same dock, it does not add one
-    tables = [w for w in viewer.window._qt_window.findChildren(type(table.__wrapped__)
-                                                               if hasattr(table, "__wrapped__")
-                                                               else type(table))]
+    tables = [
+        w
+        for w in viewer.window._qt_window.findChildren(
+            type(table.__wrapped__) if hasattr(table, "__wrapped__") else type(table)
+        )
+    ]
     assert len(tables) == 1

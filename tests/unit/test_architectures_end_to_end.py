@@ -14,8 +14,13 @@ from napari_s2mnet.training import FinetuneConfig, train
 SMALL = {
     "s2mnet": {"widths": [8, 8, 16, 16, 16], "stem": 8, "expansion": 2},
     "unet": {"base": 4, "depth": 3},
-    "dssau": {"widths": [16, 16, 32, 32], "depths": [1, 1, 1, 1], "decoder_channels": 16,
-              "decoder_depths": [1, 1, 1, 1], "head_dim": 16},
+    "dssau": {
+        "widths": [16, 16, 32, 32],
+        "depths": [1, 1, 1, 1],
+        "decoder_channels": 16,
+        "decoder_depths": [1, 1, 1, 1],
+        "head_dim": 16,
+    },
 }
 
 
@@ -34,9 +39,19 @@ def test_checkpoint_inference_and_finetune(arch, tmp_path, dsb2018_quadrants):
     crop, gt_crop = img[:96, :128], gt[:96, :128]
     labels, features = segment(crop, loaded, InferenceConfig(tile_size=64, device="cpu"))
     assert labels.shape == crop.shape and len(features) == len(np.unique(labels)) - 1
-    result = train([(crop, gt_crop)], loaded,
-                   FinetuneConfig(epochs=1, steps_per_epoch=2, batch_size=2, crop_size=64,
-                                  val_fraction=0.0, device="cpu", loss="dicebce"))
+    result = train(
+        [(crop, gt_crop)],
+        loaded,
+        FinetuneConfig(
+            epochs=1,
+            steps_per_epoch=2,
+            batch_size=2,
+            crop_size=64,
+            val_fraction=0.0,
+            device="cpu",
+            loss="dicebce",
+        ),
+    )
     assert result.steps == 2
     assert result.bundle.config.arch == arch
     assert result.bundle.metadata["history"]

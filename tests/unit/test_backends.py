@@ -51,8 +51,14 @@ def test_cache_key_changes_with_the_model(tmp_path, monkeypatch) -> None:
     from napari_s2mnet.model import ModelConfig, build_model
 
     monkeypatch.setenv("NAPARI_S2MNET_CACHE_DIR", str(tmp_path))
-    opts = {"widths": [8, 8], "stem": 8, "head_widths": [8, 8], "expansion": 2,
-            "sstm_use_spatial": [False, True], "sstm_use_spectral": [True, True]}
+    opts = {
+        "widths": [8, 8],
+        "stem": 8,
+        "head_widths": [8, 8],
+        "expansion": 2,
+        "sstm_use_spatial": [False, True],
+        "sstm_use_spectral": [True, True],
+    }
     model = build_model(ModelConfig("s2mnet", 1, 1, opts)).eval()
     x = torch.rand(2, 1, 32, 32)
     r1 = get_runner(model, model_hash(model), found[0], (32, 32), 1)
@@ -123,7 +129,7 @@ def test_auto_compiles_only_when_it_pays(eager_and_image, tmp_path, monkeypatch)
     from napari_s2mnet.inference import backends
 
     monkeypatch.setenv("NAPARI_S2MNET_CACHE_DIR", str(tmp_path))
-    bundle, image, eager = eager_and_image
+    bundle, image, _ = eager_and_image
     small = image[:224, :224]  # one tile: far below AUTO_MIN_TILES
     cfg = InferenceConfig(backend="auto", return_probability=True, compute_features=False)
     result = run_to_end(segment_iter(small, bundle, cfg))

@@ -39,13 +39,15 @@ def _trained_like(config: ModelConfig) -> ModelBundle:
         for _ in range(3):
             b.model(torch.randn(2, config.in_channels, 64, 64) * 3 + 1)
     b.model.eval()
-    b.metadata.update({
-        "threshold": 0.4,
-        "trained_on": 3,
-        "history": [{"date": "2026-01-01T00:00:00+00:00", "steps": 10, "loss": "masl"}],
-        "metrics": {"val_dice": np.float32(0.75)},  # numpy scalars are stored as plain numbers
-        "data": [{"name": "a.tif", "shape": (64, 64)}],
-    })
+    b.metadata.update(
+        {
+            "threshold": 0.4,
+            "trained_on": 3,
+            "history": [{"date": "2026-01-01T00:00:00+00:00", "steps": 10, "loss": "masl"}],
+            "metrics": {"val_dice": np.float32(0.75)},  # numpy scalars are stored as plain numbers
+            "data": [{"name": "a.tif", "shape": (64, 64)}],
+        }
+    )
     return b
 
 
@@ -98,8 +100,9 @@ def test_config_and_metadata_round_trip(s2m_bundle: ModelBundle, saved: Path) ->
 
 
 def test_model_hash_tracks_weights(s2m_bundle: ModelBundle) -> None:
-    clone = ModelBundle(model=__import__("copy").deepcopy(s2m_bundle.model),
-                        config=s2m_bundle.config)
+    clone = ModelBundle(
+        model=__import__("copy").deepcopy(s2m_bundle.model), config=s2m_bundle.config
+    )
     assert model_hash(clone) == model_hash(s2m_bundle)
     with torch.no_grad():
         next(iter(clone.model.parameters())).view(-1)[0] += 1e-3
@@ -230,8 +233,9 @@ def test_refuses_foreign_safetensors(tmp_path: Path) -> None:
         load_model(path)
 
 
-def _with_header(src: Path, dst: Path, state: dict[str, torch.Tensor] | None = None,
-                 **overrides: str) -> Path:
+def _with_header(
+    src: Path, dst: Path, state: dict[str, torch.Tensor] | None = None, **overrides: str
+) -> Path:
     """Re-write ``src`` with its header entries replaced (and optionally other tensors)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -250,15 +254,20 @@ def _with_header(src: Path, dst: Path, state: dict[str, torch.Tensor] | None = N
 def test_refuses_wrong_architecture_weights(tmp_path: Path, saved: Path) -> None:
     unet = new_model(ModelConfig(arch="unet", in_channels=1, options=SMALL_UNET))
     path = _with_header(saved, tmp_path / "wrong.safetensors", state=unet.model.state_dict())
-    with pytest.raises(ValueError, match=r"do not match architecture 's2mnet'.*missing tensors.*"
-                                         r"unexpected tensors"):
+    with pytest.raises(
+        ValueError,
+        match=r"do not match architecture 's2mnet'.*missing tensors.*"
+        r"unexpected tensors",
+    ):
         load_model(path)
 
 
 def test_refuses_wrong_shapes(tmp_path: Path, saved: Path) -> None:
     other = new_model(ModelConfig(arch="s2mnet", in_channels=3, options=SMALL_S2M))
     path = _with_header(saved, tmp_path / "shape.safetensors", state=other.model.state_dict())
-    with pytest.raises(ValueError, match=r"wrong shapes: .*\[8, 3, 3, 3\] \(expected \[8, 1, 3, 3\]\)"):
+    with pytest.raises(
+        ValueError, match=r"wrong shapes: .*\[8, 3, 3, 3\] \(expected \[8, 1, 3, 3\]\)"
+    ):
         load_model(path)
 
 

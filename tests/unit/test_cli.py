@@ -53,10 +53,35 @@ def test_train_prints_the_final_summary(tmp_path: Path, capsys: pytest.CaptureFi
     # Two images of 160 px: a quarter (40 rows >= the 32 px minimum band) of each validates.
     images, labels = _write_discs(tmp_path, n_images=2, side=160, n_discs=14)
     out = tmp_path / "model.safetensors"
-    rc = main(["train", "--images", str(images), "--labels", str(labels), "-o", str(out),
-               "--model", "new", "--arch", "unet", "--loss", "dicebce", "--epochs", "1",
-               "--device", "cpu", "--batch-size", "2", "--crop-size", "64", "--seed", "0",
-               "--val-fraction", "0.25"])
+    rc = main(
+        [
+            "train",
+            "--images",
+            str(images),
+            "--labels",
+            str(labels),
+            "-o",
+            str(out),
+            "--model",
+            "new",
+            "--arch",
+            "unet",
+            "--loss",
+            "dicebce",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--crop-size",
+            "64",
+            "--seed",
+            "0",
+            "--val-fraction",
+            "0.25",
+        ]
+    )
     assert rc == 0
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
@@ -76,16 +101,42 @@ def test_train_prints_the_final_summary(tmp_path: Path, capsys: pytest.CaptureFi
 
 def _cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "napari_s2mnet", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "napari_s2mnet", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def test_dssau_train_predict_info_end_to_end(tmp_path: Path) -> None:
     images, labels = _write_discs(tmp_path, n_images=2, side=96, n_discs=6)
     model = tmp_path / "dssau.safetensors"
-    proc = _cli("train", "--images", images, "--labels", labels, "-o", model, "--model", "new",
-                "--arch", "dssau", "--epochs", "1", "--device", "cpu", "--batch-size", "2",
-                "--crop-size", "64", "--seed", "0")
+    proc = _cli(
+        "train",
+        "--images",
+        images,
+        "--labels",
+        labels,
+        "-o",
+        model,
+        "--model",
+        "new",
+        "--arch",
+        "dssau",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--crop-size",
+        "64",
+        "--seed",
+        "0",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps: 10  best validation Dice: n/a" in proc.stderr
     assert proc.stderr.rstrip().endswith(f"saved: {model}")
@@ -102,8 +153,18 @@ def test_dssau_train_predict_info_end_to_end(tmp_path: Path) -> None:
     assert 0.0 < threshold < 1.0
 
     out = tmp_path / "pred"
-    proc = _cli("predict", images / "0.tif", "-o", out, "--model", model, "--device", "cpu",
-                "--threshold", repr(threshold))
+    proc = _cli(
+        "predict",
+        images / "0.tif",
+        "-o",
+        out,
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--threshold",
+        repr(threshold),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["0_features.csv", "0_labels.tif"]
     written = read_labels(out / "0_labels.tif")
@@ -118,7 +179,9 @@ def test_dssau_train_predict_info_end_to_end(tmp_path: Path) -> None:
 
     proc = _cli("info", model)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    info = {k.strip(): v.strip() for k, v in (ln.split(" : ", 1) for ln in proc.stdout.splitlines())}
+    info = {
+        k.strip(): v.strip() for k, v in (ln.split(" : ", 1) for ln in proc.stdout.splitlines())
+    }
     assert info["model file"] == str(model)
     assert '"arch": "dssau"' in info["config"]
     assert info["parameters"] == f"{count_parameters(bundle.model):,}"

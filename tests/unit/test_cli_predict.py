@@ -34,8 +34,15 @@ def model_file(tmp_path_factory):
 def threshold(dsb2018, model_file) -> float:
     """A threshold that gives this random-init model objects to find (its 80th percentile)."""
     bundle = checkpoint.load_model(model_file)
-    res = run_to_end(segment_iter(dsb2018[0], bundle, InferenceConfig(
-        device="cpu", tile_size=256, return_probability=True, compute_features=False)))
+    res = run_to_end(
+        segment_iter(
+            dsb2018[0],
+            bundle,
+            InferenceConfig(
+                device="cpu", tile_size=256, return_probability=True, compute_features=False
+            ),
+        )
+    )
     return float(np.percentile(res.probability, 80))
 
 
@@ -45,8 +52,13 @@ def inputs(tmp_path, dsb2018):
     image = dsb2018[0]
     folder = tmp_path / "in"
     folder.mkdir()
-    tifffile.imwrite(folder / "a_nuclei.tif", image, imagej=True, resolution=(2.0, 2.0),
-                     metadata={"unit": "micron"})
+    tifffile.imwrite(
+        folder / "a_nuclei.tif",
+        image,
+        imagej=True,
+        resolution=(2.0, 2.0),
+        metadata={"unit": "micron"},
+    )
     as8 = (image / image.max() * 255).astype(np.uint8)
     iio.imwrite(folder / "b_nuclei.png", as8)
     iio.imwrite(folder / "c_rgb.jpg", np.stack([as8] * 3, axis=-1), quality=95)
@@ -59,19 +71,36 @@ def _run(args: list[str]) -> int:
     return main(["predict", *[str(a) for a in args]])
 
 
-def test_predict_folder_writes_labels_and_features(inputs, tmp_path, model_file, threshold,
-                                                   dsb2018, caplog, capsys):
+def test_predict_folder_writes_labels_and_features(
+    inputs, tmp_path, model_file, threshold, dsb2018, caplog, capsys
+):
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO):
-        rc = _run([inputs, "-o", out, "--model", model_file, "--device", "cpu",
-                   "--tile-size", "256", "--threshold", threshold])
+        rc = _run(
+            [
+                inputs,
+                "-o",
+                out,
+                "--model",
+                model_file,
+                "--device",
+                "cpu",
+                "--tile-size",
+                "256",
+                "--threshold",
+                threshold,
+            ]
+        )
     assert rc == 1  # the broken TIFF was skipped, the others were done
     assert "d_broken.tif: skipped" in caplog.text
     assert "Could not read 'd_broken.tif'" in caplog.text
     assert "notes.txt" in caplog.text  # ignored non-image, logged
     written = sorted(p.name for p in out.iterdir())
-    assert written == sorted(f"{s}_{k}" for s in ("a_nuclei", "b_nuclei", "c_rgb")
-                             for k in ("labels.tif", "features.csv"))
+    assert written == sorted(
+        f"{s}_{k}"
+        for s in ("a_nuclei", "b_nuclei", "c_rgb")
+        for k in ("labels.tif", "features.csv")
+    )
     assert "[1/4] a_nuclei.tif" in capsys.readouterr().err  # the progress line
 
     # Files hold exactly what the Python API returns for the same image and settings.
@@ -99,26 +128,52 @@ def test_predict_files_all_ok_exit_zero(inputs, tmp_path, model_file, dsb2018):
     # A tiny RGB PNG: too small for napari's colour guess, but the file says it is RGB.
     small = (dsb2018[0][:24, :20] / dsb2018[0].max() * 255).astype(np.uint8)
     iio.imwrite(tmp_path / "tiny.png", np.stack([small] * 3, axis=-1))
-    rc = _run([inputs / "a_nuclei.tif", inputs / "b_nuclei.png", tmp_path / "tiny.png", "-o",
-               out, "--model", model_file, "--device", "cpu", "--tile-size", "512"])
+    rc = _run(
+        [
+            inputs / "a_nuclei.tif",
+            inputs / "b_nuclei.png",
+            tmp_path / "tiny.png",
+            "-o",
+            out,
+            "--model",
+            model_file,
+            "--device",
+            "cpu",
+            "--tile-size",
+            "512",
+        ]
+    )
     assert rc == 0
     assert (out / "b_nuclei_labels.tif").is_file() and (out / "b_nuclei_features.csv").is_file()
     assert read_labels(out / "tiny_labels.tif").shape == (24, 20)
 
 
 def test_channel_mismatch_is_explained(tmp_path, model_file, dsb2018, caplog):
-    tifffile.imwrite(tmp_path / "two.tif", np.stack([dsb2018[0]] * 2), imagej=True,
-                     metadata={"axes": "CYX"})
-    rc = _run([tmp_path / "two.tif", "-o", tmp_path / "out", "--model", model_file,
-               "--device", "cpu"])
+    tifffile.imwrite(
+        tmp_path / "two.tif", np.stack([dsb2018[0]] * 2), imagej=True, metadata={"axes": "CYX"}
+    )
+    rc = _run(
+        [tmp_path / "two.tif", "-o", tmp_path / "out", "--model", model_file, "--device", "cpu"]
+    )
     assert rc == 1
     assert "expects 1 input channel(s) but the image has 2" in caplog.text
 
 
 def test_non_image_and_missing_inputs_are_skipped(inputs, tmp_path, model_file, caplog):
     out = tmp_path / "out3"
-    rc = _run([inputs / "notes.txt", inputs / "missing.tif", inputs / "b_nuclei.png", "-o", out,
-               "--model", model_file, "--device", "cpu"])
+    rc = _run(
+        [
+            inputs / "notes.txt",
+            inputs / "missing.tif",
+            inputs / "b_nuclei.png",
+            "-o",
+            out,
+            "--model",
+            model_file,
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 1
     assert "not a supported image file" in caplog.text
     assert "no such file or folder" in caplog.text
@@ -134,8 +189,20 @@ def test_clear_errors_exit_two(inputs, tmp_path, model_file, monkeypatch, capsys
     assert _run([inputs / "a_nuclei.tif", "-o", tmp_path / "o"]) == 2
     err = capsys.readouterr().err
     assert "default model is missing" in err and "gone.safetensors" in err
-    assert _run([inputs / "a_nuclei.tif", "-o", tmp_path / "o", "--model", model_file,
-                 "--tile-size", "4"]) == 2
+    assert (
+        _run(
+            [
+                inputs / "a_nuclei.tif",
+                "-o",
+                tmp_path / "o",
+                "--model",
+                model_file,
+                "--tile-size",
+                "4",
+            ]
+        )
+        == 2
+    )
     assert "tile_size" in capsys.readouterr().err
 
 
@@ -144,19 +211,49 @@ def test_z_context_flag_reaches_the_engine(tmp_path, model_file, threshold, dsb2
     img = dsb2018[0][:128, :128]
     stack = np.stack([img, img[::-1], img[:, ::-1], img])
     tifffile.imwrite(tmp_path / "stack.tif", stack, imagej=True, metadata={"axes": "ZYX"})
-    rc = _run([tmp_path / "stack.tif", "-o", tmp_path / "out", "--model", model_file,
-               "--device", "cpu", "--threshold", threshold, "--z-context", "1"])
+    rc = _run(
+        [
+            tmp_path / "stack.tif",
+            "-o",
+            tmp_path / "out",
+            "--model",
+            model_file,
+            "--device",
+            "cpu",
+            "--threshold",
+            threshold,
+            "--z-context",
+            "1",
+        ]
+    )
     assert rc == 0
     bundle = checkpoint.load_model(model_file)
     cfg = InferenceConfig(device="cpu", threshold=threshold, z_context=1, compute_features=False)
     expected = run_to_end(segment_iter(stack, bundle, cfg)).labels
-    plain = run_to_end(segment_iter(stack, bundle, InferenceConfig(
-        device="cpu", threshold=threshold, compute_features=False))).labels
+    plain = run_to_end(
+        segment_iter(
+            stack,
+            bundle,
+            InferenceConfig(device="cpu", threshold=threshold, compute_features=False),
+        )
+    ).labels
     labels = read_labels(tmp_path / "out" / "stack_labels.tif")
     assert np.array_equal(labels, expected)
     assert not np.array_equal(labels > 0, plain > 0)  # the smoothing changed the masks
-    assert _run([tmp_path / "stack.tif", "-o", tmp_path / "o2", "--model", model_file,
-                 "--z-context", "-1"]) == 2
+    assert (
+        _run(
+            [
+                tmp_path / "stack.tif",
+                "-o",
+                tmp_path / "o2",
+                "--model",
+                model_file,
+                "--z-context",
+                "-1",
+            ]
+        )
+        == 2
+    )
     assert "z_context" in capsys.readouterr().err
 
 
@@ -166,14 +263,29 @@ def test_channels_flag_picks_the_model_input(tmp_path, dsb2018, model_file, thre
     (tmp_path / "one").mkdir()
     (tmp_path / "three").mkdir()
     tifffile.imwrite(tmp_path / "one" / "x.tif", image)
-    tifffile.imwrite(tmp_path / "three" / "x.tif", np.stack([noise, noise[::-1], image]),
-                     photometric="minisblack")
+    tifffile.imwrite(
+        tmp_path / "three" / "x.tif",
+        np.stack([noise, noise[::-1], image]),
+        photometric="minisblack",
+    )
     common = ["--model", model_file, "--device", "cpu", "--threshold", threshold]
     assert _run([tmp_path / "one", "-o", tmp_path / "out1", *common]) == 0
-    assert _run([tmp_path / "three", "-o", tmp_path / "out3", *common,
-                 "--channel-axis", "0", "--channels", "2"]) == 0
+    assert (
+        _run(
+            [
+                tmp_path / "three",
+                "-o",
+                tmp_path / "out3",
+                *common,
+                "--channel-axis",
+                "0",
+                "--channels",
+                "2",
+            ]
+        )
+        == 0
+    )
     one, three = (read_labels(tmp_path / d / "x_labels.tif") for d in ("out1", "out3"))
     assert one.max() > 10 and np.array_equal(one, three)
     # without --channels a 1-channel model refuses 3 channels (logged, file skipped)
-    assert _run([tmp_path / "three", "-o", tmp_path / "out4", *common,
-                 "--channel-axis", "0"]) == 1
+    assert _run([tmp_path / "three", "-o", tmp_path / "out4", *common, "--channel-axis", "0"]) == 1

@@ -16,8 +16,10 @@ def tiny():
     from napari_s2mnet.model import ModelConfig
 
     torch.manual_seed(0)
-    bundle = new_model(ModelConfig(arch="unet", in_channels=1, num_classes=1,
-                                   options={"base": 4, "depth": 3}), name="tiny")
+    bundle = new_model(
+        ModelConfig(arch="unet", in_channels=1, num_classes=1, options={"base": 4, "depth": 3}),
+        name="tiny",
+    )
     bundle.model.eval()
     return bundle
 
@@ -80,8 +82,9 @@ def test_weighted_crops_stay_aligned_with_their_targets(tiny) -> None:
 
     img, lab = _discs(n=6)
     mask = _masks(lab, [1, 2])
-    cfg = FinetuneConfig(crop_size=32, scale_jitter=0.0, intensity_jitter=0.0, val_fraction=0,
-                         uncorrected_weight=0.0)  # every crop centred on a correction
+    cfg = FinetuneConfig(
+        crop_size=32, scale_jitter=0.0, intensity_jitter=0.0, val_fraction=0, uncorrected_weight=0.0
+    )  # every crop centred on a correction
     data = _prepare_data([(img, lab)], tiny, cfg, None, None, [mask])
     sampler = _Sampler(data, cfg)
     for step in range(10):
@@ -96,16 +99,20 @@ def test_finetune_from_corrections_reports_before_and_after(tiny) -> None:
     from napari_s2mnet.training import train
 
     img, lab = _discs(n=3)
-    cfg = FinetuneConfig(epochs=1, steps_per_epoch=2, batch_size=2, crop_size=32, device="cpu",
-                         lr=1e-3)
+    cfg = FinetuneConfig(
+        epochs=1, steps_per_epoch=2, batch_size=2, crop_size=32, device="cpu", lr=1e-3
+    )
     res = train([(img, lab)], tiny, cfg, corrected=[_masks(lab, [1])])
     assert res.steps == 2 and res.best_val_dice is None  # one region: no validation
     assert res.corrected_before is not None and res.corrected_after is not None
     assert "corrected regions" in res.message
 
 
-@pytest.mark.parametrize("scores", [(0.9, 0.9, 0.5, 0.9), (0.5, 0.9, 0.95, 0.3)],
-                         ids=["worse-on-corrections", "broke-the-rest"])
+@pytest.mark.parametrize(
+    "scores",
+    [(0.9, 0.9, 0.5, 0.9), (0.5, 0.9, 0.95, 0.3)],
+    ids=["worse-on-corrections", "broke-the-rest"],
+)
 def test_a_worse_model_on_the_corrections_is_not_returned(tiny, monkeypatch, scores) -> None:
     import torch
 
@@ -114,8 +121,9 @@ def test_a_worse_model_on_the_corrections_is_not_returned(tiny, monkeypatch, sco
     scores = iter(scores)  # before (corrected, context), after (corrected, context)
     monkeypatch.setattr(loop._Run, "corrected_dice", lambda self, context=False: next(scores))
     img, lab = _discs(n=3)
-    cfg = FinetuneConfig(epochs=1, steps_per_epoch=2, batch_size=2, crop_size=32, device="cpu",
-                         lr=1e-2)
+    cfg = FinetuneConfig(
+        epochs=1, steps_per_epoch=2, batch_size=2, crop_size=32, device="cpu", lr=1e-2
+    )
     res = train([(img, lab)], tiny, cfg, corrected=[_masks(lab, [1])])
     assert res.kept_previous and res.best_step == 0
     assert "starting model is kept" in res.message
@@ -153,7 +161,7 @@ def test_equivalent_diameter_and_scale_factor() -> None:
     yy, xx = np.mgrid[:100, :100]
     lab = np.zeros((100, 100), np.int32)
     for k, (cy, cx) in enumerate([(20, 20), (20, 70), (70, 45)], start=1):
-        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= 10 ** 2] = k
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= 10**2] = k
     assert equivalent_diameter(lab) == pytest.approx(20, rel=0.05)
     assert equivalent_diameter(np.zeros((5, 5), int)) is None
     assert scale_factor(18.0, None) == 1.0 and scale_factor(None, 30.0) == 1.0
@@ -172,8 +180,9 @@ def test_segment_with_a_diameter_keeps_the_image_grid(tiny) -> None:
     bundle = copy.copy(tiny)
     bundle.metadata = {**tiny.metadata, "diameter": 12.0}
     img, _ = _discs(n=4, size=90)
-    cfg = InferenceConfig(device="cpu", diameter=24.0, compute_features=False,
-                          return_probability=True)
+    cfg = InferenceConfig(
+        device="cpu", diameter=24.0, compute_features=False, return_probability=True
+    )
     res = run_to_end(segment_iter(img, bundle, cfg))
     assert res.labels.shape == img.shape and res.probability.shape == img.shape
     assert any("Rescaled by 0.50" in m for m in res.messages)

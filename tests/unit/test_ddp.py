@@ -42,7 +42,10 @@ CASES: dict[str, dict[str, Any]] = {
         # dropout=0: training seeds every rank differently on purpose (different dropout masks
         # per rank), so with dropout no split of the batch could reproduce one process's masks.
         "options": {
-            "widths": [8, 16, 24, 32, 48], "stem": 8, "expansion": 2, "bn_momentum": 0.1,
+            "widths": [8, 16, 24, 32, 48],
+            "stem": 8,
+            "expansion": 2,
+            "bn_momentum": 0.1,
             "dropout": 0.0,
         },
         "loss": "masl",
@@ -90,9 +93,17 @@ def _experiment(out: Path, batch_size: int, tag: str, case: str) -> None:
             lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = k
         pairs.append(((lab > 0) * 150.0 + rng.normal(20, 5, lab.shape), lab))
     cfg = training.FinetuneConfig(
-        epochs=1, steps_per_epoch=STEPS, batch_size=batch_size, crop_size=spec["crop"], lr=1e-3,
-        loss=spec["loss"], loss_options=dict(spec["loss_options"]), device="cpu",
-        val_fraction=0.0, freeze_batchnorm=True, seed=3,
+        epochs=1,
+        steps_per_epoch=STEPS,
+        batch_size=batch_size,
+        crop_size=spec["crop"],
+        lr=1e-3,
+        loss=spec["loss"],
+        loss_options=dict(spec["loss_options"]),
+        device="cpu",
+        val_fraction=0.0,
+        freeze_batchnorm=True,
+        seed=3,
     )
     ctx = _ddp.init_from_env("cpu")
     # 1. gradients of step 0 (DDP averages the network's, _ddp.average_gradients the loss's)
@@ -128,8 +139,16 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path, case: str) -> No
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[2]))
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={WORLD}", __file__, str(tmp_path), case]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={WORLD}",
+        __file__,
+        str(tmp_path),
+        case,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -141,27 +160,32 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path, case: str) -> No
     scale = max(float(np.abs(single_grads[k]).max()) for k in single_grads.files)
     assert scale > 0
     for k in single_grads.files:
-        np.testing.assert_allclose(ddp_grads[k], single_grads[k], rtol=1e-4, atol=1e-6 * scale,
-                                   err_msg=k)
+        np.testing.assert_allclose(
+            ddp_grads[k], single_grads[k], rtol=1e-4, atol=1e-6 * scale, err_msg=k
+        )
 
     ddp_losses = (tmp_path / f"losses_{case}_ddp.txt").read_text().split()
     single_losses = (tmp_path / f"losses_{case}_single.txt").read_text().split()
     assert len(ddp_losses) == len(single_losses) == STEPS
-    np.testing.assert_allclose(np.array(ddp_losses, float), np.array(single_losses, float),
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        np.array(ddp_losses, float), np.array(single_losses, float), rtol=1e-4
+    )
 
     a = load_model(tmp_path / f"model_{case}_ddp.safetensors")
     b = load_model(tmp_path / f"model_{case}_single.safetensors")
     assert a.metadata["history"][0]["world_size"] == WORLD
     assert b.metadata["history"][0]["steps"] == STEPS
-    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values(),
-                           strict=True):
+    for (k, va), vb in zip(
+        a.model.state_dict().items(), b.model.state_dict().values(), strict=True
+    ):
         if va.is_floating_point():
             torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=k)
     # the runs really trained: the weights moved far beyond the tolerance
     init = _bundle(case)
-    moved = max(float((p0 - p1).detach().abs().max())
-                for p0, p1 in zip(init.model.parameters(), b.model.parameters(), strict=True))
+    moved = max(
+        float((p0 - p1).detach().abs().max())
+        for p0, p1 in zip(init.model.parameters(), b.model.parameters(), strict=True)
+    )
     assert moved > 1e-3
 
     ddp_w = np.load(tmp_path / f"lossweights_{case}_ddp.npz")

@@ -15,8 +15,15 @@ from napari_s2mnet.model import ModelConfig, build_model
 from napari_s2mnet.model.blocks import SpectralFilter
 from napari_s2mnet.preprocess import NormalizationConfig
 
-TINY = {"widths": [8, 8], "stem": 8, "head_widths": [8, 8], "expansion": 2,
-        "sstm_use_spatial": [False, True], "sstm_use_spectral": [True, True], "K": 8}
+TINY = {
+    "widths": [8, 8],
+    "stem": 8,
+    "head_widths": [8, 8],
+    "expansion": 2,
+    "sstm_use_spatial": [False, True],
+    "sstm_use_spectral": [True, True],
+    "K": 8,
+}
 
 
 def _tiny(in_channels: int = 1, num_classes: int = 1) -> torch.nn.Module:
@@ -84,24 +91,37 @@ def test_cli_export_onnx(tmp_path) -> None:
     from napari_s2mnet.cli import main
 
     model = _tiny()
-    src = save_model(ModelBundle(model, ModelConfig("s2mnet", 1, 1, TINY), NormalizationConfig(),
-                                 {"name": "tiny", "tile_size": 64}), tmp_path / "tiny.safetensors")
+    src = save_model(
+        ModelBundle(
+            model,
+            ModelConfig("s2mnet", 1, 1, TINY),
+            NormalizationConfig(),
+            {"name": "tiny", "tile_size": 64},
+        ),
+        tmp_path / "tiny.safetensors",
+    )
     out = tmp_path / "tiny.onnx"
     assert main(["export", str(src), "--format", "onnx", "-o", str(out)]) == 0
     assert out.stat().st_size > 1000
     assert main(["export", str(src), "-o", str(tmp_path / "x.bin")]) == 2  # unknown suffix
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bioimageio") is None
-                    or importlib.util.find_spec("bioimageio.core") is None,
-                    reason="needs bioimageio.core")
+@pytest.mark.skipif(
+    importlib.util.find_spec("bioimageio") is None
+    or importlib.util.find_spec("bioimageio.core") is None,
+    reason="needs bioimageio.core",
+)
 def test_bioimageio_package_passes_bioimageio_core(tmp_path) -> None:
     from bioimageio.core import test_model
 
     from napari_s2mnet.bioimage_export import export_bioimageio
 
-    bundle = ModelBundle(_tiny(), ModelConfig("s2mnet", 1, 1, TINY), NormalizationConfig(),
-                         {"name": "tiny S2M-Net", "tile_size": 64})
+    bundle = ModelBundle(
+        _tiny(),
+        ModelConfig("s2mnet", 1, 1, TINY),
+        NormalizationConfig(),
+        {"name": "tiny S2M-Net", "tile_size": 64},
+    )
     path = export_bioimageio(bundle, tmp_path / "tiny.zip")
     names = zipfile.ZipFile(path).namelist()
     for expected in ("rdf.yaml", "weights.onnx", "weights.pt", "cover.png", "test_input.npy"):

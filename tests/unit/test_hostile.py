@@ -34,7 +34,7 @@ def tiny_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _split(path: Path) -> tuple[dict[str, Any], bytes]:
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def _write(path: Path, header: dict[str, Any] | bytes, data: bytes) -> Path:
@@ -43,12 +43,23 @@ def _write(path: Path, header: dict[str, Any] | bytes, data: bytes) -> Path:
     return path
 
 
-def _craft(src: Path, dst: Path, *, config: Any = None, normalization: Any = None,
-           metadata: Any = None, raw: dict[str, str] | None = None) -> Path:
+def _craft(
+    src: Path,
+    dst: Path,
+    *,
+    config: Any = None,
+    normalization: Any = None,
+    metadata: Any = None,
+    raw: dict[str, str] | None = None,
+) -> Path:
     """``src`` with parts of its header replaced (the tensors are kept byte for byte)."""
     header, data = _split(src)
     meta = header["__metadata__"]
-    for key, value in (("config", config), ("normalization", normalization), ("metadata", metadata)):
+    for key, value in (
+        ("config", config),
+        ("normalization", normalization),
+        ("metadata", metadata),
+    ):
         if value is not None:
             old = json.loads(meta[key])
             meta[key] = json.dumps(value(old) if callable(value) else value)
@@ -64,6 +75,7 @@ def _set(key: str, value: Any) -> Any:
         else:
             d[key] = value
         return d
+
     return change
 
 
@@ -71,24 +83,27 @@ def _set(key: str, value: Any) -> Any:
 # item 2: crafted model files are refused before anything large is built
 
 
-@pytest.mark.parametrize(("key", "value", "words"), [
-    ("in_channels", 2_000_000, "in_channels must be in 1..1024"),
-    ("in_channels", 10**9, "in_channels must be in"),
-    ("in_channels", "1", "in_channels must be an integer"),
-    ("in_channels", None, "in_channels must be an integer"),
-    ("in_channels", True, "in_channels must be an integer"),
-    ("num_classes", 0, "num_classes must be in"),
-    ("options", 5, "options must be a JSON object"),
-    ("arch", 7, "arch must be an architecture name"),
-    ("arch", "resnet9000", "Unknown architecture"),
-    ("extra", 1, "unknown model config keys"),
-    ("options.base", "2", "options.base must be an integer"),
-    ("options.base", 1e9, "options.base must be an integer"),
-    ("options.base", 10**6, "options.base must be in"),
-    ("options.up", 3, "options.up must be a string"),
-    ("options.bn_eps", -1.0, "options.bn_eps must be in"),
-    ("options.nonsense", 1, "unknown option 'nonsense'"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("in_channels", 2_000_000, "in_channels must be in 1..1024"),
+        ("in_channels", 10**9, "in_channels must be in"),
+        ("in_channels", "1", "in_channels must be an integer"),
+        ("in_channels", None, "in_channels must be an integer"),
+        ("in_channels", True, "in_channels must be an integer"),
+        ("num_classes", 0, "num_classes must be in"),
+        ("options", 5, "options must be a JSON object"),
+        ("arch", 7, "arch must be an architecture name"),
+        ("arch", "resnet9000", "Unknown architecture"),
+        ("extra", 1, "unknown model config keys"),
+        ("options.base", "2", "options.base must be an integer"),
+        ("options.base", 1e9, "options.base must be an integer"),
+        ("options.base", 10**6, "options.base must be in"),
+        ("options.up", 3, "options.up must be a string"),
+        ("options.bn_eps", -1.0, "options.bn_eps must be in"),
+        ("options.nonsense", 1, "unknown option 'nonsense'"),
+    ],
+)
 def test_bad_config_fields_are_refused_with_the_field_named(
     tiny_file: Path, tmp_path: Path, key: str, value: Any, words: str
 ) -> None:
@@ -103,8 +118,9 @@ def test_a_config_larger_than_its_weights_is_refused_before_allocating(
 ) -> None:
     # In range field by field, but 1024 x 8192-wide levels would be billions of parameters; the
     # file holds a few hundred. The budget stops the build at the first oversized tensor.
-    bad = _craft(tiny_file, tmp_path / "big.safetensors",
-                 config=_set("in_channels", 1024), raw=None)
+    bad = _craft(
+        tiny_file, tmp_path / "big.safetensors", config=_set("in_channels", 1024), raw=None
+    )
     bad = _craft(bad, tmp_path / "big2.safetensors", config=_set("options.base", 8192))
     with pytest.raises(ValueError, match="larger than the weights stored in the file"):
         ck.load_model(bad)
@@ -126,18 +142,23 @@ def test_config_that_agrees_in_size_but_not_shape_lists_the_tensors(
         ck.load_model(bad)
 
 
-@pytest.mark.parametrize(("change", "words"), [
-    (_set("low", 99.9), "0 <= low < high <= 100"),
-    (_set("high", 150.0), "0 <= low < high <= 100"),
-    (_set("clip", -1.0), "clip must be >= 0"),
-    (_set("clip", "3"), "clip must be a finite number"),
-    (_set("low", float("nan")), "low must be a finite number"),
-    (_set("method", "zscore"), "method must be one of"),
-    (_set("per_channel", "yes"), "per_channel must be true or false"),
-    (_set("bogus", 1), "unknown normalisation settings"),
-    (5, "must be a JSON object"),
-])
-def test_bad_normalization_is_refused(tiny_file: Path, tmp_path: Path, change: Any, words: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (_set("low", 99.9), "0 <= low < high <= 100"),
+        (_set("high", 150.0), "0 <= low < high <= 100"),
+        (_set("clip", -1.0), "clip must be >= 0"),
+        (_set("clip", "3"), "clip must be a finite number"),
+        (_set("low", float("nan")), "low must be a finite number"),
+        (_set("method", "zscore"), "method must be one of"),
+        (_set("per_channel", "yes"), "per_channel must be true or false"),
+        (_set("bogus", 1), "unknown normalisation settings"),
+        (5, "must be a JSON object"),
+    ],
+)
+def test_bad_normalization_is_refused(
+    tiny_file: Path, tmp_path: Path, change: Any, words: str
+) -> None:
     if not callable(change):
         header, data = _split(tiny_file)
         header["__metadata__"]["normalization"] = json.dumps(change)
@@ -151,16 +172,21 @@ def test_bad_normalization_is_refused(tiny_file: Path, tmp_path: Path, change: A
     assert words in str(info.value)
 
 
-@pytest.mark.parametrize(("change", "words"), [
-    (_set("tile_size", -512), "tile_size must be in"),
-    (_set("tile_size", "big"), "tile_size must be an integer"),
-    (_set("threshold", "x"), "threshold must be a finite number"),
-    (_set("threshold", 2.0), "threshold must be in"),
-    (_set("history", [{"config": {"crop_size": -3}}]), "crop_size must be in"),
-    (_set("history", 5), "history must be a list"),
-    (_set("name", ["a"]), "name must be a string"),
-])
-def test_bad_metadata_values_are_refused(tiny_file: Path, tmp_path: Path, change: Any, words: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (_set("tile_size", -512), "tile_size must be in"),
+        (_set("tile_size", "big"), "tile_size must be an integer"),
+        (_set("threshold", "x"), "threshold must be a finite number"),
+        (_set("threshold", 2.0), "threshold must be in"),
+        (_set("history", [{"config": {"crop_size": -3}}]), "crop_size must be in"),
+        (_set("history", 5), "history must be a list"),
+        (_set("name", ["a"]), "name must be a string"),
+    ],
+)
+def test_bad_metadata_values_are_refused(
+    tiny_file: Path, tmp_path: Path, change: Any, words: str
+) -> None:
     bad = _craft(tiny_file, tmp_path / "m.safetensors", metadata=change)
     with pytest.raises(ValueError, match="invalid metadata") as info:
         ck.read_header(bad)
@@ -233,8 +259,11 @@ def test_new_exports_follow_the_umask(tmp_path: Path, umask_022: None) -> None:
         write_labels(tmp_path / "a.npy", labels),
         write_features_csv(pd.DataFrame({"label": [1]}), tmp_path / "a.csv"),
         Path(_writer.write_labels_tiff(str(tmp_path / "w.tif"), labels, {})[0]),
-        Path(_writer.write_features_csv(str(tmp_path / "w.csv"), labels,
-                                        {"features": {"label": [1]}})[0]),
+        Path(
+            _writer.write_features_csv(
+                str(tmp_path / "w.csv"), labels, {"features": {"label": [1]}}
+            )[0]
+        ),
     ]
     assert [_mode(p) for p in written] == [0o644] * len(written)
     os.umask(0o077)
@@ -269,8 +298,9 @@ def small_bundle() -> ck.ModelBundle:
     return ck.new_model(ModelConfig(arch="unet", in_channels=1, options=TINY_UNET))
 
 
-def test_save_model_writes_through_a_symlink(tmp_path: Path, small_bundle: ck.ModelBundle,
-                                             umask_022: None) -> None:
+def test_save_model_writes_through_a_symlink(
+    tmp_path: Path, small_bundle: ck.ModelBundle, umask_022: None
+) -> None:
     target = tmp_path / "shared.safetensors"
     ck.save_model(ck.new_model(ModelConfig(arch="unet", in_channels=1, options=TINY_UNET)), target)
     os.chmod(target, 0o664)
@@ -284,7 +314,9 @@ def test_save_model_writes_through_a_symlink(tmp_path: Path, small_bundle: ck.Mo
     assert _mode(fresh) == 0o644
 
 
-def test_save_model_refuses_non_regular_targets(tmp_path: Path, small_bundle: ck.ModelBundle) -> None:
+def test_save_model_refuses_non_regular_targets(
+    tmp_path: Path, small_bundle: ck.ModelBundle
+) -> None:
     fifo = tmp_path / "pipe.safetensors"
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match="not a regular file"):
@@ -330,11 +362,15 @@ def test_normalisation_is_invariant_to_offsets_and_scales() -> None:
     # per channel, with channels last
     rgb = (rng.random((16, 16, 3)) * 4000).astype(np.uint16)
     wide = rgb.astype(np.uint64) + np.uint64(2**63)
-    np.testing.assert_allclose(normalize(wide, NormalizationConfig(), -1),
-                               normalize(rgb, NormalizationConfig(), -1), atol=1e-6)
+    np.testing.assert_allclose(
+        normalize(wide, NormalizationConfig(), -1),
+        normalize(rgb, NormalizationConfig(), -1),
+        atol=1e-6,
+    )
     # a constant image (up to float rounding) is still all zeros
-    assert not normalize(np.full((8, 8), 1e9) + rng.random((8, 8)) * 1e-10,
-                         NormalizationConfig(), None).any()
+    assert not normalize(
+        np.full((8, 8), 1e9) + rng.random((8, 8)) * 1e-10, NormalizationConfig(), None
+    ).any()
 
 
 def test_values_spanning_more_than_float64_are_refused() -> None:
@@ -436,7 +472,9 @@ except OSError as exc:
 gc.collect()
 print("exists:", out.exists(), sorted(p.name for p in out.parent.iterdir()))
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr
     assert "refused: 28" in run.stdout
     assert "exists: False []" in run.stdout
@@ -495,8 +533,9 @@ def test_a_finetune_control_reused_after_a_stopped_run_does_not_stop_the_next() 
     labels[18:28, 16:26] = 2
     image[labels > 0] += 1.0
     bundle = ck.new_model(ModelConfig(arch="unet", in_channels=1, options=TINY_UNET))
-    config = FinetuneConfig(epochs=1, steps_per_epoch=3, batch_size=2, crop_size=32,
-                            val_fraction=0.0, device="cpu")
+    config = FinetuneConfig(
+        epochs=1, steps_per_epoch=3, batch_size=2, crop_size=32, val_fraction=0.0, device="cpu"
+    )
     control = FinetuneControl()
 
     def run() -> Any:
@@ -545,7 +584,7 @@ def test_batch_predict_reports_a_failed_write_and_goes_on(
     folder = tmp_path / "in"
     folder.mkdir()
     for i, name in enumerate(("a", "b", "c")):
-        tifffile.imwrite(folder / f"{name}.tif", image[i * 64:(i + 1) * 64, :64])
+        tifffile.imwrite(folder / f"{name}.tif", image[i * 64 : (i + 1) * 64, :64])
     real = s2io.write_labels
 
     def full_disk_for_b(path: Any, *args: Any, **kwargs: Any) -> Any:
@@ -565,8 +604,9 @@ def test_batch_predict_reports_a_failed_write_and_goes_on(
 
     monkeypatch.setattr(s2io, "write_labels", real)
     stream = _io.StringIO()
-    assert predict_paths([folder], out, model_path=tiny_model_file, device="cpu",
-                         stream=stream) == 0
+    assert (
+        predict_paths([folder], out, model_path=tiny_model_file, device="cpu", stream=stream) == 0
+    )
     assert "All 3 image(s) segmented" in stream.getvalue()
 
 
@@ -578,8 +618,18 @@ def test_cli_predict_into_an_unusable_output_is_a_message_not_a_traceback(
     tifffile.imwrite(tmp_path / "a.tif", np.zeros((32, 32), np.uint8))
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    rc = cli_main(["predict", str(tmp_path / "a.tif"), "-o", str(blocker / "sub"), "--model",
-                   str(tiny_model_file), "--device", "cpu"])
+    rc = cli_main(
+        [
+            "predict",
+            str(tmp_path / "a.tif"),
+            "-o",
+            str(blocker / "sub"),
+            "--model",
+            str(tiny_model_file),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
@@ -602,16 +652,23 @@ def test_pairs_by_name_with_the_usual_label_suffixes(tmp_path: Path) -> None:
     from napari_s2mnet.batch import pair_files
 
     images = _touch(tmp_path / "img", "a.tif", "B.tif", "c.ome.tif", "d.png", "e_seg.tif")
-    labels = _touch(tmp_path / "lab", "a_labels.tif", "b_masks.TIF", "c_mask.tif", "d-seg.png",
-                    "e_seg.tif")
+    labels = _touch(
+        tmp_path / "lab", "a_labels.tif", "b_masks.TIF", "c_mask.tif", "d-seg.png", "e_seg.tif"
+    )
     pairs = pair_files(images, labels)
     assert [(i.name, lab.name) for i, lab in pairs] == [
-        ("a.tif", "a_labels.tif"), ("B.tif", "b_masks.TIF"), ("c.ome.tif", "c_mask.tif"),
-        ("d.png", "d-seg.png"), ("e_seg.tif", "e_seg.tif")]
+        ("a.tif", "a_labels.tif"),
+        ("B.tif", "b_masks.TIF"),
+        ("c.ome.tif", "c_mask.tif"),
+        ("d.png", "d-seg.png"),
+        ("e_seg.tif", "e_seg.tif"),
+    ]
     # one folder holding both
     both = _touch(tmp_path / "both", "x.tif", "x_labels.tif", "y.tif", "y_labels.tif")
     assert [(i.name, lab.name) for i, lab in pair_files(both, both)] == [
-        ("x.tif", "x_labels.tif"), ("y.tif", "y_labels.tif")]
+        ("x.tif", "x_labels.tif"),
+        ("y.tif", "y_labels.tif"),
+    ]
 
 
 def test_unpaired_files_are_refused_with_a_list(tmp_path: Path) -> None:
@@ -646,9 +703,21 @@ def test_cli_train_refuses_wrong_pairs_unless_told_to_pair_by_order(
         tifffile.imwrite(tmp_path / "img" / f"{name}.tif", img)
     for name in ("day2", "day3"):
         tifffile.imwrite(tmp_path / "lab" / f"{name}_labels.tif", lab)
-    args = ["train", "--images", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"),
-            "-o", str(tmp_path / "m.safetensors"), "--model", "new", "--arch", "unet",
-            "--device", "cpu"]
+    args = [
+        "train",
+        "--images",
+        str(tmp_path / "img"),
+        "--labels",
+        str(tmp_path / "lab"),
+        "-o",
+        str(tmp_path / "m.safetensors"),
+        "--model",
+        "new",
+        "--arch",
+        "unet",
+        "--device",
+        "cpu",
+    ]
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert "images without labels: day1.tif" in err and "day3_labels.tif" in err
@@ -697,8 +766,9 @@ def test_length_one_axes_are_dropped_not_read_as_one_pixel_slices(
     row = run_to_end(segment_iter(np.arange(50.0).reshape(1, 1, 50), bundle, cfg))
     assert row.labels.shape == (1, 1, 50)  # one row of pixels, not an error
     with pytest.raises(ValueError, match="axis_names"):
-        run_to_end(segment_iter(image[None, :, :, None], bundle, cfg,
-                                ImageLayout(axis_names=("t", "z"))))
+        run_to_end(
+            segment_iter(image[None, :, :, None], bundle, cfg, ImageLayout(axis_names=("t", "z")))
+        )
 
 
 @pytest.mark.parametrize("shape", [(40, 30, 1), (40, 1, 30), (1, 40, 30), (3, 1, 40, 30)])

@@ -112,9 +112,16 @@ def test_config_defaults_and_validation():
     assert (cfg.tile_size, cfg.overlap, cfg.batch_size, cfg.device) == (None, 0.125, 4, "auto")
     assert cfg.threshold is None and cfg.amp and not cfg.tta and not cfg.split_touching
     cfg.validate()
-    for bad in ({"tile_size": 8}, {"overlap": 0.8}, {"overlap": -0.1}, {"batch_size": 0},
-                {"threshold": 1.0}, {"threshold": 0.0}, {"min_size": -1},
-                {"split_min_distance": 0}):
+    for bad in (
+        {"tile_size": 8},
+        {"overlap": 0.8},
+        {"overlap": -0.1},
+        {"batch_size": 0},
+        {"threshold": 1.0},
+        {"threshold": 0.0},
+        {"min_size": -1},
+        {"split_min_distance": 0},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             dataclasses.replace(cfg, **bad).validate()
 
@@ -228,14 +235,21 @@ def test_channels_pick_and_order_the_model_inputs(nuclei):
     three = np.stack([noise, noise[::-1], nuclei])  # the nuclear stain is channel 2
     ref, _ = segment(nuclei, pointwise_bundle(), cpu())
     for channels in ((2,), (-1,)):
-        lab, _ = segment(three, pointwise_bundle(), cpu(),
-                         layout=ImageLayout(channel_axis=0, channels=channels))
+        lab, _ = segment(
+            three, pointwise_bundle(), cpu(), layout=ImageLayout(channel_axis=0, channels=channels)
+        )
         assert np.array_equal(lab, ref)
     # order follows the model's inputs: (2, 0) on a 2-channel model == the stacked pair
     pair = np.stack([nuclei, noise], axis=-1)
-    a, _ = segment(three, pointwise_bundle(in_channels=2), cpu(),
-                   layout=ImageLayout(channel_axis=0, channels=(2, 0)))
-    b, _ = segment(pair, pointwise_bundle(in_channels=2), cpu(), layout=ImageLayout(channel_axis=-1))
+    a, _ = segment(
+        three,
+        pointwise_bundle(in_channels=2),
+        cpu(),
+        layout=ImageLayout(channel_axis=0, channels=(2, 0)),
+    )
+    b, _ = segment(
+        pair, pointwise_bundle(in_channels=2), cpu(), layout=ImageLayout(channel_axis=-1)
+    )
     assert np.array_equal(a, b)
     # one channel of an RGB image (no gray conversion)
     rgb = np.stack([noise, nuclei, noise], axis=-1)
@@ -246,8 +260,9 @@ def test_channels_pick_and_order_the_model_inputs(nuclei):
     with pytest.raises(ValueError, match="needs a channel axis"):
         segment(nuclei, pointwise_bundle(), cpu(), layout=ImageLayout(channels=(0,)))
     with pytest.raises(ValueError, match=r"has 2 selected.*channels=\.\.\."):
-        segment(three, pointwise_bundle(), cpu(),
-                layout=ImageLayout(channel_axis=0, channels=(0, 2)))
+        segment(
+            three, pointwise_bundle(), cpu(), layout=ImageLayout(channel_axis=0, channels=(0, 2))
+        )
 
 
 def test_a_short_last_axis_read_as_space_is_pointed_out(nuclei):
@@ -265,8 +280,9 @@ def test_training_uses_the_same_channel_selection(nuclei):
     noise = np.random.default_rng(1).integers(0, 4000, nuclei.shape).astype(nuclei.dtype)
     three = np.stack([noise, nuclei, noise])
     labels = (nuclei > nuclei.mean()).astype(np.uint16)
-    planes, _ = _normalized_planes(three, labels, ImageLayout(channel_axis=0, channels=(1,)),
-                                   pointwise_bundle(), "x")
+    planes, _ = _normalized_planes(
+        three, labels, ImageLayout(channel_axis=0, channels=(1,)), pointwise_bundle(), "x"
+    )
     direct, _ = _normalized_planes(nuclei, labels, ImageLayout(), pointwise_bundle(), "x")
     np.testing.assert_array_equal(planes, direct)
 
@@ -278,8 +294,9 @@ def test_training_uses_the_same_channel_selection(nuclei):
 def test_stack_slices_have_unique_ids(nuclei):
     stack = np.stack([nuclei, nuclei[:, ::-1], nuclei[::-1]])
     # labels_3d="off": every plane on its own (3-D labelling is tested in test_instances.py)
-    res = run_to_end(segment_iter(stack, pointwise_bundle(), cpu(labels_3d="off"),
-                                  spacing=(2.0, 0.5, 0.5)))
+    res = run_to_end(
+        segment_iter(stack, pointwise_bundle(), cpu(labels_3d="off"), spacing=(2.0, 0.5, 0.5))
+    )
     assert res.labels.shape == stack.shape
     ids = [set(np.unique(s)) - {0} for s in res.labels]
     assert all(ids) and not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
@@ -324,12 +341,21 @@ def test_z_context_averages_probabilities_along_z_only(shape, n):
     across time points; labels are thresholded from the smoothed map."""
     rng = np.random.default_rng(4)
     data = rng.normal(0.4, 0.2, (*shape, 40, 48)).astype(np.float32)
-    axis_names = ("t", "z")[-len(shape):]
+    axis_names = ("t", "z")[-len(shape) :]
     layout = ImageLayout(axis_names=axis_names)
-    plain = run_to_end(segment_iter(data, pointwise_bundle(), cpu(return_probability=True,
-                                                                  min_size=0), layout=layout))
-    smooth = run_to_end(segment_iter(data, pointwise_bundle(), cpu(
-        return_probability=True, min_size=0, z_context=n), layout=layout))
+    plain = run_to_end(
+        segment_iter(
+            data, pointwise_bundle(), cpu(return_probability=True, min_size=0), layout=layout
+        )
+    )
+    smooth = run_to_end(
+        segment_iter(
+            data,
+            pointwise_bundle(),
+            cpu(return_probability=True, min_size=0, z_context=n),
+            layout=layout,
+        )
+    )
     expected = _moving_average_z(plain.probability, n)
     np.testing.assert_allclose(smooth.probability, expected, atol=1e-6)
     assert not np.allclose(smooth.probability, plain.probability)
@@ -367,9 +393,13 @@ def test_per_slice_normalisation_option():
 def test_tiling_is_seamless_for_a_pointwise_model(nuclei, tile, overlap, batch):
     crop = nuclei[:, :301]  # width not a multiple of the stride
     one = run_to_end(segment_iter(crop, pointwise_bundle(), cpu(return_probability=True)))
-    tiled = run_to_end(segment_iter(
-        crop, pointwise_bundle(), cpu(tile_size=tile, overlap=overlap, batch_size=batch,
-                                      return_probability=True)))
+    tiled = run_to_end(
+        segment_iter(
+            crop,
+            pointwise_bundle(),
+            cpu(tile_size=tile, overlap=overlap, batch_size=batch, return_probability=True),
+        )
+    )
     assert one.n_tiles == 1 and tiled.n_tiles > 4
     assert np.abs(one.probability - tiled.probability).max() < 1e-5
     direct = 1 / (1 + np.exp(-GAIN * (normalize(crop, NormalizationConfig(), None) - LEVEL)))
@@ -379,8 +409,11 @@ def test_tiling_is_seamless_for_a_pointwise_model(nuclei, tile, overlap, batch):
 
 @pytest.mark.parametrize("arch", ["unet", "s2mnet"])
 def test_one_tile_equals_a_direct_forward_pass(arch, nuclei):
-    options = {"base": 4, "depth": 3} if arch == "unet" else {
-        "widths": [8, 8, 16, 16, 16], "stem": 8, "expansion": 2, "head_widths": [8, 8]}
+    options = (
+        {"base": 4, "depth": 3}
+        if arch == "unet"
+        else {"widths": [8, 8, 16, 16, 16], "stem": 8, "expansion": 2, "head_widths": [8, 8]}
+    )
     torch.manual_seed(0)
     bundle = new_model(ModelConfig(arch=arch, in_channels=1, options=options))
     img = nuclei[:128, :192]  # a multiple of both strides: no padding anywhere
@@ -479,11 +512,15 @@ def test_tta_averages_flipped_predictions(nuclei):
     tta = run_to_end(segment_iter(img, bundle, cpu(return_probability=True, tta=True)))
     x = torch.from_numpy(normalize(img, bundle.normalization, None))[None, None]
     with torch.no_grad():
-        manual = sum(
-            torch.sigmoid(bundle.model(x.flip(d) if d else x)).flip(d) if d
-            else torch.sigmoid(bundle.model(x))
-            for d in [(), (-1,), (-2,), (-2, -1)]
-        ) / 4
+        manual = (
+            sum(
+                torch.sigmoid(bundle.model(x.flip(d) if d else x)).flip(d)
+                if d
+                else torch.sigmoid(bundle.model(x))
+                for d in [(), (-1,), (-2,), (-2, -1)]
+            )
+            / 4
+        )
     # Interior only: the tile is mirror-padded to the stride, torch zero-pads inside the conv.
     assert np.abs(tta.probability - manual[0, 0].numpy())[1:-1, 1:-1].max() < 1e-5
     assert np.abs(tta.probability - plain.probability).max() > 0.01
@@ -527,8 +564,9 @@ def test_threshold_from_model_and_config(nuclei):
 
 
 def test_uncertainty_is_normalised_entropy(nuclei):
-    res = run_to_end(segment_iter(
-        nuclei, pointwise_bundle(), cpu(uncertainty=True, return_probability=True)))
+    res = run_to_end(
+        segment_iter(nuclei, pointwise_bundle(), cpu(uncertainty=True, return_probability=True))
+    )
     p = res.probability.astype(np.float64)
     assert res.uncertainty.dtype == np.float32
     assert res.uncertainty.min() >= 0 and res.uncertainty.max() <= 1
@@ -540,8 +578,9 @@ def test_uncertainty_is_normalised_entropy(nuclei):
 
 def test_multiclass_gives_semantic_labels(nuclei):
     bundle = pointwise_bundle(num_classes=3)
-    res = run_to_end(segment_iter(nuclei, bundle, cpu(tile_size=64, return_probability=True,
-                                                       uncertainty=True)))
+    res = run_to_end(
+        segment_iter(nuclei, bundle, cpu(tile_size=64, return_probability=True, uncertainty=True))
+    )
     norm = normalize(nuclei, bundle.normalization, None).astype(np.float64)
     k = np.arange(3)[:, None, None]
     logits = GAIN * k * norm[None] - GAIN * 0.3 * k * (k + 1) / 2
@@ -602,8 +641,9 @@ def test_closing_the_generator_cancels_cleanly(nuclei, stop_after, z_context):
     bundle.model.train()
     bundle.model.conv.eval()  # mixed modes must come back exactly
     weights = bundle.model.conv.weight.detach().clone()
-    gen = segment_iter(np.stack([nuclei] * 2), bundle, cpu(tile_size=64, batch_size=2,
-                                                           z_context=z_context))
+    gen = segment_iter(
+        np.stack([nuclei] * 2), bundle, cpu(tile_size=64, batch_size=2, z_context=z_context)
+    )
     for _ in range(stop_after + 1):
         next(gen)
     gen.close()  # no exception, nothing returned
@@ -646,8 +686,10 @@ def test_oom_retries_with_one_tile_then_smaller_tiles(nuclei):
     net = OOMAbove(limit=64 * 64)
     bundle = ModelBundle(net, ModelConfig(arch="unet", in_channels=1))
     reports: list[Progress] = []
-    res = run_to_end(segment_iter(nuclei, bundle, cpu(tile_size=128, batch_size=4,
-                                                      return_probability=True)), reports.append)
+    res = run_to_end(
+        segment_iter(nuclei, bundle, cpu(tile_size=128, batch_size=4, return_probability=True)),
+        reports.append,
+    )
     assert any("1 tile per batch" in m for m in res.messages)
     assert any("128 px tiles; retrying with 64 px" in m for m in res.messages)
     assert np.abs(res.probability - reference.probability).max() < 1e-5
@@ -674,8 +716,11 @@ def test_oom_on_gpu_falls_back_to_cpu(nuclei, monkeypatch):
             return super().forward(x)
 
     monkeypatch.setattr(devices, "resolve_device", fake_resolve)
-    monkeypatch.setattr(devices, "describe_device",
-                        lambda d: "CUDA: Fake GPU (1 GB)" if d.type == "cuda" else "CPU (test)")
+    monkeypatch.setattr(
+        devices,
+        "describe_device",
+        lambda d: "CUDA: Fake GPU (1 GB)" if d.type == "cuda" else "CPU (test)",
+    )
     monkeypatch.setattr(engine, "_to_device", fake_to)
     bundle = ModelBundle(GPUOnlyOOM(), ModelConfig(arch="unet", in_channels=1))
     res = run_to_end(segment_iter(nuclei, bundle, InferenceConfig(tile_size=256, amp=False)))
@@ -751,8 +796,9 @@ def test_missing_default_model_is_a_clear_error(nuclei, monkeypatch, tmp_path):
 
 def test_segment_accepts_config_overrides(nuclei):
     bundle = pointwise_bundle()
-    labels, features = segment(nuclei, bundle, device="cpu", tile_size=64, overlap=0.25,
-                               min_size=50)
+    labels, features = segment(
+        nuclei, bundle, device="cpu", tile_size=64, overlap=0.25, min_size=50
+    )
     ref = expected_instances(nuclei, min_size=50)
     assert same_partition(labels, ref) and len(features) == ref.max()
     assert all(c[2] == 64 for c in bundle.model.calls)

@@ -126,8 +126,9 @@ def test_stitching_starts_new_objects_and_respects_threshold() -> None:
 def test_per_volume_never_links_time_points() -> None:
     ball = _ball(shape=(9, 20, 20), centre=(4, 10, 10), r=4)
     series = np.stack([ball, ball])  # (T, Z, Y, X): the same object at two time points
-    out = per_volume(lambda v: seeded_watershed(v.astype(np.float32),
-                                                v.astype(np.float32))[0], series)
+    out = per_volume(
+        lambda v: seeded_watershed(v.astype(np.float32), v.astype(np.float32))[0], series
+    )
     assert set(np.unique(out[0])) == {0, 1} and set(np.unique(out[1])) == {0, 2}
 
 
@@ -175,8 +176,9 @@ class _DistanceOracle:
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 p = x.clamp(1e-4, 1 - 1e-4)
-                return torch.cat([40 * (x - 0.05), torch.full_like(x, -10.0),
-                                  torch.log(p / (1 - p))], dim=1)
+                return torch.cat(
+                    [40 * (x - 0.05), torch.full_like(x, -10.0), torch.log(p / (1 - p))], dim=1
+                )
 
         cfg = ModelConfig(arch="unet", in_channels=1, num_classes=1, instance_head=True)
         return ModelBundle(Oracle(), cfg, NormalizationConfig(method="none"))
@@ -212,18 +214,24 @@ def test_segment_labels_a_stack_in_3d(mode: str) -> None:
     b = _ball(shape=(15, 40, 64), centre=(7, 20, 37), r=9.0, spacing=spacing)
     gt = np.where(b, 2, np.where(a, 1, 0)).astype(np.int32)  # two touching balls
     img = _distance_image(gt, spacing)
-    lab, feats = segment(img, _DistanceOracle.build(),
-                         InferenceConfig(device="cpu", labels_3d=mode, min_size=0),
-                         spacing=spacing)
+    lab, feats = segment(
+        img,
+        _DistanceOracle.build(),
+        InferenceConfig(device="cpu", labels_3d=mode, min_size=0),
+        spacing=spacing,
+    )
     assert lab.max() == 2 and match_scores(lab.astype(np.int32), gt)["f1@0.5"] == 1.0
     assert set(np.unique(lab[3:12, 20, 20])) == {1} or set(np.unique(lab[3:12, 20, 20])) == {2}
     assert len(feats) == 2 and feats.attrs["columns_3d"] == COLUMNS_3D
     assert feats["z_planes"].min() >= 7
     assert feats["volume"].to_numpy() == pytest.approx(feats["volume_vox"].to_numpy() * 2.0)
     # the plane-by-plane behaviour of old is one option away
-    flat, _ = segment(img, _DistanceOracle.build(),
-                      InferenceConfig(device="cpu", labels_3d="off", min_size=0),
-                      spacing=spacing)
+    flat, _ = segment(
+        img,
+        _DistanceOracle.build(),
+        InferenceConfig(device="cpu", labels_3d="off", min_size=0),
+        spacing=spacing,
+    )
     assert flat.max() > 10
 
 
@@ -233,8 +241,12 @@ def test_time_points_are_never_linked() -> None:
 
     gt = _ball(shape=(9, 24, 24), centre=(4, 12, 12), r=5.0).astype(np.int32)
     series = np.stack([_distance_image(gt)] * 3)  # (T, Z, Y, X): one object, three times
-    lab, feats = segment(series, _DistanceOracle.build(), InferenceConfig(device="cpu"),
-                         layout=ImageLayout(axis_names=("t", "z")))
+    lab, feats = segment(
+        series,
+        _DistanceOracle.build(),
+        InferenceConfig(device="cpu"),
+        layout=ImageLayout(axis_names=("t", "z")),
+    )
     assert [set(np.unique(lab[t])) - {0} for t in range(3)] == [{1}, {2}, {3}]
     assert feats["t"].tolist() == [0, 1, 2]
 
@@ -254,7 +266,6 @@ def test_old_binary_model_file_loads_and_works_as_before() -> None:
     x = np.random.default_rng(0).random((1, 1, 32, 32)).astype(np.float32)
     with torch.no_grad():
         y = bundle.model(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(y, np.load(data / "old_binary_s2mnet_tiny_logits.npy"),
-                               atol=1e-5)
+    np.testing.assert_allclose(y, np.load(data / "old_binary_s2mnet_tiny_logits.npy"), atol=1e-5)
     lab, _ = segment(x[0, 0], bundle, InferenceConfig(device="cpu", min_size=0))
     assert lab.shape == (32, 32)

@@ -36,8 +36,9 @@ def test_smallest_uint_dtype():
 
 
 @pytest.mark.parametrize("suffix", [".tif", ".tiff", ".png", ".npy"])
-@pytest.mark.parametrize(("n", "dtype"), [(1, np.uint8), (255, np.uint8), (300, np.uint16),
-                                          (65535, np.uint16)])
+@pytest.mark.parametrize(
+    ("n", "dtype"), [(1, np.uint8), (255, np.uint8), (300, np.uint16), (65535, np.uint16)]
+)
 def test_round_trip_2d_with_minimal_dtype(tmp_path, suffix, n, dtype):
     lab = _labels((40, 300), n)
     path = write_labels(tmp_path / f"lab{suffix}", lab)
@@ -189,4 +190,3 @@ def test_read_image_formats_and_errors(tmp_path):
         read_image(tmp_path / "fake.png")
     with pytest.raises(FileNotFoundError):
         read_image(tmp_path / "missing.tif")
-

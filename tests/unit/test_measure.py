@@ -19,8 +19,13 @@ def _labels():
 def test_physical_columns_and_values():
     lab = _labels()
     img = np.arange(600.0).reshape(20, 30)
-    t = measurement_table(object_features(lab, spacing=(0.5, 0.25)), lab, spacing=(0.5, 0.25),
-                          unit="micrometer", image=img)
+    t = measurement_table(
+        object_features(lab, spacing=(0.5, 0.25)),
+        lab,
+        spacing=(0.5, 0.25),
+        unit="micrometer",
+        image=img,
+    )
     cols = list(t.columns)
     assert cols[:4] == ["index", "label", "area_px", "area_um2"]
     assert "scale" not in cols and "area" not in cols and "area_fraction" in cols
@@ -39,8 +44,9 @@ def test_physical_columns_and_values():
 def test_pixels_only_without_a_scale():
     lab = _labels()
     t = measurement_table(object_features(lab), lab, unit="pixel")
-    assert "centroid_y_px" in t.columns and not any(c.startswith("area_") and c != "area_px"
-                                                    and c != "area_fraction" for c in t.columns)
+    assert "centroid_y_px" in t.columns and not any(
+        c.startswith("area_") and c != "area_px" and c != "area_fraction" for c in t.columns
+    )
     assert "mean_intensity" not in t.columns
     assert unit_suffix("µm") == "um" and unit_suffix(None, (2.0, 2.0)) == "units"
     assert unit_suffix("pixel", (1.0, 1.0)) is None

@@ -110,8 +110,20 @@ def test_wheel_ships_manifest_and_resources_in_fresh_venv(tmp_path):
     assert _run([*uv, "venv", "-q", "--python", PY, str(venv)]).returncode == 0
     vpy = venv / "bin" / "python"
     links = ["--find-links", "/opt/wheels"] if os.path.isdir("/opt/wheels") else []
-    out = _run([*uv, "pip", "install", "-q", "--python", str(vpy), *links,
-                "-c", str(REPO / ".ci" / "constraints.txt"), str(wheel)])
+    out = _run(
+        [
+            *uv,
+            "pip",
+            "install",
+            "-q",
+            "--python",
+            str(vpy),
+            *links,
+            "-c",
+            str(REPO / ".ci" / "constraints.txt"),
+            str(wheel),
+        ]
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     out = _run([str(vpy), "-c", DISCOVER], cwd="/")
     assert out.returncode == 0, out.stderr[-3000:]

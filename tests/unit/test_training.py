@@ -52,13 +52,23 @@ def _discs(seed: int, size: int = 96, n: int = 6, channels: int | None = None):
 
 def _tiny(in_channels: int = 1, num_classes: int = 1, seed: int = 0) -> ModelBundle:
     torch.manual_seed(seed)
-    return new_model(ModelConfig(arch="unet", in_channels=in_channels, num_classes=num_classes,
-                                 options=TINY_UNET))
+    return new_model(
+        ModelConfig(
+            arch="unet", in_channels=in_channels, num_classes=num_classes, options=TINY_UNET
+        )
+    )
 
 
 def _cfg(**kw) -> FinetuneConfig:
-    base = {"epochs": 2, "steps_per_epoch": 3, "batch_size": 2, "crop_size": 48,
-            "loss": "dicebce", "device": "cpu", "lr": 1e-3}
+    base = {
+        "epochs": 2,
+        "steps_per_epoch": 3,
+        "batch_size": 2,
+        "crop_size": 48,
+        "loss": "dicebce",
+        "device": "cpu",
+        "lr": 1e-3,
+    }
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -89,8 +99,15 @@ def test_config_defaults_and_validation() -> None:
     assert cfg.total_steps == training.DEFAULT_EPOCHS * cfg.steps_per_epoch
     assert FinetuneConfig(seconds=60).total_steps is None
     assert "60 s" in FinetuneConfig(seconds=60).budget_text()
-    for bad in ({"epochs": 0}, {"seconds": -1}, {"lr": 0}, {"val_fraction": 0.95},
-                {"crop_size": 4}, {"patience": 0}, {"divergence_factor": 1.0}):
+    for bad in (
+        {"epochs": 0},
+        {"seconds": -1},
+        {"lr": 0},
+        {"val_fraction": 0.95},
+        {"crop_size": 4},
+        {"patience": 0},
+        {"divergence_factor": 1.0},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             FinetuneConfig(**bad).validate()
 
@@ -119,8 +136,17 @@ def test_finetuning_raises_heldout_dice_on_real_nuclei(dsb2018_quadrants) -> Non
     start = new_model(ModelConfig(arch="s2mnet", in_channels=1, options=SMALL_S2M))
     hash0 = model_hash(start)
     before = evaluate_dice(start, [quads[3]])
-    cfg = FinetuneConfig(epochs=6, steps_per_epoch=10, batch_size=4, crop_size=128, lr=1e-3,
-                         loss="masl", device="cpu", patience=None, seed=0)
+    cfg = FinetuneConfig(
+        epochs=6,
+        steps_per_epoch=10,
+        batch_size=4,
+        crop_size=128,
+        lr=1e-3,
+        loss="masl",
+        device="cpu",
+        patience=None,
+        seed=0,
+    )
     result = train(quads[:3], start, cfg)
     after = evaluate_dice(result.bundle, [quads[3]])
     # Measured on CPU with model/data seeds 0-3: before 0.00-0.48, after 0.87-0.91 (gain >= 0.42).
@@ -138,8 +164,9 @@ def test_finetuning_raises_heldout_dice_on_real_nuclei(dsb2018_quadrants) -> Non
 def test_stop_via_control_returns_best_state(pairs) -> None:
     control = FinetuneControl()
     val = [_discs(10)]
-    gen = finetune(pairs, _tiny(), _cfg(epochs=50, steps_per_epoch=2), control=control,
-                   val_pairs=val)
+    gen = finetune(
+        pairs, _tiny(), _cfg(epochs=50, steps_per_epoch=2), control=control, val_pairs=val
+    )
     reports = []
     for rep in gen:
         reports.append(rep)
@@ -178,6 +205,7 @@ def test_stop_interrupts_a_step_in_its_forward_pass(pairs) -> None:
     # Once armed, poll 1 is the step-boundary check, the next ones are forward pre-hooks.
     control = _StopAfterPolls(3)
     cfg = _cfg(epochs=3, steps_per_epoch=1, val_fraction=0.0, seed=3)
+
     def arm(rep: TrainReport) -> None:
         control.armed = control.armed or rep.step == 1  # step 2 is stopped midway
 
@@ -185,8 +213,9 @@ def test_stop_interrupts_a_step_in_its_forward_pass(pairs) -> None:
     assert result.stopped_reason == "cancelled" and result.steps == 1
     assert control.polls >= control.n  # it really stopped from inside the step
     _, one_step = _run(finetune(pairs, _tiny(), dataclasses.replace(cfg, epochs=1)))
-    for (name, a), b in zip(result.bundle.model.named_parameters(),
-                            one_step.bundle.model.parameters(), strict=True):
+    for (name, a), b in zip(
+        result.bundle.model.named_parameters(), one_step.bundle.model.parameters(), strict=True
+    ):
         torch.testing.assert_close(a, b, msg=f"{name} was changed by the interrupted step")
     # No hook is left on the returned model: it trains and predicts normally.
     net = result.bundle.model
@@ -277,15 +306,19 @@ def test_nan_guard_restores_and_halves_lr(pairs, monkeypatch: pytest.MonkeyPatch
     assert steps[12].lr == pytest.approx(cfg.lr * training._lr_factor(0, 11, 0.0, 20, floor))
     assert steps[15].lr == pytest.approx(0.5 * cfg.lr * training._lr_factor(0, 14, 0.0, 20, floor))
     assert result.stopped_reason == "completed"
-    assert all(torch.isfinite(v).all() for v in result.bundle.model.state_dict().values()
-               if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all()
+        for v in result.bundle.model.state_dict().values()
+        if v.is_floating_point()
+    )
 
 
 def test_repeated_failures_stop_as_diverged(pairs, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = _tiny()
     monkeypatch.setattr(loop, "_make_loss", _LossTimesAt(start=4, count=10**6))
-    reports, result = _run(finetune(pairs, bundle, _cfg(epochs=5, val_fraction=0.0,
-                                                        max_recoveries=2)))
+    reports, result = _run(
+        finetune(pairs, bundle, _cfg(epochs=5, val_fraction=0.0, max_recoveries=2))
+    )
     assert result.stopped_reason == "diverged"
     assert sum("restored" in r.message for r in reports) == 2
     assert "diverged" in reports[-2].message
@@ -293,7 +326,9 @@ def test_repeated_failures_stop_as_diverged(pairs, monkeypatch: pytest.MonkeyPat
     assert model_hash(result.bundle) == model_hash(bundle)
 
 
-def test_outlier_steps_are_skipped_and_an_exploding_loss_restores(pairs, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_outlier_steps_are_skipped_and_an_exploding_loss_restores(
+    pairs, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = _cfg(epochs=3, steps_per_epoch=10, val_fraction=0.0)
     # one outlier (x1000 at step 15): skipped, nothing restored
     monkeypatch.setattr(loop, "_make_loss", _LossTimesAt(start=15, count=1, factor=1e3))
@@ -309,7 +344,9 @@ def test_outlier_steps_are_skipped_and_an_exploding_loss_restores(pairs, monkeyp
     assert result.stopped_reason == "completed"
 
 
-def test_non_finite_gradients_restore_the_last_good_state(pairs, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_gradients_restore_the_last_good_state(
+    pairs, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_backward = training._Run.backward
     calls = itertools.count(1)
 
@@ -319,12 +356,16 @@ def test_non_finite_gradients_restore_the_last_good_state(pairs, monkeypatch: py
             next(self.net.parameters()).grad.fill_(float("inf"))
 
     monkeypatch.setattr(training._Run, "backward", poisoned_backward)
-    reports, result = _run(finetune(pairs, _tiny(), _cfg(epochs=2, steps_per_epoch=10,
-                                                          val_fraction=0.0)))
+    reports, result = _run(
+        finetune(pairs, _tiny(), _cfg(epochs=2, steps_per_epoch=10, val_fraction=0.0))
+    )
     (warn,) = [r for r in reports if "restored" in r.message]
     assert warn.step == 12 and "non-finite gradients" in warn.message
-    assert all(torch.isfinite(v).all() for v in result.bundle.model.state_dict().values()
-               if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all()
+        for v in result.bundle.model.state_dict().values()
+        if v.is_floating_point()
+    )
 
 
 def test_early_stopping_keeps_the_best_state(pairs, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -339,9 +380,10 @@ def test_early_stopping_keeps_the_best_state(pairs, monkeypatch: pytest.MonkeyPa
     assert (result.best_step, result.best_val_dice) == (3, 0.705)
     # the same schedule without validation, stopped after step 3: the same weights
     control = FinetuneControl()
-    three = run_to_end(finetune(pairs, _tiny(), dataclasses.replace(cfg, val_fraction=0.0),
-                                control=control),
-                       lambda r: control.stop() if r.step == 3 else None)
+    three = run_to_end(
+        finetune(pairs, _tiny(), dataclasses.replace(cfg, val_fraction=0.0), control=control),
+        lambda r: control.stop() if r.step == 3 else None,
+    )
     assert three.steps == 3
     _same_weights(result.bundle.model, three.bundle.model)
 
@@ -359,8 +401,12 @@ def test_poisoned_image_is_rejected() -> None:
 
 def _sampler(target: np.ndarray, **cfg):
     """A crop sampler over one plane whose image *is* its target (so alignment is visible)."""
-    item = training._Item(image=target[None, None].astype(np.float32), target=target[None],
-                          fg=training._fg_index(target[None]), name="t")
+    item = training._Item(
+        image=target[None, None].astype(np.float32),
+        target=target[None],
+        fg=training._fg_index(target[None]),
+        name="t",
+    )
     data = training._Data(train=[item], val=[], split="", info=[], n_objects=1)
     return training._Sampler(data, FinetuneConfig(crop_size=32, **cfg))
 
@@ -600,8 +646,10 @@ def test_resume_with_a_longer_time_budget(pairs) -> None:
 
 def test_resume_refuses_other_data_or_settings(pairs) -> None:
     control = FinetuneControl()
-    stopped = run_to_end(finetune(pairs, _tiny(), _cfg(epochs=5), control=control),
-                         lambda r: control.stop() if r.step == 1 else None)
+    stopped = run_to_end(
+        finetune(pairs, _tiny(), _cfg(epochs=5), control=control),
+        lambda r: control.stop() if r.step == 1 else None,
+    )
     bundle, state = stopped.bundle, stopped.resume
     assert state is not None
     with pytest.raises(ValueError, match="training pairs differ"):
@@ -631,17 +679,21 @@ def _train_with_blocked_backward(pairs, monkeypatch, block_call: int):
     control = FinetuneControl()
     out: dict[str, FinetuneResult] = {}
     worker = threading.Thread(
-        target=lambda: out.setdefault("r", train(pairs, _tiny(), cfg, control=control)))
+        target=lambda: out.setdefault("r", train(pairs, _tiny(), cfg, control=control))
+    )
     worker.start()
     assert in_backward.wait(30)
     return control, worker, release, out, cfg
 
 
 @pytest.mark.parametrize("block_call", [1, 3])
-def test_stop_now_does_not_wait_for_the_step_in_flight(pairs, monkeypatch: pytest.MonkeyPatch, block_call: int) -> None:
+def test_stop_now_does_not_wait_for_the_step_in_flight(
+    pairs, monkeypatch: pytest.MonkeyPatch, block_call: int
+) -> None:
     """A backward pass can take seconds on a CPU: stop_now hands the result out meanwhile."""
-    control, worker, release, out, cfg = _train_with_blocked_backward(pairs, monkeypatch,
-                                                                       block_call)
+    control, worker, release, out, cfg = _train_with_blocked_backward(
+        pairs, monkeypatch, block_call
+    )
     try:
         now = control.stop_now()
         alive = worker.is_alive()  # stop_now returned while the worker is inside its step
@@ -677,21 +729,58 @@ def test_train_paths_cli(tmp_path: Path) -> None:
         tifffile.imwrite(tmp_path / "img" / f"{s}.tif", img)
         tifffile.imwrite(tmp_path / "lab" / f"{s}.tif", lab)
     out = tmp_path / "model.safetensors"
-    rc = train_paths([tmp_path / "img"], [tmp_path / "lab"], out, model_path=Path("new"),
-                     arch="unet", epochs=1, seconds=None, loss="dicebce", device="cpu", seed=0,
-                     batch_size=2, crop_size=32)
+    rc = train_paths(
+        [tmp_path / "img"],
+        [tmp_path / "lab"],
+        out,
+        model_path=Path("new"),
+        arch="unet",
+        epochs=1,
+        seconds=None,
+        loss="dicebce",
+        device="cpu",
+        seed=0,
+        batch_size=2,
+        crop_size=32,
+    )
     assert rc == 0
     bundle = load_model(out)
     assert bundle.config.arch == "unet" and bundle.config.in_channels == 1
     assert bundle.metadata["history"][0]["data"][0]["name"] == "0.tif"
     # the real command line: counts differ -> exit code 2 with a clear message
     (tmp_path / "lab" / "extra.tif").write_bytes((tmp_path / "lab" / "0.tif").read_bytes())
-    assert main(["train", "--images", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"),
-                 "-o", str(out), "--model", "new", "--epochs", "1"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--images",
+                str(tmp_path / "img"),
+                "--labels",
+                str(tmp_path / "lab"),
+                "-o",
+                str(out),
+                "--model",
+                "new",
+                "--epochs",
+                "1",
+            ]
+        )
+        == 2
+    )
     # pairing is by name now (issue 17): the unpaired file is named
     with pytest.raises(ValueError, match=r"labels without images: extra\.tif"):
-        train_paths([tmp_path / "img"], [tmp_path / "lab"], out, model_path=Path("new"),
-                    arch="unet", epochs=1, seconds=None, loss=None, device="cpu", seed=None)
+        train_paths(
+            [tmp_path / "img"],
+            [tmp_path / "lab"],
+            out,
+            model_path=Path("new"),
+            arch="unet",
+            epochs=1,
+            seconds=None,
+            loss=None,
+            device="cpu",
+            seed=None,
+        )
 
 
 _STOP_IN_THREAD = """
@@ -732,7 +821,8 @@ def test_stop_from_a_worker_thread_leaves_a_clean_process() -> None:
     import sys
 
     code = _STOP_IN_THREAD.format(options={})  # the full-size network (the small one never crashed)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
     assert "STOPPED cancelled" in out.stdout, out.stderr[-2000:]
     assert out.returncode == 0, out.stderr[-2000:]
