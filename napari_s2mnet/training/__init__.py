@@ -6,6 +6,8 @@
   validation split, the data fingerprint.
 - :mod:`~napari_s2mnet.training.sampler`: random crops and augmentation.
 - :mod:`~napari_s2mnet.training.metrics`: Dice, validation, :func:`evaluate_dice`.
+- :mod:`~napari_s2mnet.training.step`: one run's mechanics (``_Run``: step, validation,
+  snapshot / restore).
 - :mod:`~napari_s2mnet.training.loop`: :func:`finetune` and :func:`train`.
 
 Torch is imported inside functions so that widgets can import the config dataclasses cheaply.
@@ -25,10 +27,10 @@ from napari_s2mnet.training.data import _fg_index as _fg_index
 from napari_s2mnet.training.data import _Item as _Item
 from napari_s2mnet.training.data import _prepare_data as _prepare_data
 from napari_s2mnet.training.loop import _lr_factor as _lr_factor
-from napari_s2mnet.training.loop import _Run as _Run
 from napari_s2mnet.training.loop import finetune, train
 from napari_s2mnet.training.metrics import evaluate_dice
 from napari_s2mnet.training.sampler import _Sampler as _Sampler
+from napari_s2mnet.training.step import _Run as _Run
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -44,4 +46,4 @@ __all__ = [
 ]
 
 # The ``_`` names above are internals the tests reach; patch them in their own modules
-# (``loop._make_loss``, ``loop._lr_factor``), where the run looks them up.
+# (``step._make_loss``, ``loop._lr_factor``), where the run looks them up.

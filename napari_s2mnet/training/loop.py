@@ -24,13 +24,12 @@ The same code runs data-parallel under ``torchrun`` (see :mod:`napari_s2mnet._dd
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,24 +46,19 @@ from napari_s2mnet.training.config import (
     _Interrupter,
     _StopNow,
 )
-from napari_s2mnet.training.data import _Data, _fingerprint, _prepare_data
+from napari_s2mnet.training.data import _fingerprint, _prepare_data
 from napari_s2mnet.training.metrics import (
     _dice_from_stats,
     _dice_stats,
-    _evaluate,
     _predict_classes,
-    _val_tiles,
-    region_masks,
-    region_tiles,
 )
-from napari_s2mnet.training.region import apply_scope, region_loss, unfreeze
-from napari_s2mnet.training.sampler import _Sampler
+from napari_s2mnet.training.region import unfreeze
+from napari_s2mnet.training.step import _Run
+from napari_s2mnet.training.summary import _result_metadata, _summary
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-    from torch import nn
 
-    from napari_s2mnet._ddp import DistContext
 
 __all__ = ["finetune", "train", "warm_up"]
 
@@ -84,21 +78,6 @@ def warm_up() -> None:
     torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
 
 
-def _make_loss(name: str, num_classes: int, options: dict[str, Any]) -> nn.Module:
-    """The criterion (a separate function so tests can substitute one)."""
-    from napari_s2mnet.losses import build_loss
-
-    return build_loss(name, num_classes, **options)
-
-
-def _set_bn_eval(net: nn.Module) -> None:
-    from torch import nn
-
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-
-
 def _lr_factor(progress: float, step: int, warmup: float, total: int | None, floor: float) -> float:
     """Warm-up then cosine, as a factor of the peak lr (``floor`` = min_lr / lr)."""
     if total is not None:
@@ -112,209 +91,6 @@ def _lr_factor(progress: float, step: int, warmup: float, total: int | None, flo
         p = (progress - warmup) / max(1e-9, 1 - warmup)
     p = min(max(p, 0.0), 1.0)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
-
-
-class _Run:
-    """State of one run; :func:`finetune` drives it. Also used by the data-parallel tests."""
-
-    def __init__(
-        self,
-        bundle: ModelBundle,
-        data: _Data,
-        config: FinetuneConfig,
-        device: torch.device,
-        ctx: DistContext,
-    ) -> None:
-        import torch
-
-        from napari_s2mnet import _ddp
-        from napari_s2mnet.devices import supports_amp
-
-        self.cfg = config
-        self.device = device
-        self.ctx = ctx
-        self.data = data
-        self.num_classes = bundle.config.num_classes
-        self.threshold = bundle.threshold
-        self.amp = bool(config.amp and supports_amp(device))
-        torch.manual_seed(config.seed + 1000 * ctx.rank)  # dropout differs per rank on purpose
-        self.net = bundle.model
-        if config.sync_batchnorm and ctx.enabled and device.type == "cuda":
-            self.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(self.net))
-        self.net.to(device)
-        self.set_train_mode()
-        self.n_trainable = apply_scope(self.net, config.scope)  # before DDP sees the weights
-        self.ddp = _ddp.wrap_model(self.net, ctx, device, bundle.config.in_channels)
-        self.loss_fn = _make_loss(config.loss, self.num_classes, dict(config.loss_options))
-        self.instance_head = bool(getattr(bundle.config, "instance_head", False))
-        if self.instance_head:  # the foreground keeps its loss; boundary + distance are added
-            from napari_s2mnet.losses.instance import InstanceHeadLoss
-
-            self.loss_fn = InstanceHeadLoss(self.loss_fn)
-        self.loss_fn.to(device)
-        self.loss_fn.train()
-        decay, no_decay = [], []
-        for p in self.net.parameters():
-            if p.requires_grad:
-                (decay if p.ndim > 1 else no_decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        self.loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
-        if self.loss_params:  # MASL's learnable weights: optimised, never decayed
-            groups.append({"params": self.loss_params, "weight_decay": 0.0})
-        self.opt = torch.optim.Adam(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.sampler = _Sampler(data, config)
-        # Validate on tiles of the size the model will segment with (its first training crop).
-        tile = bundle.trained_tile_size or config.crop_size
-        self.val_tiles = _val_tiles(data.val, tile) if data.val else []
-        self.val_masks: list[np.ndarray] | None = None
-        self.region_tiles: list[tuple[int, int, int, int, int, int]] = []
-        if data.corrected:  # corrected regions only: the rest is the model's own output
-            self.val_tiles = region_tiles(data.val, held_out=True)
-            self.val_masks = region_masks(data.val, held_out=True)
-            self.region_tiles = region_tiles(data.train, held_out=False)
-            self.region_masks = region_masks(data.train, held_out=False)
-
-    def set_train_mode(self) -> None:
-        self.net.train()
-        if self.cfg.freeze_batchnorm:
-            _set_bn_eval(self.net)
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the batch of ``step`` as tensors on the device."""
-        return self.batch_weighted(step)[:2]
-
-    def batch_weighted(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """:meth:`batch` plus the loss weights of corrected regions (``None`` without)."""
-        import torch
-
-        b = self.cfg.batch_size
-        arrays = self.sampler.batch(step, self.ctx.rank * b, b)
-        x, y = arrays[0], arrays[1]
-        wt = torch.from_numpy(arrays[2]).to(self.device) if len(arrays) > 2 else None
-        xt = torch.from_numpy(x).to(self.device, non_blocking=True)
-        if self.instance_head:
-            from napari_s2mnet.instances import instance_target_batch
-
-            yt = torch.from_numpy(instance_target_batch(y)).to(self.device)
-        elif self.num_classes == 1:
-            yt = torch.from_numpy(y.astype(np.float32))[:, None].to(self.device)
-        else:
-            yt = torch.from_numpy(y.astype(np.int64)).to(self.device)
-        return xt, yt, wt
-
-    def forward_loss(
-        self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            logits = self.ddp(x)
-        if weight is not None:  # corrections: the loss counts where the user looked
-            return (
-                region_loss(
-                    logits.float(), y, weight, self.num_classes, self.cfg.uncorrected_weight
-                ),
-                logits.detach(),
-            )
-        # Losses run in float32 on the logits (MASL's learnable weights never see fp16).
-        return self.loss_fn(logits.float(), y), logits.detach()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        from napari_s2mnet import _ddp
-
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        _ddp.average_gradients(self.loss_params, self.ctx)
-
-    def clip_and_step(self) -> float:
-        """Unscale, clip, step, clamp MASL weights; returns the gradient norm before clipping."""
-        import torch
-
-        self.scaler.unscale_(self.opt)
-        params = [p for g in self.opt.param_groups[:2] for p in g["params"]]
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        clamp = getattr(self.loss_fn, "clamp_weights_", None)
-        if callable(clamp):
-            clamp()
-        return norm
-
-    def set_lr(self, lr: float) -> None:
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-
-    def components(self) -> dict[str, float]:
-        """The loss's last components (MASL: components, ``w_*`` weights, ``alpha_*``)."""
-        out: dict[str, float] = {}
-        for k, v in dict(getattr(self.loss_fn, "last_components", {}) or {}).items():
-            try:
-                out[str(k)] = float(v)
-            except (TypeError, ValueError):
-                continue
-        weights = getattr(self.loss_fn, "weight_dict", None)
-        if isinstance(weights, dict):
-            for k, v in weights.items():
-                out.setdefault(f"w_{k}", float(v))
-        return out
-
-    def validate(self) -> float | None:
-        if not self.val_tiles:
-            return None
-        dice = _evaluate(
-            self.net,
-            self.data.val,
-            self.val_tiles,
-            self.num_classes,
-            self.threshold,
-            self.device,
-            self.ctx,
-            self.amp,
-            masks=self.val_masks,
-        )
-        self.set_train_mode()
-        return dice
-
-    def corrected_dice(self, context: bool = False) -> float | None:
-        """Dice on every corrected region (trained on or held out), or with ``context`` on the
-        uncorrected pixels around them (the model's own output the user left as it was);
-        ``None`` without corrections."""
-        if not self.region_tiles:
-            return None
-        masks = [~m for m in self.region_masks] if context else self.region_masks
-        dice = _evaluate(
-            self.net,
-            self.data.train,
-            self.region_tiles,
-            self.num_classes,
-            self.threshold,
-            self.device,
-            self.ctx,
-            self.amp,
-            masks=masks,
-        )
-        self.set_train_mode()
-        return dice
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "model": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
-            "opt": copy.deepcopy(self.opt.state_dict()),
-            "loss": {k: v.detach().clone() for k, v in self.loss_fn.state_dict().items()},
-            "scaler": copy.deepcopy(self.scaler.state_dict()),
-        }
-
-    def restore(self, snap: dict[str, Any]) -> None:
-        self.net.load_state_dict(snap["model"])
-        self.opt.load_state_dict(copy.deepcopy(snap["opt"]))
-        self.loss_fn.load_state_dict(snap["loss"])
-        if snap["scaler"]:
-            self.scaler.load_state_dict(snap["scaler"])
 
 
 def _resolve(device: str) -> torch.device:
@@ -950,72 +726,6 @@ def finetune(
     last, result = job.finish()
     yield last
     return result
-
-
-def _summary(
-    reason: str,
-    steps: int,
-    best: float | None,
-    init: float | None,
-    best_step: int,
-    elapsed: float,
-    data: _Data,
-) -> str:
-    text = f"{reason}: {steps} steps in {elapsed:.0f} s"
-    if best is None:
-        return text + f"; {data.split}"
-    text += f"; validation Dice {init:.3f} -> {best:.3f} (best at step {best_step})"
-    if best_step == 0 and steps > 0:
-        text += "; fine-tuning did not improve on the starting model, which is kept"
-    return text
-
-
-def _result_metadata(
-    parent_meta: dict[str, Any],
-    parent: str,
-    config: FinetuneConfig,
-    data: _Data,
-    steps: int,
-    best_step: int,
-    best_val: float | None,
-    init_val: float | None,
-    reason: str,
-    elapsed: float,
-    device: torch.device,
-    ctx: DistContext,
-) -> dict[str, Any]:
-    meta = copy.deepcopy(parent_meta)
-    now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-    base = str(meta.get("name", "model")).removesuffix(" (untrained)")
-    meta["name"] = base if base.endswith("(fine-tuned)") else f"{base} (fine-tuned)"
-    meta["created"] = now
-    meta["parent"] = parent
-    entry = {
-        "date": now,
-        "steps": steps,
-        "best_step": best_step,
-        "loss": config.loss,
-        "n_images": len(data.info),
-        "n_objects": data.n_objects,
-        "best_val_dice": best_val,
-        "initial_val_dice": init_val,
-        "validation": data.split,
-        "stopped_reason": reason,
-        "seconds": round(elapsed, 2),
-        "device": str(device),
-        "world_size": ctx.world_size,
-        "parent": parent,
-        "config": {k: v for k, v in asdict(config).items() if k not in ("device",)},
-        "data": data.info,
-    }
-    meta["history"] = [*list(meta.get("history", []) or []), entry]
-    meta["trained_on"] = int(sum(int(h.get("n_images", 0)) for h in meta["history"]))
-    metrics = dict(meta.get("metrics", {}) or {})
-    if best_val is not None:
-        metrics["val_dice"] = best_val
-    meta["metrics"] = metrics
-    meta["data"] = data.info
-    return meta
 
 
 def train(

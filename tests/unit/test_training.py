@@ -28,6 +28,7 @@ from napari_s2mnet.training import (
     loop,
     train,
 )
+from napari_s2mnet.training import step as run_step
 
 TINY_UNET = {"base": 4, "depth": 3}
 # A small S2M-Net (0.3M parameters) for a learning test that fits in ~20 s on one CPU thread;
@@ -272,7 +273,7 @@ class _LossTimesAt:
 
     def __init__(self, start: int, count: int, factor: float = float("nan")) -> None:
         self.start, self.count, self.calls, self.factor = start, count, 0, factor
-        self.real = loop._make_loss
+        self.real = run_step._make_loss
 
     def __call__(self, name, num_classes, options):
         inner = self.real(name, num_classes, options)
@@ -294,7 +295,7 @@ class _LossTimesAt:
 
 
 def test_nan_guard_restores_and_halves_lr(pairs, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loop, "_make_loss", _LossTimesAt(start=13, count=1))
+    monkeypatch.setattr(run_step, "_make_loss", _LossTimesAt(start=13, count=1))
     cfg = _cfg(epochs=2, steps_per_epoch=10, val_fraction=0.0, warmup_fraction=0.0)
     reports, result = _run(finetune(pairs, _tiny(), cfg))
     warn = [r for r in reports if "restored" in r.message]
@@ -315,7 +316,7 @@ def test_nan_guard_restores_and_halves_lr(pairs, monkeypatch: pytest.MonkeyPatch
 
 def test_repeated_failures_stop_as_diverged(pairs, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = _tiny()
-    monkeypatch.setattr(loop, "_make_loss", _LossTimesAt(start=4, count=10**6))
+    monkeypatch.setattr(run_step, "_make_loss", _LossTimesAt(start=4, count=10**6))
     reports, result = _run(
         finetune(pairs, bundle, _cfg(epochs=5, val_fraction=0.0, max_recoveries=2))
     )
@@ -331,12 +332,12 @@ def test_outlier_steps_are_skipped_and_an_exploding_loss_restores(
 ) -> None:
     cfg = _cfg(epochs=3, steps_per_epoch=10, val_fraction=0.0)
     # one outlier (x1000 at step 15): skipped, nothing restored
-    monkeypatch.setattr(loop, "_make_loss", _LossTimesAt(start=15, count=1, factor=1e3))
+    monkeypatch.setattr(run_step, "_make_loss", _LossTimesAt(start=15, count=1, factor=1e3))
     reports, result = _run(finetune(pairs, _tiny(), cfg))
     msgs = {r.step: r.message for r in reports if r.message and 0 < r.step < result.steps}
     assert list(msgs) == [15] and "skipped an outlier" in msgs[15]
     # three in a row (steps 15-17): the third restores the last good state and halves the lr
-    monkeypatch.setattr(loop, "_make_loss", _LossTimesAt(start=15, count=3, factor=1e3))
+    monkeypatch.setattr(run_step, "_make_loss", _LossTimesAt(start=15, count=3, factor=1e3))
     reports, result = _run(finetune(pairs, _tiny(), cfg))
     msgs = {r.step: r.message for r in reports if r.message and 0 < r.step < result.steps}
     assert [k for k, m in msgs.items() if "skipped" in m] == [15, 16]
