@@ -14,19 +14,11 @@ def _spacing(meta: dict) -> tuple[float, ...] | None:
     return tuple(float(s) for s in scale) if scale is not None else None
 
 
-def _unit(meta: dict) -> str | None:
-    units = meta.get("units")
-    if units is None:
-        return None
-    last = units[-1] if isinstance(units, list | tuple) else units
-    text = str(last)
-    return None if text in ("pixel", "px", "") else text
-
-
 def _write(path: str, data: Any, meta: dict) -> list[str]:
-    from napari_s2mnet.io import write_labels
+    from napari_s2mnet.io import physical_unit, write_labels
 
-    return [str(write_labels(path, data, spacing=_spacing(meta), unit=_unit(meta)))]
+    unit = physical_unit(meta.get("units"))
+    return [str(write_labels(path, data, spacing=_spacing(meta), unit=unit))]
 
 
 def write_labels_tiff(path: str, data: Any, meta: dict) -> list[str]:

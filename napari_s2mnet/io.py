@@ -159,6 +159,15 @@ def _suffix(path: Path, allowed: Sequence[str], what: str) -> str:
     return suffix
 
 
+def physical_unit(units: Any) -> str | None:
+    """The in-plane unit of napari's ``layer.units`` (one per axis, or one string); ``None``
+    for pixels. Shared by the Export widget and the napari writers."""
+    if units is None or (not isinstance(units, str) and len(units) == 0):
+        return None
+    text = str(units if isinstance(units, str) else list(units)[-1])
+    return None if text in ("pixel", "px", "") else text
+
+
 def _imagej_unit(unit: str | Sequence[str] | None) -> str | None:
     if unit is None:
         return None

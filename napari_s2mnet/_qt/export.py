@@ -14,6 +14,7 @@ from qtpy.QtWidgets import QLabel, QWidget
 
 from napari_s2mnet._qt import _layers
 from napari_s2mnet._qt.dock import scrolling_body
+from napari_s2mnet.io import physical_unit
 
 FORMATS = {"TIFF (Fiji)": ".tif", "PNG": ".png", "NumPy": ".npy"}
 
@@ -135,7 +136,7 @@ class ExportWidget(QWidget):
         try:
             for layer, path in jobs:
                 scale = tuple(float(s) for s in layer.scale)
-                unit = _unit(layer)
+                unit = physical_unit(getattr(layer, "units", None))
                 written.append(
                     Path(write_labels(path, np.asarray(layer.data), spacing=scale, unit=unit))
                 )
@@ -192,14 +193,6 @@ class ExportWidget(QWidget):
     def _fail(self, text: str) -> None:
         show_warning(text)
         self.status.setText(f"Not exported: {text}")
-
-
-def _unit(layer: Labels) -> str | None:
-    units = getattr(layer, "units", None)
-    if not units:
-        return None
-    text = str(units[-1])
-    return None if text in ("pixel", "px", "") else text
 
 
 def _safe(name: str) -> str:

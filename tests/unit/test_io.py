@@ -190,3 +190,12 @@ def test_read_image_formats_and_errors(tmp_path):
         read_image(tmp_path / "fake.png")
     with pytest.raises(FileNotFoundError):
         read_image(tmp_path / "missing.tif")
+
+
+def test_physical_unit_of_napari_units() -> None:
+    from napari_s2mnet.io import physical_unit
+
+    assert physical_unit(None) is None and physical_unit([]) is None
+    assert physical_unit(("pixel", "pixel")) is None and physical_unit("px") is None
+    assert physical_unit(("um", "nm")) == "nm"  # the in-plane (last) axis
+    assert physical_unit("µm") == "µm"
