@@ -61,6 +61,52 @@ def _architectures() -> list[tuple[str, str]]:
     return [(f"{name}: {desc.split(':')[0]}", name) for name, desc in available_models().items()]
 
 
+def _size_form() -> Container:
+    """The object-diameter field (auto = no rescaling)."""
+    return dataclass_form(
+        InferenceConfig,
+        ["diameter"],
+        labels={"diameter": "object diameter (px)"},
+        options={"diameter": {"min": 2.0, "max": 2000.0, "step": 1.0, "decimals": 1}},
+        placeholder={"diameter": 30.0},
+        tooltips={
+            "diameter": "typical object diameter in pixels; the image is rescaled so "
+            "objects reach the model at the size it was trained on. "
+            "auto: no rescaling"
+        },
+    )
+
+
+def _advanced_form() -> Container:
+    """The Advanced settings of :class:`InferenceConfig` (collapsed by default)."""
+    return dataclass_form(
+        InferenceConfig,
+        ADVANCED_FIELDS,
+        labels={
+            "tta": "test-time augmentation",
+            "uncertainty": "uncertainty layer",
+            "z_context": "2.5-D z context",
+        },
+        options={
+            "tile_size": {"min": 32, "max": 4096, "step": 32},
+            "overlap": {"min": 0.0, "max": 0.75, "step": 0.025, "decimals": 3},
+            "threshold": {"min": 0.0, "max": 1.0, "step": 0.05},
+            "min_size": {"min": 0, "max": 100000},
+            "z_context": {"min": 0, "max": 20},
+        },
+        placeholder={"threshold": 0.5, "tile_size": 256},
+        tooltips={
+            "threshold": "auto: the model's own threshold",
+            "tile_size": "auto: the crop size the model was trained with (S2M-Net is "
+            "most accurate at that size)",
+            "split_touching": "split touching objects with a distance-transform watershed "
+            "(for models without the instance head; the bundled model separates them itself)",
+            "z_context": "stacks: average each slice's probabilities with N slices "
+            "above and below before thresholding (0: off)",
+        },
+    )
+
+
 class SegmentWidget(QWidget):
     """Dock widget: run S2M-Net on an image layer.
 
@@ -119,18 +165,7 @@ class SegmentWidget(QWidget):
             tooltip="random weights: segments nothing useful until fine-tuned on your labels",
         )
         self.run_button = PushButton(text="Run")
-        self.size_form = dataclass_form(
-            InferenceConfig,
-            ["diameter"],
-            labels={"diameter": "object diameter (px)"},
-            options={"diameter": {"min": 2.0, "max": 2000.0, "step": 1.0, "decimals": 1}},
-            placeholder={"diameter": 30.0},
-            tooltips={
-                "diameter": "typical object diameter in pixels; the image is rescaled so "
-                "objects reach the model at the size it was trained on. "
-                "auto: no rescaling"
-            },
-        )
+        self.size_form = _size_form()
         self.size_form.margins = (0, 0, 0, 0)
         self.estimate_button = PushButton(
             text="Estimate",
@@ -166,31 +201,7 @@ class SegmentWidget(QWidget):
             ]
         )
         self.controls.margins = (0, 0, 0, 0)
-        self.advanced = dataclass_form(
-            InferenceConfig,
-            ADVANCED_FIELDS,
-            labels={
-                "tta": "test-time augmentation",
-                "uncertainty": "uncertainty layer",
-                "z_context": "2.5-D z context",
-            },
-            options={
-                "tile_size": {"min": 32, "max": 4096, "step": 32},
-                "overlap": {"min": 0.0, "max": 0.75, "step": 0.025, "decimals": 3},
-                "threshold": {"min": 0.0, "max": 1.0, "step": 0.05},
-                "min_size": {"min": 0, "max": 100000},
-                "z_context": {"min": 0, "max": 20},
-            },
-            placeholder={"threshold": 0.5, "tile_size": 256},
-            tooltips={
-                "threshold": "auto: the model's own threshold",
-                "tile_size": "auto: the crop size the model was trained with (S2M-Net is "
-                "most accurate at that size)",
-                "split_touching": "split touching objects with a distance-transform watershed",
-                "z_context": "stacks: average each slice's probabilities with N slices "
-                "above and below before thresholding (0: off)",
-            },
-        )
+        self.advanced = _advanced_form()
         self.device_label = QLabel()
         self.model_label = QLabel()
         self.model_label.setWordWrap(True)
