@@ -44,6 +44,12 @@ def info(layer: Any) -> LabelsInfo:
     return _INFO[layer]
 
 
+def known_info(layer: Any) -> LabelsInfo | None:
+    """The :class:`LabelsInfo` of a layer the plugin already tracks, else ``None`` (no side
+    effects, unlike :func:`info`)."""
+    return _INFO.get(layer)
+
+
 class LayerWatcher:
     """Calls ``on_change()`` when a layer is inserted, removed or renamed.
 

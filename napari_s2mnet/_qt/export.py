@@ -66,9 +66,14 @@ class ExportWidget(QWidget):
             self.labels.value = self.labels.choices[-1]  # the newest labels layer
 
     def _pick_new_labels(self, event: Any) -> None:
-        """A labels layer just added (e.g. a segmentation result) is the one to export."""
-        if isinstance(event.value, Labels) and any(c is event.value for c in self.labels.choices):
-            self.labels.value = event.value
+        """A new segmentation result is the one to export (so is any labels layer while nothing
+        is picked); another labels layer the user adds does not replace their choice."""
+        layer = event.value
+        if not isinstance(layer, Labels) or not any(c is layer for c in self.labels.choices):
+            return
+        known = _layers.known_info(layer)
+        if self.labels.value is None or (known is not None and known.made_by_plugin):
+            self.labels.value = layer
 
     def _labels_layers(self, *_: Any) -> list[tuple[str, Labels]]:
         return [(lyr.name, lyr) for lyr in self.viewer.layers if isinstance(lyr, Labels)]
