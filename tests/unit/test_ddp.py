@@ -179,7 +179,10 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path, case: str) -> No
         a.model.state_dict().items(), b.model.state_dict().values(), strict=True
     ):
         if va.is_floating_point():
-            torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=k)
+            # Gradients and losses above match to rtol 1e-4; after 4 Adam steps (lr 1e-3) the
+            # float rounding of the batch-size-dependent DFT matmuls shows as <= 3e-5 (measured),
+            # far below the >= 1e-3 the weights move.
+            torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-4, msg=k)
     # the runs really trained: the weights moved far beyond the tolerance
     init = _bundle(case)
     moved = max(
