@@ -423,13 +423,10 @@ class SegmentWidget(QWidget):
         if self.worker is not None:
             show_warning("A segmentation is already running; cancel it first.")
             return None
-        try:
-            model = self.session.active()
-        except (ValueError, OSError, FileNotFoundError) as exc:
-            show_warning(f"No usable model: {exc}")
+        job = self._model_and_layout(layer)
+        if job is None:
             return None
-        channel_axis = self._chosen_channel_axis()
-        layout = _layout_of(layer, channel_axis)
+        model, channel_axis, layout = job
         if self.input_channel.value not in (None, ALL_CHANNELS):
             layout = dataclasses.replace(layout, channels=(int(self.input_channel.value),))
         # The engine wants one pixel size per non-channel axis (napari has none for RGB).
@@ -457,6 +454,17 @@ class SegmentWidget(QWidget):
         self.worker.aborted.connect(self._aborted)
         return self.worker
 
+    def _model_and_layout(self, layer: Image) -> tuple[Any, int | None, Any] | None:
+        """The active model, the chosen channel axis and the layer's layout; ``None`` (with a
+        warning) when no model can be loaded."""
+        try:
+            model = self.session.active()
+        except (ValueError, OSError, FileNotFoundError) as exc:
+            show_warning(f"No usable model: {exc}")
+            return None
+        channel_axis = self._chosen_channel_axis()
+        return model, channel_axis, _layout_of(layer, channel_axis)
+
     def estimate_diameter(self) -> Any:
         """Measure the typical object diameter of the selected image with the active model (in
         the background) and put it in "object diameter"; returns the worker."""
@@ -467,13 +475,10 @@ class SegmentWidget(QWidget):
         layer = self.image.value
         if layer is None or self.estimate_worker is not None:
             return None
-        try:
-            model = self.session.active()
-        except (ValueError, OSError, FileNotFoundError) as exc:
-            show_warning(f"No usable model: {exc}")
+        job = self._model_and_layout(layer)
+        if job is None:
             return None
-        channel_axis = self._chosen_channel_axis()
-        layout = _layout_of(layer, channel_axis)
+        model, _, layout = job
         self.estimate_button.enabled = False
         self.status.setText(f"Estimating the object diameter in {layer.name!r}...")
 
