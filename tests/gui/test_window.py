@@ -200,3 +200,22 @@ def test_show_table_one_id_column_ten_rows_and_row_selects_object(viewer_with_pl
         )
     ]
     assert len(tables) == 1
+
+
+def test_estimate_button_fills_the_object_diameter(viewer_with_plugin, qtbot):
+    """Estimate measures the sample's nuclei with the bundled model and fills the form."""
+    from napari_s2mnet._qt._session import get_session
+    from napari_s2mnet.checkpoint import load_default_model
+
+    viewer, seg, _, _ = viewer_with_plugin
+    get_session(viewer).set_active(load_default_model(), "bundled")
+    seg.image.value = viewer.layers["nuclei"]
+    gt = viewer.layers["nuclei ground truth"].data
+    _, areas = np.unique(gt[gt > 0], return_counts=True)
+    truth = float(np.median(2 * np.sqrt(areas / np.pi)))  # median equivalent diameter
+    seg.estimate_button.native.click()
+    qtbot.waitUntil(lambda: seg.estimate_worker is None, timeout=240_000)
+    value = seg.size_form["diameter"].value
+    assert value is not None and 0.75 * truth <= value <= 1.33 * truth, (value, truth)
+    assert "Estimated object diameter" in seg.status.text()
+    assert seg.estimate_button.enabled
