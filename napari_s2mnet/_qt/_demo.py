@@ -19,12 +19,11 @@ def run_demo(screenshot: Path | None = None) -> int:
     from qtpy.QtCore import QTimer
 
     viewer = napari.Viewer(title="napari-s2mnet demo")
-    viewer.window.resize(1400, 900)
+    viewer.window.resize(1600, 960)
     viewer.open_sample("napari-s2mnet", "dsb2018_nuclei")
-    # Segment is docked last so that its tab is the one in front.
-    viewer.window.add_plugin_dock_widget("napari-s2mnet", "Export")
-    viewer.window.add_plugin_dock_widget("napari-s2mnet", "Fine-tune", tabify=True)
-    _, seg = viewer.window.add_plugin_dock_widget("napari-s2mnet", "Segment", tabify=True)
+    # The one S2M-Net dock (Segment / Fine-tune / Export tabs), Segment in front.
+    _, main = viewer.window.add_plugin_dock_widget("napari-s2mnet", "S2M-Net")
+    seg = main.segment
     seg.image.value = viewer.layers["nuclei"]
     status = {"code": 0}
 
