@@ -84,9 +84,11 @@ class ProgressRow(QWidget):
         self.detail.setToolTip(self.detail.text())
 
     def finish(self, text: str, complete: bool = True) -> None:
-        """A full (``complete``) or empty bar with a final ``text``."""
-        self.bar.setRange(0, 1)
-        self.bar.setValue(1 if complete else 0)
+        """A full (``complete``) or empty bar with a final ``text``; the total of the last
+        report stays (the result can arrive before or after the last progress signal)."""
+        top = max(self.bar.maximum(), 1)
+        self.bar.setRange(0, top)
+        self.bar.setValue(top if complete else 0)
         self.detail.setText(text)
 
     @property
