@@ -203,6 +203,7 @@ def predict_paths(
     """
     from napari_s2mnet import checkpoint
     from napari_s2mnet.io import load_image, write_features_csv, write_labels
+    from napari_s2mnet.measure import measurement_table
 
     cfg = dataclasses.replace(config or InferenceConfig(), device=device)
     if tile_size is not None:
@@ -266,7 +267,15 @@ def predict_paths(
                 unit=img.unit,
                 axes=axes,
             )
-            write_features_csv(result.features, out_dir / f"{stem}_features.csv")
+            # The table a user reads in napari: units in the names, centroid, intensity.
+            table = measurement_table(
+                result.features,
+                result.labels,
+                spacing=result.spacing if img.spacing is not None else None,
+                unit=img.unit,
+                image=_gray(img.data, layout, result.labels.shape),
+            )
+            write_features_csv(table, out_dir / f"{stem}_features.csv")
         except (ValueError, TypeError, RuntimeError, OSError, MemoryError) as exc:
             bar.finish()
             reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)
@@ -288,6 +297,17 @@ def predict_paths(
         return 1
     bar.line(f"All {total} image(s) segmented; results in {out_dir}.")
     return 0
+
+
+def _gray(data: Any, layout: ImageLayout, shape: tuple[int, ...]) -> Any:
+    """``data`` as one gray value per labels pixel (channels averaged), or ``None`` if it does
+    not line up with the labels (the table then has no intensity columns)."""
+    import numpy as np
+
+    arr = np.asarray(data)
+    if layout.channel_axis is not None:
+        arr = np.moveaxis(arr, layout.channel_axis, -1).mean(axis=-1, dtype=np.float32)
+    return arr if arr.shape == tuple(shape) else None
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:

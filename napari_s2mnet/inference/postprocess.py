@@ -59,12 +59,18 @@ def instances(
     """
     from scipy import ndimage as ndi
 
-    from napari_s2mnet.instances import distance_watershed, head_instances
+    from napari_s2mnet.instances import (
+        DEFAULT_INTERIOR,
+        distance_watershed,
+        interior_map,
+        seeded_watershed,
+    )
 
     if head is not None:
-        lab, n = head_instances(
-            np.concatenate([prob[None], head]), threshold=threshold, spacing=spacing
-        )
+        # instances.head_instances without stacking the maps into one (3, ...) copy
+        inner = interior_map(prob, boundary=head[0], distance=head[1], mode=DEFAULT_INTERIOR)
+        lab, n = seeded_watershed(prob, inner, threshold=threshold, spacing=spacing)
+        del inner
         if config.fill_holes:  # holes inside an object join it (per plane)
             filled = ndi.binary_fill_holes(lab > 0) if lab.ndim == 2 else lab > 0
             if (filled & (lab == 0)).any():

@@ -175,7 +175,7 @@ def test_dssau_train_predict_info_end_to_end(tmp_path: Path) -> None:
     assert np.array_equal(written, expected.labels)
     table = pd.read_csv(out / "0_features.csv")
     assert len(table) == int(expected.labels.max())
-    assert {"label", "area"} <= set(table.columns)
+    assert {"label", "area_px", "mean_intensity"} <= set(table.columns)
 
     proc = _cli("info", model)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,6 +16,7 @@ from napari_s2mnet.checkpoint import new_model, save_model
 from napari_s2mnet.cli import main
 from napari_s2mnet.inference import InferenceConfig, run_to_end, segment_iter
 from napari_s2mnet.io import read_labels
+from napari_s2mnet.measure import measurement_table
 from napari_s2mnet.model import ModelConfig
 
 
@@ -113,8 +114,16 @@ def test_predict_folder_writes_labels_and_features(
     assert np.array_equal(labels, expected.labels)
     features = pd.read_csv(out / "a_nuclei_features.csv")
     assert len(features) == labels.max()
-    pd.testing.assert_frame_equal(features, expected.features, check_dtype=False)
-    assert np.allclose(features["area"], features["area_px"] * 0.25)  # 0.5 micron pixels
+    # The CSV is the table a user reads in napari (measure.measurement_table), not the core's.
+    presented = measurement_table(
+        expected.features, expected.labels, spacing=(0.5, 0.5), unit="micron", image=dsb2018[0]
+    )
+    pd.testing.assert_frame_equal(features, presented, check_dtype=False)
+    assert "scale" not in features.columns and "area" not in features.columns
+    assert np.allclose(features["area_um2"], features["area_px"] * 0.25)  # 0.5 micron pixels
+    first = expected.labels == features["label"].iloc[0]
+    assert features["mean_intensity"].iloc[0] == pytest.approx(dsb2018[0][first].mean(), rel=1e-5)
+    assert {"centroid_y_um", "centroid_x_um"} <= set(features.columns)
     with tifffile.TiffFile(out / "a_nuclei_labels.tif") as tif:
         xres = tif.pages[0].tags["XResolution"].value
         assert xres[1] / xres[0] == pytest.approx(0.5)

@@ -73,6 +73,43 @@ def test_seeded_watershed_keeps_unseeded_objects() -> None:
     assert n == 1 and (out[5:10, 5:10] == 1).all()
 
 
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label images hold the same objects (ids may differ)."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
+    return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_per_component_watershed_is_the_whole_image_watershed(ndim: int) -> None:
+    """The memory-lean per-component flood gives exactly the whole-image partition: touching
+    objects, seedless components (joined diagonally), seeds below min_seed_size, noise."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(7)
+    shape = (96, 128) if ndim == 2 else (12, 48, 64)
+    fg = ndi.gaussian_filter(rng.random(shape), 2.0)
+    fg = (fg - fg.min()) / (fg.max() - fg.min())
+    inner = ndi.gaussian_filter(rng.random(shape), 1.5).astype(np.float32)
+    inner = (inner - inner.min()) / (inner.max() - inner.min())
+    fg[(slice(None),) * (ndim - 1) + (slice(0, 4),)] = 0.9  # a seedless strip
+    inner[(slice(None),) * (ndim - 1) + (slice(0, 4),)] = 0.0
+    for seed_threshold in (0.5, 0.6):
+        whole, n_whole = seeded_watershed(
+            fg, inner, threshold=0.45, seed_threshold=seed_threshold, per_object=False
+        )
+        parts, n_parts = seeded_watershed(
+            fg, inner, threshold=0.45, seed_threshold=seed_threshold, per_object=True
+        )
+        assert n_whole == n_parts > 3
+        assert whole.max() == n_whole and parts.max() == n_parts
+        assert _same_partition(whole, parts)
+        # the watershed itself ran: some face-connected component holds several objects
+        comp, n_comp = ndi.label(fg > 0.45)
+        assert any(len(np.unique(whole[comp == i])) > 1 for i in range(1, n_comp + 1))
+
+
 def test_distance_watershed_splits_touching_disks() -> None:
     lab = _disks()
     out, n = distance_watershed(lab > 0, min_distance=5)
