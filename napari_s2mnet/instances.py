@@ -321,24 +321,25 @@ def _watershed_per_component(
 
     face = _structure(mask.ndim, False)
     comp, _ = ndi.label(mask, structure=face)
-    labels = np.zeros(mask.shape, dtype=np.int32)
+    # The components' array becomes the labels in place (one int32 image, not two): finished
+    # objects are written as negative ids, so they never clash with a later component's id.
     n = 0
     for i, box in enumerate(ndi.find_objects(comp), start=1):
         if box is None:
             continue
-        own = comp[box] == i
+        view = comp[box]
+        own = view == i
         markers, k = _seeds(own, inner[box], seed_threshold, min_seed_size)
         if k == 0:
-            continue  # no seed: _add_unseeded gives it its own label
-        out = labels[box]
-        if k == 1:
-            out[own] = n + 1
+            view[own] = 0  # no seed: _add_unseeded gives it its own label
+        elif k == 1:
+            view[own] = -(n + 1)
         else:
             ws = watershed(-inner[box], markers, mask=own, connectivity=face)
-            out[own] = ws[own] + n
+            view[own] = -(ws[own] + n)
         n += k
-    del comp
-    return labels, n
+    np.negative(comp, out=comp)
+    return comp.astype(np.int32, copy=False), n
 
 
 def head_instances(

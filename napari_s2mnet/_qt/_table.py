@@ -8,13 +8,15 @@ Labels layers keep the core's table (shape descriptors with generic names) in
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
 from napari.layers import Labels
 
 HIDDEN_COLUMNS = ("Index", "index")  # napari's row number and the status bar's id column
-MIN_ROWS = 10
+MIN_ROWS = 10  # rows the dock opens with
+SMALLEST_ROWS = 3  # rows it can be shrunk to (small screens)
 
 
 def is_core_table(df: Any) -> bool:
@@ -62,15 +64,18 @@ def _intensity(image: Any, shape: tuple[int, ...]) -> np.ndarray | None:
     return data if data.shape == tuple(shape) else None
 
 
-def show_features_table(viewer: Any, layer: Labels) -> Any:
-    """Open napari's features table for ``layer``, docked with room for ten rows; returns it.
+def show_features_table(viewer: Any, layer: Labels, anchor: Any = None) -> Any:
+    """Open napari's features table for ``layer``, docked below the canvas with room for ten
+    rows; returns it.
 
     napari's own widget, with its row-number and ``index`` columns hidden (``label`` is the id)
     and rows mapped to objects by ``label``: napari maps a labels layer's row *n* to label *n*,
-    which is wrong once ids have gaps.
+    which is wrong once ids have gaps. ``anchor``: a widget docked in the main window (the
+    caller), through which the window's dock corners are set. Below the canvas, not beside the S2M-Net panel: on the
+    right it took that column's height and left the panel ~160 px at 1920 x 1080.
     """
     viewer.layers.selection.active = layer
-    existing = getattr(viewer.window, "_s2mnet_table", None)
+    existing = _TABLES.get(viewer)
     if existing is not None:
         try:
             existing.parentWidget().show()
@@ -78,29 +83,42 @@ def show_features_table(viewer: Any, layer: Labels) -> Any:
             return existing
         except RuntimeError:  # the dock was closed and deleted
             pass
-    table = _make_table(viewer)
-    dock = viewer.window.add_dock_widget(table, name="Features table (S2M-Net)", area="right")
-    dock.show()
-    # Room for ten rows and no more: the panels above keep the rest of the column, and the
-    # column is wide enough for the panels' rows.
     from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QDockWidget, QMainWindow
 
+    window = anchor  # the calling widget, docked in napari's main window
+    while window is not None and not isinstance(window, QMainWindow):
+        window = window.parentWidget()
+    if isinstance(window, QMainWindow):
+        # Bottom docks span the canvas column only: the side columns keep their full height,
+        # and the window's minimum height does not become napari's left column plus the table
+        # (824 px, over a 768-px screen). Set before docking: a window never shrinks back.
+        window.setCorner(Qt.Corner.BottomLeftCorner, Qt.DockWidgetArea.LeftDockWidgetArea)
+        window.setCorner(Qt.Corner.BottomRightCorner, Qt.DockWidgetArea.RightDockWidgetArea)
+    table = _make_table(viewer)
+    viewer.window.add_dock_widget(table, name="Features table (S2M-Net)", area="bottom")
     dock = table.parentWidget()  # the real dock (napari hands plugins a proxy of it)
     while dock is not None and not isinstance(dock, QDockWidget):
         dock = dock.parentWidget()
+    if dock is not None:
+        dock.show()
     main = dock.parentWidget() if dock is not None else None
     if isinstance(main, QMainWindow):
+        # Room for ten rows and no more: the canvas keeps the rest of the height. Only the
+        # dock's size, not its minimum: a ten-row minimum made the window taller than a
+        # 768-px screen.
+        view = table.table
+        rows = view.verticalHeader().defaultSectionSize()
+        header = view.horizontalHeader().sizeHint().height()
         height = (
-            table.table.minimumHeight()
-            + table.sizeHint().height()
-            - table.table.sizeHint().height()
-            + 40
+            header + MIN_ROWS * rows + table.sizeHint().height() - view.sizeHint().height() + 40
         )
         main.resizeDocks([dock], [height], Qt.Orientation.Vertical)
-        main.resizeDocks([dock], [max(dock.width(), 480)], Qt.Orientation.Horizontal)
-    viewer.window._s2mnet_table = table
+    _TABLES[viewer] = table
     return table
+
+
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # viewer -> its table
 
 
 def _make_table(viewer: Any) -> Any:
@@ -175,6 +193,6 @@ def _make_table(viewer: Any) -> Any:
     table = LabelFeaturesTable(viewer)
     rows = table.table.verticalHeader().defaultSectionSize()
     header = table.table.horizontalHeader().sizeHint().height()
-    table.table.setMinimumHeight(header + MIN_ROWS * rows + 4)
+    table.table.setMinimumHeight(header + SMALLEST_ROWS * rows + 4)
     table._on_features_change()
     return table

@@ -8,7 +8,7 @@ minimum heights); at 1366 x 768 a long panel scrolls instead of pushing others o
 from __future__ import annotations
 
 import napari
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QSize, Qt
 from qtpy.QtWidgets import (
     QFrame,
     QHBoxLayout,
@@ -24,11 +24,31 @@ from qtpy.QtWidgets import (
 MIN_BODY_HEIGHT = 160  # a dock can shrink to this; its content then scrolls
 
 
+class _VerticalScroll(QScrollArea):
+    """A scroll area that scrolls vertically only and is never narrower than its content.
+
+    A plain QScrollArea's minimum width ignores its widget's, so a narrow dock clipped the
+    panel's right edge (no horizontal scroll bar by design).
+    """
+
+    def minimumSizeHint(self) -> QSize:
+        hint = super().minimumSizeHint()
+        body = self.widget()
+        if body is not None:
+            width = (
+                body.minimumSizeHint().width()
+                + self.verticalScrollBar().sizeHint().width()
+                + 2 * self.frameWidth()
+            )
+            hint.setWidth(max(hint.width(), width))
+        return hint
+
+
 def scrolling_body(owner: QWidget) -> QVBoxLayout:
     """Give ``owner`` a vertical scroll area and return the layout to fill with controls."""
     outer = QVBoxLayout(owner)
     outer.setContentsMargins(0, 0, 0, 0)
-    scroll = QScrollArea(owner)
+    scroll = _VerticalScroll(owner)
     scroll.setWidgetResizable(True)
     scroll.setFrameShape(QFrame.Shape.NoFrame)
     scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)

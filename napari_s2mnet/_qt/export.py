@@ -88,7 +88,7 @@ class ExportWidget(QWidget):
         if self.labels.value is None:
             show_warning("Choose a labels layer first.")
             return
-        show_features_table(self.viewer, self.labels.value)
+        show_features_table(self.viewer, self.labels.value, anchor=self)
 
     def compute_features(self, *_: Any) -> None:
         """(Re)compute the morphology features of the chosen labels layer."""

@@ -528,7 +528,7 @@ class SegmentWidget(QWidget):
         if layer is None:
             show_warning("Segment an image (or open a labels layer) first.")
             return None
-        return show_features_table(self.viewer, layer)
+        return show_features_table(self.viewer, layer, anchor=self)
 
     def _chosen_channel_axis(self) -> int | None:
         axis = self.channel_axis.value

@@ -60,7 +60,14 @@ def _inference_copy(model: Any) -> Any:
 class Engine:
     """Runs tiles through the network; owns the device state and the out-of-memory fallback."""
 
-    def __init__(self, bundle: ModelBundle, config: InferenceConfig, notes: list[str]) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        config: InferenceConfig,
+        notes: list[str],
+        channels: tuple[int, ...] | None = None,
+    ) -> None:
+        """``channels``: the model outputs to blend and return (``None``: all)."""
         from napari_s2mnet import devices
 
         self.bundle = bundle
@@ -69,6 +76,7 @@ class Engine:
         self.binary = int(bundle.config.num_classes) == 1
         # Binary models with an instance head return foreground + boundary + distance (sigmoids).
         self.out_channels = int(bundle.config.out_channels)
+        self.channels = list(channels) if channels is not None else None
         self.stride = max(1, int(getattr(bundle.model, "stride", 1) or 1))
         device = devices.resolve_device(config.device)
         tile = round_up(int(config.tile_size or bundle.tile_size), self.stride)
@@ -179,11 +187,11 @@ class Engine:
                 part = apply_normalization(part, stats, channel_axis=-1)
                 part = pad_to(plan.post(part), g.tile_y, g.tile_x)
                 xs.append(part.transpose(2, 0, 1))
-            return self._forward(np.ascontiguousarray(np.stack(xs)))
+            out = self._forward(np.ascontiguousarray(np.stack(xs)))
+            return out if self.channels is None else out[:, self.channels]
 
-        blending = blend_iter(
-            (height, width), g, self.out_channels, predict_batch, self.state.batch_size
-        )
+        n_out = self.out_channels if self.channels is None else len(self.channels)
+        blending = blend_iter((height, width), g, n_out, predict_batch, self.state.batch_size)
         done_before = 0
         while True:
             try:

@@ -3,8 +3,9 @@
 Binary models: threshold, optional hole filling, 8-connected components, optional split of
 touching objects (distance transform + ``peak_local_max`` + watershed), removal of objects
 smaller than ``min_size``, sequential ids. Multi-class models: semantic labels (argmax class id).
-Binary models with the instance head (issue 15): seeded watershed from the predicted interiors
-(:func:`napari_s2mnet.instances.head_instances`) instead of components / the distance split.
+Binary models with the instance head (issue 15): seeded watershed from the predicted distance
+map (:func:`napari_s2mnet.instances.seeded_watershed`) instead of components / the distance
+split; only the foreground and distance outputs are blended (:func:`needed_channels`).
 Stacks: optional 2.5-D smoothing of the probabilities along z, ids unique across slices, and for
 multi-class models one feature row per class over the whole stack. Binary ``(..., Z, Y, X)``
 stacks are labelled in 3-D (``InferenceConfig.labels_3d``): objects span planes, the features
@@ -35,6 +36,7 @@ __all__ = [
     "aggregate_semantic",
     "entropy",
     "instances",
+    "needed_channels",
     "semantic",
     "split_touching",
     "z_smoothed",
@@ -45,7 +47,7 @@ def instances(
     prob: np.ndarray,
     threshold: float,
     config: InferenceConfig,
-    head: np.ndarray | None = None,
+    distance: np.ndarray | None = None,
     spacing: tuple[float, ...] | None = None,
 ) -> tuple[np.ndarray, int]:
     """Instance labels (smallest uint dtype) and their count from a probability map.
@@ -54,21 +56,16 @@ def instances(
         prob: ``(Y, X)`` (or ``(Z, Y, X)``) foreground probability.
         threshold: Foreground threshold.
         config: ``fill_holes``, ``split_touching``, ``split_min_distance``, ``min_size``.
-        head: The instance head's ``(2, ...)`` boundary and distance maps, or ``None``.
+        distance: The instance head's distance map (the interior the seeds come from, see
+            :func:`napari_s2mnet.instances.interior_map`), or ``None`` for a model without it.
         spacing: Physical size per axis of ``prob`` (3-D: anisotropic watershed).
     """
     from scipy import ndimage as ndi
 
-    from napari_s2mnet.instances import (
-        DEFAULT_INTERIOR,
-        distance_watershed,
-        interior_map,
-        seeded_watershed,
-    )
+    from napari_s2mnet.instances import distance_watershed, interior_map, seeded_watershed
 
-    if head is not None:
-        # instances.head_instances without stacking the maps into one (3, ...) copy
-        inner = interior_map(prob, boundary=head[0], distance=head[1], mode=DEFAULT_INTERIOR)
+    if distance is not None:
+        inner = interior_map(prob, distance=distance, mode="distance")
         lab, n = seeded_watershed(prob, inner, threshold=threshold, spacing=spacing)
         del inner
         if config.fill_holes:  # holes inside an object join it (per plane)
@@ -94,6 +91,21 @@ def instances(
             )
     del mask
     return _drop_small(lab, n, config.min_size)
+
+
+def needed_channels(out_channels: int, binary: bool) -> tuple[int, ...] | None:
+    """The model outputs post-processing uses (``None``: all of them).
+
+    A binary model with the instance head returns foreground, boundary and distance; the
+    seeds come from the distance map alone (the ``"distance"`` interior, chosen by measurement:
+    docs/methods.md), so the boundary map is never blended: one float32 plane less per pixel
+    (256 MiB at 8192^2).
+    """
+    from napari_s2mnet.instances import INSTANCE_CHANNELS
+
+    if binary and out_channels == 1 + len(INSTANCE_CHANNELS):
+        return (0, 1 + INSTANCE_CHANNELS.index("distance"))
+    return None
 
 
 def _drop_small(lab: np.ndarray, n: int, min_size: int) -> tuple[np.ndarray, int]:
@@ -336,7 +348,8 @@ class SliceResults:
         unc = entropy(acc[:1] if self.binary else acc) if cfg.uncertainty else None
         if self.binary:
             prob = acc[0]
-            head = acc[1:] if acc.shape[0] > 1 else None  # the instance head's maps
+            # the instance head's distance map (the engine blends only needed_channels)
+            distance = acc[1] if acc.shape[0] > 1 else None
             conf = prob
             classes = None
         else:
@@ -349,11 +362,11 @@ class SliceResults:
         if unc is not None:
             self.uncertainty = self._store(self.uncertainty, idx, unc)
         if self.volume is not None:
-            self._add_to_volume(idx, prob, head)
+            self._add_to_volume(idx, prob, distance)
             self.timings["postprocess"] += time.perf_counter() - t1
             return
         if self.binary:
-            lab, count = instances(prob, self.threshold, cfg, head)
+            lab, count = instances(prob, self.threshold, cfg, distance)
         t2 = time.perf_counter()
         self.timings["postprocess"] += t2 - t1
 
@@ -386,11 +399,11 @@ class SliceResults:
         return None if mode == "off" else mode
 
     def _add_to_volume(
-        self, idx: tuple[int, ...], prob: np.ndarray, head: np.ndarray | None
+        self, idx: tuple[int, ...], prob: np.ndarray, distance: np.ndarray | None
     ) -> None:
         """Collect one plane of the current z-run; label the run in 3-D at its last plane."""
         if self.volume == "stitch":  # per-plane labels now, only the joining waits
-            lab, _ = instances(prob, self.threshold, self.config, head)
+            lab, _ = instances(prob, self.threshold, self.config, distance)
             self._run.append((lab, prob if self.config.compute_features else None))
         else:  # the 3-D watershed needs the foreground only (see _finish_volume)
             self._run.append((prob, None))

@@ -13,7 +13,12 @@ import numpy as np
 
 from napari_s2mnet.inference.config import InferenceConfig, Progress, SegmentationResult
 from napari_s2mnet.inference.engine import Counter, Engine
-from napari_s2mnet.inference.postprocess import Predicted, SliceResults, z_smoothed
+from napari_s2mnet.inference.postprocess import (
+    Predicted,
+    SliceResults,
+    needed_channels,
+    z_smoothed,
+)
 from napari_s2mnet.layout import (
     ImageLayout,
     ImagePlan,
@@ -111,7 +116,7 @@ def segment_iter(
             log.warning(note)  # notes say something may not be what the user meant
 
     n_slices = plan.n_slices
-    engine = Engine(bundle, cfg, notes)
+    engine = Engine(bundle, cfg, notes, needed_channels(int(bundle.config.out_channels), binary))
     try:
         tiles = engine.grid(_scaled(plan.spatial, factor)).n_tiles
         counter = Counter(total=n_slices * (tiles + 1), tiles_per_slice=tiles, n_slices=n_slices)

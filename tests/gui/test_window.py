@@ -180,7 +180,6 @@ def test_show_table_one_id_column_ten_rows_and_row_selects_object(viewer_with_pl
         if not view.isColumnHidden(c)
     ]
     assert shown[0] == "label" and "index" not in shown and "Index" not in shown, shown
-    assert view.minimumHeight() >= 10 * view.verticalHeader().defaultSectionSize()
     assert model.rowCount() == len(gt.features)
     # Click the row of the 5th object: that object is selected on the canvas.
     col = shown.index("label") + sum(view.isColumnHidden(c) for c in range(model.columnCount()))
@@ -200,6 +199,41 @@ def test_show_table_one_id_column_ten_rows_and_row_selects_object(viewer_with_pl
         )
     ]
     assert len(tables) == 1
+
+
+@pytest.mark.parametrize("size", [(1920, 1040), (1366, 728)])
+def test_table_and_panel_share_the_screen(make_napari_viewer, tiny_model, size):
+    """At 1920 x 1080 (and 1366 x 768) the features table shows ten rows, the S2M-Net panel keeps
+    most of the window's height, and no panel is clipped at its right edge."""
+    from napari_s2mnet._qt._session import get_session
+
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample("napari-s2mnet", "dsb2018_nuclei")
+    _, main = viewer.window.add_plugin_dock_widget("napari-s2mnet", "S2M-Net")
+    get_session(viewer).set_active(tiny_model, "test")
+    win = viewer.window._qt_window
+    win.resize(*size)
+    QApplication.processEvents()
+    viewer.layers.selection.active = viewer.layers["nuclei ground truth"]
+    table = main.segment.show_table()
+    for _ in range(3):
+        QApplication.processEvents()
+    view = table.table
+    rows = view.viewport().height() / view.verticalHeader().defaultSectionSize()
+    assert rows >= (10 if size[1] > 1000 else 3), rows
+    # 1920 x 1080: the whole Segment panel is visible beside the table; 1366 x 768: it scrolls
+    # but keeps a usable height (the 160 px it had with the table on the right is not).
+    panel = main.segment.scroll_area.viewport()
+    need = main.segment.body.sizeHint().height() if size[1] > 1000 else 250
+    assert panel.height() >= need, (panel.height(), need)
+    assert win.height() <= size[1] and win.width() <= size[0], win.size()
+    # Nothing clipped on the right: every tab's content fits the width it is given.
+    for w in (main.segment, main.finetune, main.export):
+        body = w.body
+        assert body.minimumSizeHint().width() <= w.scroll_area.viewport().width() or (
+            not w.isVisible()
+        ), (type(w).__name__, body.minimumSizeHint().width(), w.scroll_area.viewport().width())
+    assert main.segment.body.width() <= main.segment.scroll_area.viewport().width()
 
 
 def test_estimate_button_fills_the_object_diameter(viewer_with_plugin, qtbot):
