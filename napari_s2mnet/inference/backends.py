@@ -16,7 +16,8 @@ The graph is the model's padded core with BatchNorm folded into the convolutions
 and cropping back happen in NumPy around it. Exported graphs are cached on disk per
 (model hash, tile shape) in :func:`cache_dir`, and OpenVINO's compiled blobs (one per tile
 shape, with a dynamic batch axis) in the same folder: a changed model has a different hash, so
-it never reuses a stale graph.
+it never reuses a stale graph. The folder is capped at :data:`CACHE_LIMIT_BYTES` (least
+recently used files are removed first, :func:`prune_cache`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "available_backends",
     "cache_dir",
     "get_runner",
+    "prune_cache",
     "resolve_backend",
 ]
 
@@ -54,6 +56,8 @@ CACHE_ENV = "NAPARI_S2MNET_CACHE_DIR"
 # docs/benchmarks.md), so below ~25 tiles eager torch is faster unless the graph is cached. This
 # also keeps a just fine-tuned model's first Segment of a small image immediate.
 AUTO_MIN_TILES = 25
+#: Size cap of the compiled-model cache folder (graphs + OpenVINO blobs); oldest used go first.
+CACHE_LIMIT_BYTES = 512 * 2**20
 
 
 def available_backends() -> list[str]:
@@ -173,6 +177,41 @@ def _in_channels(model: Any) -> int:
     return int(model.input(0).get_partial_shape()[1].get_length())
 
 
+def prune_cache(folder: Path, keep: Path | None = None, limit: int | None = None) -> int:
+    """Delete the least recently used cache files until ``folder`` holds at most ``limit``
+    bytes (default :data:`CACHE_LIMIT_BYTES`); ``keep`` is never deleted. Returns the bytes
+    freed.
+
+    Every fine-tuned model has its own hash, so without a cap the cache grows by ~20 MB (the
+    bundled model's graph) per fine-tune that is then used on a large image.
+    """
+    limit = CACHE_LIMIT_BYTES if limit is None else int(limit)
+    files = []
+    for f in folder.rglob("*"):
+        try:
+            if f.is_file() and f != keep:
+                st = f.stat()
+                files.append((st.st_mtime, st.st_size, f))
+        except OSError:  # removed meanwhile by another process
+            continue
+    total = sum(size for _, size, _ in files)
+    if keep is not None and keep.is_file():
+        total += keep.stat().st_size
+    freed = 0
+    for _, size, f in sorted(files, key=lambda t: t[0]):
+        if total <= limit:
+            break
+        try:
+            f.unlink()
+        except OSError:
+            continue
+        total -= size
+        freed += size
+    if freed:
+        log.info("Compiled-model cache: removed %.0f MB of least recently used files", freed / 1e6)
+    return freed
+
+
 _RUNNERS: dict[tuple[str, str, int, int], CompiledRunner] = {}
 _LOCK = threading.Lock()
 _MAX_RUNNERS = 8
@@ -213,6 +252,9 @@ def get_runner(
         if not path.is_file():
             log.info("Compiling the model for %s on %d x %d tiles (once)", backend, h, w)
             export_onnx(model, path, (h, w))
+            prune_cache(folder, keep=path)
+        else:
+            path.touch()  # recently used: pruned last
         runner = CompiledRunner(backend, path, threads)
         if len(_RUNNERS) >= _MAX_RUNNERS:
             _RUNNERS.pop(next(iter(_RUNNERS)))

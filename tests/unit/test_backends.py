@@ -71,6 +71,51 @@ def test_cache_key_changes_with_the_model(tmp_path, monkeypatch) -> None:
     assert len(list(tmp_path.glob("*.onnx"))) == 2
 
 
+def test_cache_is_capped_least_recently_used_first(tmp_path, monkeypatch) -> None:
+    """Every fine-tuned model adds a graph: the folder is pruned to its cap, oldest use first,
+    and the graph just written (or just used) stays."""
+    import os
+
+    from napari_s2mnet.inference import backends
+
+    found = available_backends()
+    if not found:
+        pytest.skip("no compiled backend installed")
+    import torch
+
+    from napari_s2mnet.checkpoint import model_hash
+    from napari_s2mnet.model import ModelConfig, build_model
+
+    monkeypatch.setenv("NAPARI_S2MNET_CACHE_DIR", str(tmp_path))
+    (tmp_path / "openvino").mkdir()
+    old = [tmp_path / "aaaa_32x32.onnx", tmp_path / "openvino" / "blob1", tmp_path / "bbbb.onnx"]
+    for age, f in enumerate(old):  # 300 kB each, the first the least recently used
+        f.write_bytes(b"x" * 300_000)
+        os.utime(f, (1_000_000 + age, 1_000_000 + age))
+    monkeypatch.setattr(backends, "CACHE_LIMIT_BYTES", 700_000)
+    opts = {
+        "widths": [8, 8],
+        "stem": 8,
+        "head_widths": [8, 8],
+        "expansion": 2,
+        "sstm_use_spatial": [False, True],
+        "sstm_use_spectral": [True, True],
+    }
+    model = build_model(ModelConfig("s2mnet", 1, 1, opts)).eval()
+    runner = backends.get_runner(model, model_hash(model), found[0], (32, 32), 1)
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        assert np.abs(runner(x.numpy()) - model(x).numpy()).max() < 1e-3
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert runner.onnx_path in files
+    assert sum(f.stat().st_size for f in files) <= 700_000 + runner.onnx_path.stat().st_size
+    assert not old[0].exists(), "the least recently used file goes first"
+    assert old[2].exists(), "the most recent old file stays while the cap allows"
+    # With a cap of 0 everything else goes, but never the graph in use.
+    assert backends.prune_cache(tmp_path, keep=runner.onnx_path, limit=0) > 0
+    assert runner.onnx_path.is_file()
+
+
 def test_backend_resolution() -> None:
     assert resolve_backend("torch", "cpu") == "torch"
     assert resolve_backend("auto", "cuda") == "torch"
