@@ -62,9 +62,10 @@ def test_segment_shows_progress_and_lists_the_right_pair(viewer_with_plugin, qtb
     viewer, seg, ft, ex = viewer_with_plugin
     seg.image.value = viewer.layers["nuclei"]
     seg.advanced["tile_size"].value = 128  # several tiles: the bar moves
+    reports = []  # every text the in-widget progress row shows (recorded before Run: no race)
+    show = seg.progress.detail.setText
+    seg.progress.detail.setText = lambda text: (reports.append(text), show(text))
     seg.run_button.native.click()
-    reports = []
-    seg.worker.yielded.connect(lambda r: reports.append(seg.progress.detail.text()))
     _wait_worker(qtbot, seg)
     out = viewer.layers[-1]
     assert out.name == "nuclei S2M-Net"
