@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         help="uncorrected_weight values (default: the preset's)",
     )
     p.add_argument("--scopes", nargs="+", default=[None], help="scopes (default: the preset's)")
+    p.add_argument(
+        "--lrs", type=float, nargs="+", default=[None], help="learning rates (default: preset's)"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--make-bases",
@@ -253,58 +256,59 @@ def main(argv: list[str] | None = None) -> int:
         model, pool, test = data_set(name)
         d0, f0 = score(model, test)
         print(f"# {name}: k=0 Dice {d0:.3f} F1 {f0:.3f}", flush=True)
-        rows.append((name, 0, "-", "-", d0, 0.0, f0, 0.0, 0.0))
+        rows.append((name, 0, "-", "-", d0, 0.0, f0, 0.0, 0.0, "-"))
         preds = predict(model, pool)
         for k in args.ks:
             fixes = annotate(preds, [g for _, g in pool], k)
             pairs = [(pool[i][0], lab) for i, lab, _ in fixes]
             masks = [m for _, _, m in fixes]
-            for w in args.weights:
-                for scope in args.scopes:
-                    over = {} if w is None else {"uncorrected_weight": w}
-                    if scope is not None:
-                        over["scope"] = scope
-                    ds, fs, steps = [], [], []
-                    for seed in range(args.n_seeds):
-                        cfg = FinetuneConfig.interactive(
-                            "cpu", seconds=args.seconds, seed=seed, **over
-                        )
-                        res = train(pairs, model, cfg, corrected=masks)
-                        d, f = score(res.bundle, test)
-                        ds.append(d)
-                        fs.append(f)
-                        steps.append(res.steps)
-                        print(
-                            f"# {name} k={k} w={cfg.uncorrected_weight} scope={cfg.scope} "
-                            f"seed {seed}: Dice {d:.3f} F1 {f:.3f} steps {res.steps} "
-                            f"kept_previous={res.kept_previous} | {res.message}",
-                            flush=True,
-                        )
-                    sd = statistics.stdev(ds) if len(ds) > 1 else 0.0
-                    sf = statistics.stdev(fs) if len(fs) > 1 else 0.0
-                    rows.append(
-                        (
-                            name,
-                            k,
-                            cfg.uncorrected_weight,
-                            cfg.scope,
-                            statistics.fmean(ds),
-                            sd,
-                            statistics.fmean(fs),
-                            sf,
-                            statistics.fmean(steps),
-                        )
+            combos = [(w, sc, lr) for w in args.weights for sc in args.scopes for lr in args.lrs]
+            for w, scope, lr in combos:
+                over = {} if w is None else {"uncorrected_weight": w}
+                if scope is not None:
+                    over["scope"] = scope
+                if lr is not None:
+                    over["lr"] = lr
+                ds, fs, steps = [], [], []
+                for seed in range(args.n_seeds):
+                    cfg = FinetuneConfig.interactive("cpu", seconds=args.seconds, seed=seed, **over)
+                    res = train(pairs, model, cfg, corrected=masks)
+                    d, f = score(res.bundle, test)
+                    ds.append(d)
+                    fs.append(f)
+                    steps.append(res.steps)
+                    print(
+                        f"# {name} k={k} w={cfg.uncorrected_weight} scope={cfg.scope} lr={cfg.lr:g} "
+                        f"seed {seed}: Dice {d:.3f} F1 {f:.3f} steps {res.steps} "
+                        f"kept_previous={res.kept_previous} | {res.message}",
+                        flush=True,
                     )
+                sd = statistics.stdev(ds) if len(ds) > 1 else 0.0
+                sf = statistics.stdev(fs) if len(fs) > 1 else 0.0
+                rows.append(
+                    (
+                        name,
+                        k,
+                        cfg.uncorrected_weight,
+                        cfg.scope,
+                        statistics.fmean(ds),
+                        sd,
+                        statistics.fmean(fs),
+                        sf,
+                        statistics.fmean(steps),
+                        cfg.lr,
+                    )
+                )
     print()
-    print("| set | k | uncorrected weight | scope | Dice | vs k=0 | F1@0.5 | vs k=0 | steps |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    print("| set | k | uncorrected weight | scope | lr | Dice | vs k=0 | F1@0.5 | vs k=0 | steps |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     base = {r[0]: r for r in rows if r[1] == 0}
     for r in rows:
         b = base[r[0]]
         sd = f" +- {r[5]:.3f}" if r[5] else ""
         sf = f" +- {r[7]:.3f}" if r[7] else ""
         print(
-            f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.3f}{sd} | {r[4] - b[4]:+.3f} | "
+            f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[9]} | {r[4]:.3f}{sd} | {r[4] - b[4]:+.3f} | "
             f"{r[6]:.3f}{sf} | {r[6] - b[6]:+.3f} | {r[8]:.0f} |"
         )
     return 0
