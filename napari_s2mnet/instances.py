@@ -267,13 +267,11 @@ def seeded_watershed(
         raise ValueError(f"smooth must be >= 0 (physical units), got {smooth}.")
     if smooth > 0:
         inner = ndi.gaussian_filter(inner, sigma=[smooth / s for s in sp])
-    mask = fg > threshold
     if per_object:
-        labels, n = _watershed_per_component(mask, inner, seed_threshold, min_seed_size)
-    else:
-        labels, n = _watershed_whole(mask, inner, seed_threshold, min_seed_size)
-    n = _add_unseeded(labels, mask, n)
-    return labels, n
+        return _watershed_per_component(fg, threshold, inner, seed_threshold, min_seed_size)
+    mask = fg > threshold
+    labels, n = _watershed_whole(mask, inner, seed_threshold, min_seed_size)
+    return labels, _add_unseeded(labels, mask, n)
 
 
 def _seeds(
@@ -307,22 +305,24 @@ def _watershed_whole(
 
 
 def _watershed_per_component(
-    mask: np.ndarray, inner: np.ndarray, seed_threshold: float, min_seed_size: int
+    fg: np.ndarray, threshold: float, inner: np.ndarray, seed_threshold: float, min_seed_size: int
 ) -> tuple[np.ndarray, int]:
-    """The same partition as :func:`_watershed_whole`, one face-connected foreground component
-    at a time (ids in component order).
+    """The same partition as :func:`_watershed_whole` followed by :func:`_add_unseeded`, one
+    foreground component at a time (ids in component order).
 
-    The flood never leaves a face-connected component of the mask, so components are
-    independent. Working on each one's bounding box keeps the watershed's float64 copy and
-    queues small: on an 8192^2 image the whole-image watershed alone needed ~2 GB. A component
-    with one seed is that object, with no watershed at all (most nuclei).
+    The flood never leaves a face-connected part of the mask, and what it does not reach is
+    labelled by full connectivity, so each fully connected component of the mask is independent
+    of the others. Working on each one's bounding box keeps the watershed's float64 copy and
+    queues small (on an 8192^2 image the whole-image watershed alone needed ~2 GB), and the
+    components' label array becomes the output in place. A face-connected component with one
+    seed is that object, with no watershed at all (most nuclei).
     """
     from skimage.segmentation import watershed
 
-    face = _structure(mask.ndim, False)
-    comp, _ = ndi.label(mask, structure=face)
-    # The components' array becomes the labels in place (one int32 image, not two): finished
-    # objects are written as negative ids, so they never clash with a later component's id.
+    face, full = _structure(fg.ndim, False), _structure(fg.ndim, True)
+    comp, _ = ndi.label(fg > threshold, structure=full)  # the mask lives only this long
+    # Finished objects are written as negative ids, so they never clash with a later
+    # component's (positive) id inside a shared bounding box.
     n = 0
     for i, box in enumerate(ndi.find_objects(comp), start=1):
         if box is None:
@@ -330,14 +330,21 @@ def _watershed_per_component(
         view = comp[box]
         own = view == i
         markers, k = _seeds(own, inner[box], seed_threshold, min_seed_size)
-        if k == 0:
-            view[own] = 0  # no seed: _add_unseeded gives it its own label
-        elif k == 1:
+        if k == 1 and ndi.label(own, structure=face)[1] == 1:
             view[own] = -(n + 1)
-        else:
+            n += 1
+            continue
+        rest = own
+        if k:
             ws = watershed(-inner[box], markers, mask=own, connectivity=face)
-            view[own] = -(ws[own] + n)
-        n += k
+            reached = ws > 0
+            view[reached] = -(ws[reached] + n)
+            n += k
+            rest = own & ~reached
+        if rest.any():  # no seed reached these pixels: objects of their own (_add_unseeded)
+            extra, e = ndi.label(rest, structure=full)
+            view[rest] = -(extra[rest] + n)
+            n += int(e)
     np.negative(comp, out=comp)
     return comp.astype(np.int32, copy=False), n
 

@@ -95,6 +95,12 @@ def test_per_component_watershed_is_the_whole_image_watershed(ndim: int) -> None
     inner = (inner - inner.min()) / (inner.max() - inner.min())
     fg[(slice(None),) * (ndim - 1) + (slice(0, 4),)] = 0.9  # a seedless strip
     inner[(slice(None),) * (ndim - 1) + (slice(0, 4),)] = 0.0
+    if ndim == 2:  # diagonal-only contacts: two seedless squares, a seeded one with a tail
+        fg[-12:, -40:] = inner[-12:, -40:] = 0.0
+        fg[-12:-9, -40:-37] = fg[-9:-6, -37:-34] = 0.9  # seedless, touching at a corner
+        fg[-12:-6, -20:-14] = 0.9
+        inner[-11:-7, -19:-15] = 0.9  # seeded square
+        fg[-6:-4, -14:-12] = 0.9  # its tail, joined at a corner only
     for seed_threshold in (0.5, 0.6):
         whole, n_whole = seeded_watershed(
             fg, inner, threshold=0.45, seed_threshold=seed_threshold, per_object=False
