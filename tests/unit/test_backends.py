@@ -13,6 +13,21 @@ from napari_s2mnet.inference import InferenceConfig, run_to_end, segment_iter
 from napari_s2mnet.inference.backends import available_backends, resolve_backend
 
 
+def _tiny_s2mnet():
+    """A two-stage S2M-Net small enough to export and compile in a second."""
+    from napari_s2mnet.model import ModelConfig, build_model
+
+    opts = {
+        "widths": [8, 8],
+        "stem": 8,
+        "head_widths": [8, 8],
+        "expansion": 2,
+        "sstm_use_spatial": [False, True],
+        "sstm_use_spectral": [True, True],
+    }
+    return build_model(ModelConfig("s2mnet", 1, 1, opts)).eval()
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
@@ -48,18 +63,9 @@ def test_cache_key_changes_with_the_model(tmp_path, monkeypatch) -> None:
 
     from napari_s2mnet.checkpoint import model_hash
     from napari_s2mnet.inference.backends import get_runner
-    from napari_s2mnet.model import ModelConfig, build_model
 
     monkeypatch.setenv("NAPARI_S2MNET_CACHE_DIR", str(tmp_path))
-    opts = {
-        "widths": [8, 8],
-        "stem": 8,
-        "head_widths": [8, 8],
-        "expansion": 2,
-        "sstm_use_spatial": [False, True],
-        "sstm_use_spectral": [True, True],
-    }
-    model = build_model(ModelConfig("s2mnet", 1, 1, opts)).eval()
+    model = _tiny_s2mnet()
     x = torch.rand(2, 1, 32, 32)
     r1 = get_runner(model, model_hash(model), found[0], (32, 32), 1)
     with torch.no_grad():
@@ -84,7 +90,6 @@ def test_cache_is_capped_least_recently_used_first(tmp_path, monkeypatch) -> Non
     import torch
 
     from napari_s2mnet.checkpoint import model_hash
-    from napari_s2mnet.model import ModelConfig, build_model
 
     monkeypatch.setenv("NAPARI_S2MNET_CACHE_DIR", str(tmp_path))
     (tmp_path / "openvino").mkdir()
@@ -93,15 +98,7 @@ def test_cache_is_capped_least_recently_used_first(tmp_path, monkeypatch) -> Non
         f.write_bytes(b"x" * 300_000)
         os.utime(f, (1_000_000 + age, 1_000_000 + age))
     monkeypatch.setattr(backends, "CACHE_LIMIT_BYTES", 700_000)
-    opts = {
-        "widths": [8, 8],
-        "stem": 8,
-        "head_widths": [8, 8],
-        "expansion": 2,
-        "sstm_use_spatial": [False, True],
-        "sstm_use_spectral": [True, True],
-    }
-    model = build_model(ModelConfig("s2mnet", 1, 1, opts)).eval()
+    model = _tiny_s2mnet()
     runner = backends.get_runner(model, model_hash(model), found[0], (32, 32), 1)
     x = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
