@@ -123,7 +123,6 @@ class CompiledRunner:
         # (batch 4 plus a smaller last batch = two or more), at the same speed per tile.
         self._compiled: Any = None
         self._max_batch = 0
-        self._local = threading.local()  # this thread's infer request (see __call__)
         self._session: Any = None
         if backend == "onnxruntime":
             import onnxruntime as ort
@@ -158,22 +157,14 @@ class CompiledRunner:
             self._max_batch = upper
         return self._compiled
 
-    def release(self) -> None:
-        """Free this thread's infer request (its buffers) until the next call."""
-        self._local.__dict__.clear()
-
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Logits ``(B, C_out, H, W)`` float32 for a float32 ``(B, C_in, H, W)`` batch."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self._session is not None:
             return self._session.run(None, {"input": x})[0]
         compiled = self._openvino(int(x.shape[0]))
-        # One infer request per thread and compiled model: a request owns its intermediate
-        # buffers, so a new one per batch re-allocated them every time.
-        local = self._local
-        if getattr(local, "compiled", None) is not compiled:
-            local.compiled, local.request = compiled, compiled.create_infer_request()
-        out = local.request.infer({0: x})[compiled.output(0)]
+        request = compiled.create_infer_request()
+        out = request.infer({0: x})[compiled.output(0)]
         return np.array(out, dtype=np.float32, copy=True)
 
 

@@ -85,7 +85,6 @@ class Engine:
         # Per-module flags: eval() below must not leave a trace on the caller's model.
         self.original_modes = [(m, m.training) for m in bundle.model.modules()]
         self.net: Any = None
-        self._last_runner: Any = None  # the compiled runner of the last batch, if any
         self.device: Any = None
         self.n_tiles = 0
         self._set_device(device)
@@ -205,8 +204,6 @@ class Engine:
             done_before = done
             yield counter.progress("predict", f"{counter.slice_text()}tile {done}/{g.n_tiles}")
         np.clip(acc, 0.0, 1.0, out=acc)
-        if self._last_runner is not None:  # its buffers are not needed while post-processing
-            self._last_runner.release()
         return acc
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
@@ -250,7 +247,6 @@ class Engine:
         runner = self._runner((int(xp.shape[-2]), int(xp.shape[-1])))
         if runner is None:
             return self.net(x)
-        self._last_runner = runner
         y = torch.from_numpy(runner(xp.contiguous().numpy()))
         return self.net.crop(y, pads)
 

@@ -113,34 +113,6 @@ def test_cache_is_capped_least_recently_used_first(tmp_path, monkeypatch) -> Non
     assert runner.onnx_path.is_file()
 
 
-def test_openvino_runner_reuses_its_request_across_batch_sizes(tmp_path, monkeypatch) -> None:
-    """One infer request per thread is reused between batches; a larger batch recompiles and
-    gets a new one; every batch size gives the eager logits; release() frees the request."""
-    if importlib.util.find_spec("openvino") is None:
-        pytest.skip("openvino is not installed")
-    import torch
-
-    from napari_s2mnet.checkpoint import model_hash
-    from napari_s2mnet.inference.backends import get_runner
-
-    monkeypatch.setenv("NAPARI_S2MNET_CACHE_DIR", str(tmp_path))
-    model = _tiny_s2mnet()
-    runner = get_runner(model, model_hash(model), "openvino", (32, 32), 1)
-    requests = []
-    for batch in (1, 3, 3, 6, 2):
-        x = torch.rand(batch, 1, 32, 32)
-        with torch.no_grad():
-            assert np.abs(runner(x.numpy()) - model(x).numpy()).max() < 1e-3, batch
-        requests.append(runner._local.request)
-    assert requests[0] is requests[1] is requests[2]  # reused up to the compiled batch (4)
-    assert requests[3] is not requests[2] and requests[4] is requests[3]  # recompiled for 6
-    runner.release()
-    assert not hasattr(runner._local, "request")
-    x = torch.rand(2, 1, 32, 32)
-    with torch.no_grad():
-        assert np.abs(runner(x.numpy()) - model(x).numpy()).max() < 1e-3
-
-
 def test_backend_resolution() -> None:
     assert resolve_backend("torch", "cpu") == "torch"
     assert resolve_backend("auto", "cuda") == "torch"
