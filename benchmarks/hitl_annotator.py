@@ -236,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
+        "--no-val",
+        action="store_true",
+        help="no validation (val_fraction 0): the final state is kept",
+    )
+    p.add_argument(
         "--make-bases",
         nargs="*",
         choices=["bbbc007", "dsb2018"],
@@ -269,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                     over["scope"] = scope
                 if lr is not None:
                     over["lr"] = lr
+                if args.no_val:
+                    over["val_fraction"] = 0.0
                 ds, fs, steps = [], [], []
                 for seed in range(args.n_seeds):
                     cfg = FinetuneConfig.interactive("cpu", seconds=args.seconds, seed=seed, **over)

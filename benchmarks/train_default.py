@@ -68,6 +68,16 @@ def evaluate(bundle, items) -> dict[str, float]:
     return scores
 
 
+def training_diameter(labels: list[np.ndarray], min_area: int = 9) -> float:
+    """Median equivalent diameter (px) over all objects of the training label images.
+
+    Same definition as :func:`napari_s2mnet.diameter.equivalent_diameter`, pooled over images.
+    """
+    areas = np.concatenate([np.bincount(lab.ravel().astype(np.int64))[1:] for lab in labels])
+    areas = areas[areas >= min_area]
+    return round(float(np.sqrt(4.0 * np.median(areas) / np.pi)), 1)
+
+
 def warm_start(bundle, path: Path) -> None:
     """Copy the weights of the model file ``path`` into ``bundle`` where names and shapes fit.
 
@@ -174,8 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     trained = result.bundle
     trained.model.eval()
     scores = evaluate(trained, data["test"])
+    # Segment/Fine-tune rescale images by model diameter / object diameter (issue 14): every
+    # model file this script writes records the median object diameter it was trained on.
+    train_diameter = training_diameter([lab for _, lab, _ in train_items])
     trained.metadata.update(
         name="S2M-Net nuclei (default)",
+        diameter=train_diameter,
+        diameter_note=(
+            f"median equivalent diameter (px) of the training objects ({len(train_items)} "
+            "images), measured with napari_s2mnet.diameter"
+        ),
         description=(
             "Binary nuclei/cell segmentation for 1-channel fluorescence images; RGB "
             "input is converted to gray by the inference engine."
