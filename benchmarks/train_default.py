@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         held_out_dice=scores,
         training_command=f"python -m benchmarks.train_default --seconds {args.seconds:g} "
-        f"--device {args.device} --seed {args.seed} --threads {args.threads}"
+        f"--device {args.device} --seed {args.seed} --threads {args.threads} --lr {args.lr:g}"
         + ("" if args.instance_head else " --no-instance-head")
         + (f" --init-from {args.init_from.name}" if args.init_from else ""),
         training_machine=f"{platform.machine()} {platform.processor() or ''} "
