@@ -98,6 +98,11 @@ def start_worker(
     worker.pbar = pbar  # where napari's own create_worker(_progress=...) keeps its bar
 
     def _yielded(value: Any) -> None:
+        # The widget first: updating napari's progress bar can process pending events, and a
+        # queued ``returned`` handled in there would otherwise run before this report, which
+        # then overwrote the widget's final status (seen under load in the GUI tests).
+        if on_yield is not None:
+            on_yield(value)
         done = getattr(value, "done", getattr(value, "step", None))
         total = getattr(value, "total", getattr(value, "total_steps", None))
         if total:
@@ -109,8 +114,6 @@ def start_worker(
         msg = getattr(value, "message", None)
         if msg:
             pbar.set_description(f"{desc}: {msg}")
-        if on_yield is not None:
-            on_yield(value)
 
     def _errored(exc: BaseException) -> None:
         if on_error is not None:

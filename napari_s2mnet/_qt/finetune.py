@@ -94,6 +94,7 @@ class FinetuneWidget(QWidget):
         self._resume_pairs: list[tuple[Image, Labels]] = []
         self._resume_corrected: list[Any] | None = None
         self._stopped_early = False  # Stop already settled this run's model (stop_now)
+        self._returned = False
         self._final_status = ""  # the status to show once the interrupted step has finished
         self._steps_seen = 0
         self._timed = False  # the running job has a time budget (its step total is an estimate)
@@ -331,6 +332,7 @@ class FinetuneWidget(QWidget):
         self._timed = config.seconds is not None
         self.control = FinetuneControl()
         self._stopped_early, self._final_status, self._steps_seen = False, "", 0
+        self._returned = False  # the run's result is in: later reports must not touch the status
         self._resume_pairs = pairs
         self._resume_corrected = corrected
         self._resume = None
@@ -391,11 +393,12 @@ class FinetuneWidget(QWidget):
         self.plot.add_point(
             int(report.step), float(report.loss), report.train_dice, report.val_dice
         )
-        if report.message:
+        if report.message and not self._returned:
             self.status.setText(report.message)
 
     def _done(self, result: FinetuneResult) -> None:
         self._resume = result.resume  # also after Stop: the run's own end
+        self._returned = True
         if self._stopped_early:
             return  # Stop already settled the model; this late result would add it twice
         self.status.setText(self._adopt(result))

@@ -222,6 +222,25 @@ def test_no_improvement_does_not_claim_a_fine_tuned_model(viewer_with_plugin):
     assert "now active" not in ft.status.text()
 
 
+def test_a_late_progress_report_keeps_the_final_status(viewer_with_plugin):
+    """napari's progress bar processes events, so the run's result can be handled before its
+    last progress report; that report must not overwrite the final status (seen under load)."""
+    from napari_s2mnet.training import FinetuneResult, TrainReport
+
+    viewer, _, ft, _ = viewer_with_plugin
+    before = _session(viewer).active()
+    result = FinetuneResult(
+        bundle=before, history=[], best_val_dice=None, stopped_reason="completed", steps=3
+    )
+    ft._returned = False
+    ft._done(result)
+    final = ft.status.text()
+    assert final.startswith("Done (completed")
+    ft._report(TrainReport(step=3, epoch=1, total_steps=3, loss=0.5, message="completed: 3 steps"))
+    assert ft.status.text() == final
+    assert ft.plot.n_points >= 1  # the point itself is still plotted
+
+
 def test_painting_checks_the_pair_in_finetune(viewer_with_plugin, qtbot):
     viewer, seg, ft, _ = viewer_with_plugin
     gt = viewer.layers["nuclei ground truth"]
