@@ -11,12 +11,12 @@ Protocol (every model is scored only on data it never saw, and never on what was
 * data sets and the model each starts from:
 
   - ``dsb2018``: the DSB2018 image (manual masks) for an S2M-Net trained on BBBC007 only
-    (``.cache/models/bbbc007_only.safetensors``, made by ``--make-bases bbbc007``);
+    (``.cache/models/bbbc007_only_head.safetensors``, made by ``--make-bases bbbc007``);
     top half = annotation pool, bottom half = test;
   - ``nuclei3d``: the 3-D nuclei stack as 2-D planes (>= 3 objects) for the bundled model;
     planes z < Z/2 = pool, the others = test;
   - ``bbbc007``: BBBC007 (automatic pseudo ground truth) for an S2M-Net trained on the DSB2018
-    image only (``.cache/models/dsb_only.safetensors``, ``--make-bases dsb2018``); images 0-6 =
+    image only (``.cache/models/dsb_only_head.safetensors``, ``--make-bases dsb2018``); images 0-6 =
     pool, 10-13 = test;
 
 * the annotator looks at the model's own output on the pool, ranks the errors (every ground-truth
@@ -104,10 +104,18 @@ def _load(path: Path, how: str) -> Any:
     return load_model(path)
 
 
-def make_base(which: str, epochs: int = 15) -> Path:
+def base_path(which: str, binary: bool = False) -> Path:
+    """Where the starting model trained on ``which`` only lives (``binary``: without the head)."""
+    stem = {"bbbc007": "bbbc007_only", "dsb2018": "dsb_only"}[which]
+    return MODELS / f"{stem}{'' if binary else '_head'}.safetensors"
+
+
+def make_base(which: str, epochs: int = 15, binary: bool = False) -> Path:
     """Train a starting model from scratch on one data set only (``"bbbc007"`` or ``"dsb2018"``):
-    S2M-Net, MASL, Adam lr 1e-3, batch 4, 160-px crops, ``epochs`` x 10 steps (a step budget, so
-    the model does not depend on the machine's load), seed 0; saved under ``.cache/models``."""
+    S2M-Net with the instance head like the bundled model (``binary``: without it, the protocol
+    of the runs before 2026-12-06), MASL, Adam lr 1e-3, batch 4, 160-px crops, ``epochs`` x 10
+    steps (a step budget, so the model does not depend on the machine's load), seed 0; saved
+    under ``.cache/models``."""
     import torch
 
     from benchmarks import fetch_data
@@ -119,12 +127,17 @@ def make_base(which: str, epochs: int = 15) -> Path:
     torch.manual_seed(0)
     if which == "bbbc007":
         pairs = [(im, lab) for _, im, lab in fetch_data.load_bbbc007()]
-        out = MODELS / "bbbc007_only.safetensors"
     else:
         pairs = [fetch_data.load_dsb2018()]
-        out = MODELS / "dsb_only.safetensors"
+    out = base_path(which, binary)
     start = new_model(
-        ModelConfig(arch="s2mnet", in_channels=1, num_classes=1, options={"bn_momentum": 0.1}),
+        ModelConfig(
+            arch="s2mnet",
+            in_channels=1,
+            num_classes=1,
+            options={"bn_momentum": 0.1},
+            instance_head=not binary,
+        ),
         name=f"S2M-Net {which} only",
     )
     cfg = FinetuneConfig(
@@ -148,15 +161,17 @@ def make_base(which: str, epochs: int = 15) -> Path:
 
 
 def data_set(
-    name: str,
+    name: str, binary: bool = False
 ) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]:
-    """(starting model, pool pairs, test pairs) of a set (see the module docstring)."""
+    """(starting model, pool pairs, test pairs) of a set (see the module docstring);
+    ``binary``: the starting models without the instance head."""
+    flag = " --binary-bases" if binary else ""
     from benchmarks import fetch_data
 
     if name == "dsb2018":
         model = _load(
-            MODELS / "bbbc007_only.safetensors",
-            "python -m benchmarks.hitl_annotator --make-bases bbbc007",
+            base_path("bbbc007", binary),
+            f"python -m benchmarks.hitl_annotator --make-bases bbbc007{flag}",
         )
         img, gt = fetch_data.load_dsb2018()
         h = img.shape[0] // 2
@@ -174,8 +189,8 @@ def data_set(
         )
     if name == "bbbc007":
         model = _load(
-            MODELS / "dsb_only.safetensors",
-            "python -m benchmarks.hitl_annotator --make-bases dsb2018",
+            base_path("dsb2018", binary),
+            f"python -m benchmarks.hitl_annotator --make-bases dsb2018{flag}",
         )
         items = fetch_data.load_bbbc007()
         return (
@@ -247,10 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="first train these starting models (150 steps each)",
     )
+    p.add_argument(
+        "--binary-bases",
+        action="store_true",
+        help="starting models without the instance head (the protocol before 2026-12-06)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     for which in args.make_bases or []:
-        make_base(which)
+        make_base(which, binary=args.binary_bases)
     print(
         f"# hitl_annotator: torch {torch.__version__}, cpu, threads {args.threads}, "
         f"{platform.machine()}, {time.strftime('%Y-%m-%d %H:%M')}, {args.seconds:g} s per run",
@@ -258,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = []
     for name in args.sets:
-        model, pool, test = data_set(name)
+        model, pool, test = data_set(name, args.binary_bases)
         d0, f0 = score(model, test)
         print(f"# {name}: k=0 Dice {d0:.3f} F1 {f0:.3f}", flush=True)
         rows.append((name, 0, "-", "-", d0, 0.0, f0, 0.0, 0.0, "-"))

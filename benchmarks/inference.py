@@ -65,6 +65,29 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024**3
 
 
+def _status_gb(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` of this process in GiB from ``/proc/self/status`` (NaN elsewhere)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024**2
+    except OSError:
+        pass
+    return math.nan
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (``VmHWM``; Linux), so that the peak of one
+    stage can be read without the transient peaks of the set-up before it (export, warm-ups)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def tiled_image(size: int) -> np.ndarray:
     """A ``size x size`` uint16 image tiled from the DSB2018 nuclei image (mirrored copies)."""
     from benchmarks.fetch_data import load_dsb2018
@@ -220,6 +243,8 @@ def worker(
     # process right before and after.
     raw_before = raw_cpu_seconds_per_tile(bundle.model, tile)
     base = _peak_rss_gb()
+    rss_before = _status_gb("VmRSS")
+    reset = _reset_peak_rss()
     wall = cpu = math.inf
     for _ in range(reps):  # the fastest repetition: the least disturbed by other load
         start, cpu0 = time.perf_counter(), time.process_time()
@@ -227,6 +252,7 @@ def worker(
         wall = min(wall, time.perf_counter() - start)
         cpu = min(cpu, time.process_time() - cpu0)
     peak = _peak_rss_gb()
+    segment_peak = _status_gb("VmHWM") if reset else math.nan
     eager_wall = eager_cpu = math.nan
     if compare and ran != "torch":
         eager = InferenceConfig(device="cpu", backend="torch")
@@ -253,6 +279,8 @@ def worker(
         "labels_dtype": str(res.labels.dtype),
         "peak_rss_gb": peak,
         "base_rss_gb": base,
+        "rss_before_segment_gb": rss_before,
+        "segment_peak_rss_gb": segment_peak,
         "image_gb": image.nbytes / 1024**3,
         "device": res.device,
     }
