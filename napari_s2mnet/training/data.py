@@ -423,6 +423,11 @@ def _corrected_data(
         )
     if n_val:
         split = f"validation on {n_val} of {n_total} corrected regions (held out from training)"
+    elif config.val_fraction <= 0:
+        split = (
+            f"no validation (validation fraction 0): {n_total} corrected region(s) all train; "
+            "the result is the final state"
+        )
     else:
         split = (
             f"no validation: {n_total} corrected region(s), validation needs at least "
