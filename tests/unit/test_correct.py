@@ -57,16 +57,27 @@ def test_grow_corrected_takes_the_touched_objects_and_a_margin() -> None:
 
 def test_regions_hold_out_validation_only_with_enough_corrections(tiny) -> None:
     from napari_s2mnet.training.data import _prepare_data
+    from napari_s2mnet.training.region import MIN_VAL_REGIONS
 
-    img, lab = _discs(n=6)
+    # Discs on a grid (never touching), one more than validation needs.
+    n = MIN_VAL_REGIONS + 1
+    side = int(np.ceil(np.sqrt(n)))
+    yy, xx = np.mgrid[: 24 * side, : 24 * side]
+    lab = np.zeros(yy.shape, np.int32)
+    for k in range(n):
+        cy, cx = 12 + 24 * (k // side), 12 + 24 * (k % side)
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= 36] = k + 1
+    img = (lab > 0).astype(np.float32)
     cfg = FinetuneConfig(val_fraction=0.25, uncorrected_weight=0.0)
-    few = _prepare_data([(img, lab)], tiny, cfg, None, None, [_masks(lab, [1, 2])])
+    few_ids = list(range(1, MIN_VAL_REGIONS))  # one region short
+    few = _prepare_data([(img, lab)], tiny, cfg, None, None, [_masks(lab, few_ids)])
     assert few.corrected and few.val == [] and "no validation" in few.split
     w = few.train[0].regions.weight
     assert set(np.unique(w)) == {0.5, 1.0}  # codes: corrected / uncorrected (none ignored)
-    many = _prepare_data([(img, lab)], tiny, cfg, None, None, [_masks(lab, [1, 2, 3, 4, 5, 6])])
+    many_ids = list(range(1, n + 1))
+    many = _prepare_data([(img, lab)], tiny, cfg, None, None, [_masks(lab, many_ids)])
     regions = many.train[0].regions
-    assert len(many.val) == 1 and regions.n_regions >= 4 and regions.n_val >= 1
+    assert len(many.val) == 1 and regions.n_regions == n and regions.n_val >= 2
     held = regions.val
     assert not (regions.weight[held] > 0).any()  # held-out pixels never train
     assert "corrected regions" in many.split
