@@ -275,8 +275,7 @@ class _Finetune:
         s, cfg = self.state, self.config
         if not self.resumed:
             s.init_val = s.best_val = self.run.validate()
-            s.corrected_before = self.run.corrected_dice()
-            s.context_before = self.run.corrected_dice(context=True)
+            s.corrected_before, s.context_before = self.run.corrected_scores()
             s.best_state = self.weights()
             mode_text = f"data-parallel x{self.ctx.world_size}, " if self.ctx.enabled else ""
             msg = (
@@ -540,8 +539,7 @@ class _Finetune:
         s, run = self.state, self.run
         if s.corrected_before is None or best_step == 0:
             return s.corrected_before, False
-        after = run.corrected_dice()
-        context = run.corrected_dice(context=True)
+        after, context = run.corrected_scores()
         run.net.eval()
         # Around the corrections the labels are the model's own output, left as they were: a
         # model that learned "background everywhere" from deletions breaks them there.

@@ -18,6 +18,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_s2mnet._ddp import DistContext
 
 _VAL_MAX_PIXELS = 4_000_000  # validation runs on at most this many pixels (a subset of tiles)
+# Corrected-region scoring (validation, before / after) forwards at most this many pixels, an
+# evenly spread subset of the tiles when there are more (~1.5 s on one CPU thread): it must
+# stay a small share of an interactive budget however much the user corrected.
+REGION_MAX_PIXELS = 262_144
 
 
 def _dice_stats(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -57,11 +61,7 @@ def _val_tiles(items: list[_Item], tile: int) -> list[tuple[int, int, int, int, 
             for y0 in range(0, ny, tile):
                 for x0 in range(0, nx, tile):
                     tiles.append((i, s, y0, x0, min(tile, ny - y0), min(tile, nx - x0)))
-    total = sum(t[4] * t[5] for t in tiles)
-    if total > _VAL_MAX_PIXELS:  # a fixed, evenly spread subset keeps validation cheap
-        keep = max(1, int(len(tiles) * _VAL_MAX_PIXELS / total))
-        tiles = [tiles[k] for k in np.linspace(0, len(tiles) - 1, keep).round().astype(int)]
-    return tiles
+    return _spread_subset(tiles, _VAL_MAX_PIXELS)  # keeps validation cheap
 
 
 def _evaluate(
@@ -82,14 +82,31 @@ def _evaluate(
     score the mean of the foreground and the background Dice there: a corrected region may hold
     no foreground at all (a deleted false object), where foreground Dice alone says nothing.
     """
+    return _evaluate_sets(
+        net, items, tiles, num_classes, threshold, device, ctx, amp, mask_sets=[masks]
+    )[0]
+
+
+def _evaluate_sets(
+    net: nn.Module,
+    items: list[_Item],
+    tiles: list[tuple[int, int, int, int, int, int]],
+    num_classes: int,
+    threshold: float,
+    device: torch.device,
+    ctx: DistContext | None,
+    amp: bool,
+    mask_sets: Sequence[Sequence[np.ndarray] | None],
+) -> list[float]:
+    """:func:`_evaluate` for several pixel selections at once (one forward pass per tile):
+    the Dice of each entry of ``mask_sets`` (``None``: every pixel)."""
     import torch
 
     was_training = net.training
     net.eval()
-    k = 1 if num_classes == 1 else num_classes - 1
-    if masks is not None and num_classes == 1:
-        k = 2  # corrected regions: foreground and background Dice, averaged
-    stats = torch.zeros(k, 3, dtype=torch.float64)
+    base_k = 1 if num_classes == 1 else num_classes - 1
+    ks = [2 if m is not None and num_classes == 1 else base_k for m in mask_sets]
+    stats = [torch.zeros(k, 3, dtype=torch.float64) for k in ks]
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
     with torch.no_grad():
         for i, s, y0, x0, h, w in tiles[rank::world]:
@@ -98,33 +115,49 @@ def _evaluate(
             x = torch.from_numpy(np.ascontiguousarray(img))[None].to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                 logits = net(x)
-            pred = _predict_classes(logits.float(), num_classes, threshold)[0].cpu()
-            tgt = torch.from_numpy(np.ascontiguousarray(it.target[s, y0 : y0 + h, x0 : x0 + w]))
+            pred_all = _predict_classes(logits.float(), num_classes, threshold)[0].cpu()
+            tgt_all = torch.from_numpy(np.ascontiguousarray(it.target[s, y0 : y0 + h, x0 : x0 + w]))
             if num_classes == 1:  # instance-head models keep instance ids in the target
-                tgt = tgt > 0
-            if masks is not None:
-                sel = torch.from_numpy(np.ascontiguousarray(masks[i][s, y0 : y0 + h, x0 : x0 + w]))
+                tgt_all = tgt_all > 0
+            for masks, st in zip(mask_sets, stats, strict=True):
+                pred, tgt = pred_all, tgt_all
+                if masks is None:
+                    st += _dice_stats(pred.long(), tgt.long(), num_classes)
+                    continue
+                sel = masks[i][s, y0 : y0 + h, x0 : x0 + w]
+                sel = torch.from_numpy(np.ascontiguousarray(sel))
                 pred, tgt = pred[sel].long(), tgt[sel].long()
                 if num_classes == 1:  # background counts too: a deleted object is all background
-                    both = torch.cat([_dice_stats(pred, tgt, 1), _dice_stats(1 - pred, 1 - tgt, 1)])
-                    stats += both
-                    continue
-            stats += _dice_stats(pred.long(), tgt.long(), num_classes)
+                    st += torch.cat([_dice_stats(pred, tgt, 1), _dice_stats(1 - pred, 1 - tgt, 1)])
+                else:
+                    st += _dice_stats(pred, tgt, num_classes)
     if ctx is not None and ctx.enabled:
-        stats = ctx.all_reduce_sum(stats.to(device)).cpu()
+        stats = [ctx.all_reduce_sum(st.to(device)).cpu() for st in stats]
     net.train(was_training)
-    return _dice_from_stats(stats)
+    return [_dice_from_stats(st) for st in stats]
 
 
 def region_tiles(items: list[_Item], held_out: bool) -> list[tuple[int, int, int, int, int, int]]:
-    """Scoring tiles around the corrected regions of ``items`` (held-out ones, or all)."""
+    """Scoring tiles around the corrected regions of ``items`` (held-out ones, or all), at
+    most :data:`REGION_MAX_PIXELS` pixels of them."""
     tiles = []
     for i, it in enumerate(items):
         if it.regions is None:
             continue
         for box in it.regions.val_boxes if held_out else it.regions.all_boxes:
             tiles.append((i, *box))
-    return tiles
+    return _spread_subset(tiles, REGION_MAX_PIXELS)
+
+
+def _spread_subset(
+    tiles: list[tuple[int, int, int, int, int, int]], max_pixels: int
+) -> list[tuple[int, int, int, int, int, int]]:
+    """An evenly spread, fixed subset of ``tiles`` of at most ``max_pixels`` (all if fewer)."""
+    total = sum(t[4] * t[5] for t in tiles)
+    if total <= max_pixels:
+        return tiles
+    keep = max(1, int(len(tiles) * max_pixels / total))
+    return [tiles[k] for k in np.linspace(0, len(tiles) - 1, keep).round().astype(int)]
 
 
 def region_masks(items: list[_Item], held_out: bool) -> list[np.ndarray]:

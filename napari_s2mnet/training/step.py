@@ -17,6 +17,7 @@ from napari_s2mnet.training.config import (
 from napari_s2mnet.training.data import _Data
 from napari_s2mnet.training.metrics import (
     _evaluate,
+    _evaluate_sets,
     _val_tiles,
     region_masks,
     region_tiles,
@@ -212,14 +213,13 @@ class _Run:
         self.set_train_mode()
         return dice
 
-    def corrected_dice(self, context: bool = False) -> float | None:
-        """Dice on every corrected region (trained on or held out), or with ``context`` on the
-        uncorrected pixels around them (the model's own output the user left as it was);
-        ``None`` without corrections."""
+    def corrected_scores(self) -> tuple[float | None, float | None]:
+        """Dice on every corrected region (trained on or held out) and on the uncorrected
+        pixels around them (the model's own output the user left as it was), from one pass;
+        ``(None, None)`` without corrections."""
         if not self.region_tiles:
-            return None
-        masks = [~m for m in self.region_masks] if context else self.region_masks
-        dice = _evaluate(
+            return None, None
+        corrected, context = _evaluate_sets(
             self.net,
             self.data.train,
             self.region_tiles,
@@ -228,10 +228,10 @@ class _Run:
             self.device,
             self.ctx,
             self.amp,
-            masks=masks,
+            mask_sets=[self.region_masks, [~m for m in self.region_masks]],
         )
         self.set_train_mode()
-        return dice
+        return corrected, context
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -129,8 +129,8 @@ def test_a_worse_model_on_the_corrections_is_not_returned(tiny, monkeypatch, sco
 
     from napari_s2mnet.training import loop, train
 
-    scores = iter(scores)  # before (corrected, context), after (corrected, context)
-    monkeypatch.setattr(loop._Run, "corrected_dice", lambda self, context=False: next(scores))
+    pairs = iter([scores[:2], scores[2:]])  # before (corrected, context), after (the same)
+    monkeypatch.setattr(loop._Run, "corrected_scores", lambda self: next(pairs))
     img, lab = _discs(n=3)
     cfg = FinetuneConfig(
         epochs=1, steps_per_epoch=2, batch_size=2, crop_size=32, device="cpu", lr=1e-2
@@ -140,6 +140,52 @@ def test_a_worse_model_on_the_corrections_is_not_returned(tiny, monkeypatch, sco
     assert "starting model is kept" in res.message
     for k, v in res.bundle.model.state_dict().items():
         assert torch.equal(v, tiny.model.state_dict()[k])
+
+
+def _covered(tiles: list[tuple[int, ...]], shape: tuple[int, ...]) -> np.ndarray:
+    count = np.zeros(shape, np.int32)
+    for s, y0, x0, h, w in tiles:
+        count[s, y0 : y0 + h, x0 : x0 + w] += 1
+    return count
+
+
+def test_scoring_tiles_score_every_corrected_pixel_once() -> None:
+    from napari_s2mnet.training.region import _box, _components, scoring_tiles
+
+    # Sparse: three corrections, two of them close enough for their boxes to overlap.
+    mask = np.zeros((2, 400, 400), bool)
+    mask[0, 50:60, 50:60] = mask[0, 70:80, 90:100] = mask[1, 300:320, 200:210] = True
+    boxes = [_box(c, s) for s, c in _components(mask)]
+    tiles = scoring_tiles(boxes, mask)
+    count = _covered(tiles, mask.shape)
+    assert (count[mask] == 1).all() and count.max() == 1  # each pixel once, tiles disjoint
+    assert len(tiles) == 2  # the two overlapping boxes merged
+    # Dense: hundreds of corrections on a plane (a user who corrected everything) are scored
+    # by grid tiles: at most the plane's pixels, not one context box per region.
+    dense = np.zeros((1, 450, 450), bool)
+    dense[0, 5::15, 5::15] = True
+    boxes = [_box(c, s) for s, c in _components(dense)]
+    assert len(boxes) == 900 and sum(b[3] * b[4] for b in boxes) > 8 * 450 * 450
+    tiles = scoring_tiles(boxes, dense)
+    count = _covered(tiles, dense.shape)
+    assert (count[dense] == 1).all() and count.max() == 1
+    # One huge correction is split into tiles small enough for one forward pass each.
+    big = np.zeros((1, 2000, 2000), bool)
+    big[0, 100:1500, 100:1500] = True
+    tiles = scoring_tiles([_box(c, s) for s, c in _components(big)], big)
+    assert max(h * w for _, _, _, h, w in tiles) <= 4 * 256 * 256
+    assert (_covered(tiles, big.shape)[big] == 1).all()
+
+
+def test_scoring_many_corrections_stays_within_the_pixel_cap(tiny) -> None:
+    from napari_s2mnet.training.data import _prepare_data
+    from napari_s2mnet.training.metrics import REGION_MAX_PIXELS, region_tiles
+
+    img, lab = _discs(n=400, size=1024, r=5)
+    cfg = FinetuneConfig(val_fraction=0.0)
+    data = _prepare_data([(img, lab)], tiny, cfg, None, None, [lab > 0])
+    tiles = region_tiles(data.train, held_out=False)
+    assert tiles and sum(t[4] * t[5] for t in tiles) <= REGION_MAX_PIXELS
 
 
 def test_scopes_freeze_what_they_say(tiny) -> None:
