@@ -118,10 +118,10 @@ class FinetuneConfig:
             layer's scale and shift).
         uncorrected_weight: With ``corrected`` masks (see :func:`finetune`): weight of the mean
             loss over the pixels outside the corrected regions (the model's own, unchecked
-            output) against 1 for the mean loss over the corrected pixels, so a small correction
-            counts as much as a third of the rest of the crop with the default 3 (measured
-            against 1, docs/benchmarks.md). ``0`` ignores the rest, which lets deletions alone
-            teach "background everywhere" (docs/methods.md).
+            output) against 1 for the mean loss over the corrected pixels: with the default 1 a
+            small correction counts as much as the rest of the crop (measured against 3 with
+            three annotator sets x three seeds, docs/benchmarks.md). ``0`` ignores the rest,
+            which lets deletions alone teach "background everywhere" (docs/methods.md).
         diameter: Typical object diameter in pixels in these images (``None``: taken as the
             model's training diameter, i.e. no rescaling). Images are rescaled by
             ``model diameter / diameter`` so objects reach the network at the size it was
@@ -158,7 +158,7 @@ class FinetuneConfig:
     max_recoveries: int = 3
     divergence_factor: float = 10.0
     scope: str = "all"
-    uncorrected_weight: float = 3.0
+    uncorrected_weight: float = 1.0
     diameter: float | None = None
 
     @classmethod
