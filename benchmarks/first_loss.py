@@ -4,11 +4,15 @@ Usage::
 
     python -m benchmarks.first_loss                   # 5 runs per scope, 2 threads, 20 s each
     python -m benchmarks.first_loss --threads 1 --runs 3 --seconds 10
+    python -m benchmarks.first_loss --data bbbc007 --k 1000 --scopes decoder+head  # dense
 
 What is timed is what the Fine-tune widget does after Run (its warm-up already ran when the widget
 opened: :func:`napari_s2mnet.training.loop.warm_up`): :func:`finetune` on the bundled model with
 :meth:`FinetuneConfig.interactive` (CPU preset), one 256 x 256 DSB2018 tile whose model output has
-its 5 worst objects fixed by the simulated annotator of :mod:`benchmarks.hitl_annotator`.
+its 5 worst objects (``--k``) fixed by the simulated annotator of
+:mod:`benchmarks.hitl_annotator`. ``--data bbbc007``: the seven BBBC007 images 0-6 (450^2, ~80
+nuclei each) instead, where ``--k 1000`` corrects every object (~565 regions: a user who corrected
+whole images).
 Reported per scope: median wall seconds to the first loss point, the share of the budget spent
 before the first step (preparation and the starting model's validation), steps per minute (wall),
 CPU seconds per step.
@@ -25,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     import torch
 
-    from benchmarks.fetch_data import load_dsb2018
+    from benchmarks.fetch_data import load_bbbc007, load_dsb2018
     from benchmarks.hitl_annotator import annotate
     from napari_s2mnet.checkpoint import load_default_model
     from napari_s2mnet.inference import InferenceConfig, segment
@@ -37,19 +41,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--scopes", nargs="+", default=["all", "decoder+head", "head+norm"])
+    p.add_argument("--k", type=int, default=5, help="objects the annotator fixes")
+    p.add_argument("--data", choices=["dsb-tile", "bbbc007"], default="dsb-tile")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warm_up()
-    img, gt = load_dsb2018()
-    img, gt = img[256:, 256:], gt[256:, 256:]
+    if args.data == "bbbc007":
+        pool = [(im, lab) for _, im, lab in load_bbbc007()[:7]]
+    else:
+        img, gt = load_dsb2018()
+        pool = [(img[256:, 256:], gt[256:, 256:])]
     model = load_default_model()
-    pred = segment(
-        img, model, InferenceConfig(device="cpu", compute_features=False, backend="torch")
-    )[0]
-    _, labels, mask = annotate([pred], [gt], 5)[0]
+    cfg0 = InferenceConfig(device="cpu", compute_features=False, backend="torch")
+    preds = [segment(im, model, cfg0)[0] for im, _ in pool]
+    fixes = annotate(preds, [g for _, g in pool], args.k)
+    pairs = [(pool[i][0], lab) for i, lab, _ in fixes]
+    masks = [m for _, _, m in fixes]
     print(
         f"# first_loss: torch {torch.__version__}, threads {args.threads}, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}, {args.seconds:g} s per run"
+        f"{time.strftime('%Y-%m-%d %H:%M')}, {args.seconds:g} s per run, {args.data}, "
+        f"k {args.k}, {len(pairs)} image(s)"
     )
     print(
         "| scope | first loss point (s, median) | preparation + first validation / budget | "
@@ -62,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.runs):
             cfg = FinetuneConfig.interactive("cpu", seconds=args.seconds, scope=scope, seed=run)
             t0, c0 = time.perf_counter(), time.process_time()
-            gen = finetune([(img, labels)], model, cfg, corrected=[mask])
+            gen = finetune(pairs, model, cfg, corrected=masks)
             first = None
             overhead = 0.0
             last_t = t0

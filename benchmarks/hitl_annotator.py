@@ -253,7 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-val",
         action="store_true",
-        help="no validation (val_fraction 0): the final state is kept",
+        help="no validation (val_fraction 0, the preset's since 2026-12-06): the final state",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="hold this share of the corrected regions out for validation (from 10 regions on)",
     )
     p.add_argument(
         "--make-bases",
@@ -296,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                     over["lr"] = lr
                 if args.no_val:
                     over["val_fraction"] = 0.0
+                elif args.val_fraction is not None:
+                    over["val_fraction"] = args.val_fraction
                 ds, fs, steps = [], [], []
                 for seed in range(args.n_seeds):
                     cfg = FinetuneConfig.interactive("cpu", seconds=args.seconds, seed=seed, **over)

@@ -209,7 +209,9 @@ def test_interactive_preset_is_a_time_budget() -> None:
     cfg = FinetuneConfig.interactive("cpu")
     cfg.validate()
     assert cfg.seconds is not None and cfg.epochs is None and cfg.total_steps is None
+    assert cfg.val_fraction == 0.0  # every correction trains (docs/benchmarks.md)
     assert FinetuneConfig.interactive("cpu", scope="head+norm").scope == "head+norm"
+    assert FinetuneConfig.interactive("cpu", val_fraction=0.2).val_fraction == 0.2
 
 
 def test_equivalent_diameter_and_scale_factor() -> None:
