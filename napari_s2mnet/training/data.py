@@ -425,7 +425,7 @@ def _corrected_data(
         split = f"validation on {n_val} of {n_total} corrected regions (held out from training)"
     elif config.val_fraction <= 0:
         split = (
-            f"no validation (validation fraction 0): {n_total} corrected region(s) all train; "
+            f"{n_total} corrected region(s), all used for training (no validation); "
             "the result is the final state"
         )
     else:
