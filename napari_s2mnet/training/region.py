@@ -10,10 +10,12 @@ model's own output. So, when masks are given,
 * the loss is BCE + soft Dice averaged over the corrected pixels, plus
   :attr:`FinetuneConfig.uncorrected_weight` times the same averaged over the other pixels of the
   crop (docs/methods.md); pixels around held-out regions are ignored;
-* validation uses held-out corrected regions only (connected components of the mask), when there
-  are at least :data:`MIN_VAL_REGIONS` of them; otherwise there is no validation and the final
-  state is returned;
-* :func:`region_dice` scores a model on all corrected regions (before / after, for the user).
+* validation, when asked for (``val_fraction`` > 0; the interactive presets set 0), uses
+  held-out corrected regions only (connected components of the mask), when there are at least
+  :data:`MIN_VAL_REGIONS` of them; otherwise there is no validation and the final state is
+  returned;
+* :func:`scoring_tiles` are where a model is scored on the corrected regions (before / after,
+  for the user; validation).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # Fewer corrected regions: all train, no validation, the final state is returned. With 5
 # regions (one held out) validation lowered instance F1 on all three annotator sets and once
-# ended 4.8 points below zero-shot (docs/benchmarks.md, "Validation from one held-out
-# region"); 10 itself is a judgement (docs/methods.md).
+# ended 4.8 points below zero-shot; with 10 and 20 it still did, which is why the interactive
+# presets do not validate at all (docs/benchmarks.md, "Validation in a 60-s fine-tune").
 MIN_VAL_REGIONS = 10
 CORRECTED, UNCORRECTED = 1.0, 0.5  # codes of the training weight map (0: ignored)
 _JOIN = 2  # strokes closer than this many pixels belong to one region
