@@ -93,7 +93,7 @@ def predict_maps(image: np.ndarray, bundle: Any, **layout_kw: Any) -> np.ndarray
         )
         timings = {"prepare": 0.0, "predict": 0.0}
         planes = [
-            item.acc
+            np.stack(item.maps)
             for item in run_mod._predictions(plan, bundle, cfg, engine, counter, timings)
             if not hasattr(item, "stage")
         ]

@@ -15,7 +15,12 @@ the wall time and the object count (which must agree).
   maps stacked into one array, one watershed over the whole image;
 * ``per_component``: today's path: no stacking (the engine blends only the foreground and
   distance maps), one flood per foreground component whose label array becomes the output
-  (:func:`napari_s2mnet.instances.seeded_watershed`, ``per_object=True``).
+  (:func:`napari_s2mnet.instances.seeded_watershed`, ``per_object=True``);
+* ``segment``: all of :func:`~napari_s2mnet.inference.segment_iter` after the network (the
+  bundled model's engine returns fresh copies of the synthetic maps instead of running), so
+  the blended maps, labels, renumbering and features are in the peak, and each map is held
+  only where ``segment`` holds it. Its peak is read from the kernel's high-water mark
+  (``VmHWM``, reset before the call) above the RSS before the call.
 
 The maps' own memory (allocated before the baseline) is the same for both, so the engine's
 saving of the unused boundary map (one float32 plane) is not in this table.
@@ -28,6 +33,7 @@ import json
 import subprocess
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -49,8 +55,51 @@ def _maps(size: int) -> tuple[np.ndarray, np.ndarray]:
     return fg, head
 
 
+def _segment_path(size: int) -> None:
+    """The ``segment`` method (see the module docstring); prints its JSON line."""
+    from benchmarks.inference import _reset_peak_rss, _status_gb
+    from napari_s2mnet.checkpoint import load_default_model
+    from napari_s2mnet.inference import (
+        InferenceConfig,
+        engine,
+        postprocess,
+        run_to_end,
+        segment_iter,
+    )
+
+    fg, head = _maps(size)
+    distance = head[1].copy()
+    del head
+
+    def fake_predict(self: Any, region: Any, plan: Any, stats: Any, counter: Any) -> Any:
+        maps = [fg.copy(), distance.copy()]  # what the blending returns: fresh arrays
+        if "maps" not in postprocess.Predicted.__dataclass_fields__:  # before per-map lists
+            maps = np.stack(maps)
+        if False:  # a generator, like the real one
+            yield None
+        return maps
+
+    engine.Engine._predict_once = fake_predict  # type: ignore[method-assign]
+    bundle = load_default_model()
+    image = np.zeros((size, size), dtype=np.uint16)
+    image[::7, ::5] = 1000  # normalisation needs some spread; the network does not run
+    before = _status_gb("VmRSS")
+    if not _reset_peak_rss():
+        raise SystemExit("the segment method needs Linux's /proc/self/clear_refs")
+    t0 = time.perf_counter()
+    cfg = InferenceConfig(device="cpu", backend="torch")
+    res = run_to_end(segment_iter(image, bundle, cfg))
+    wall = time.perf_counter() - t0
+    extra = (_status_gb("VmHWM") - before) * 1024
+    print(json.dumps({"extra_mib": extra, "wall": wall, "n": len(res.features)}))
+
+
 def _worker(size: int, method: str) -> None:
     import resource
+
+    if method == "segment":
+        _segment_path(size)
+        return
 
     from napari_s2mnet.inference.config import InferenceConfig
     from napari_s2mnet.inference.postprocess import instances
@@ -75,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=8192)
-    p.add_argument("--worker", choices=["whole", "per_component"])
+    p.add_argument("--worker", choices=["whole", "per_component", "segment"])
     args = p.parse_args(argv)
     if args.worker:
         _worker(args.size, args.worker)
@@ -85,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# postprocess_memory: {args.size}^2, maps {maps_mib:.0f} MiB, {time.strftime('%F %H:%M')}"
     )
     rows = {}
-    for method in ("whole", "per_component"):
+    for method in ("whole", "per_component", "segment"):
         out = subprocess.run(
             [
                 sys.executable,

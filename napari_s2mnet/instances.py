@@ -197,7 +197,7 @@ def interior_map(
             (masked by nothing: the watershed masks with the foreground).
 
     Returns:
-        float32 map of the foreground's shape.
+        float32 map of the foreground's shape (a float16 ``distance`` stays float16).
     """
     fg = _check_map(foreground, "foreground")
     if mode == "contour":
@@ -208,8 +208,13 @@ def interior_map(
     if mode == "distance":
         if distance is None:
             raise ValueError("mode='distance' needs the distance map.")
-        return _check_map(distance, "distance", fg.shape).astype(np.float32, copy=False)
+        return _as_float(_check_map(distance, "distance", fg.shape))
     raise ValueError(f"mode must be 'contour' or 'distance', got {mode!r}.")
+
+
+def _as_float(a: np.ndarray) -> np.ndarray:
+    """float16 kept (half the memory of a large map), anything else as float32."""
+    return a if a.dtype == np.float16 else a.astype(np.float32, copy=False)
 
 
 def _structure(ndim: int, full: bool) -> np.ndarray:
@@ -261,12 +266,12 @@ def seeded_watershed(
         ``(labels, n)``: int32 labels ``1..n`` (0 = background) and the object count.
     """
     fg = _check_map(foreground, "foreground")
-    inner = _check_map(interior, "interior", fg.shape).astype(np.float32, copy=False)
+    inner = _as_float(_check_map(interior, "interior", fg.shape))
     sp = _check_spacing(spacing, fg.ndim)
     if smooth < 0:
         raise ValueError(f"smooth must be >= 0 (physical units), got {smooth}.")
     if smooth > 0:
-        inner = ndi.gaussian_filter(inner, sigma=[smooth / s for s in sp])
+        inner = ndi.gaussian_filter(inner.astype(np.float32), sigma=[smooth / s for s in sp])
     if per_object:
         return _watershed_per_component(fg, threshold, inner, seed_threshold, min_seed_size)
     mask = fg > threshold

@@ -105,11 +105,12 @@ def blend_iter(
     channels: int,
     predict_batch: PredictBatch,
     batch_size: int,
-) -> Generator[int, None, np.ndarray]:
+) -> Generator[int, None, list[np.ndarray]]:
     """Window-weighted average of the tiles' outputs, one batch of tiles at a time.
 
     Yields the number of tiles done after every batch (so a caller can report progress or be
-    closed between batches); returns the blended ``(channels, Y, X)`` float32 map.
+    closed between batches); returns the blended maps, one ``(Y, X)`` float32 array per
+    channel (separate arrays, so post-processing can free each once it is used).
 
     Args:
         shape: Image height and width.
@@ -128,7 +129,7 @@ def blend_iter(
         sum_y[s : s + g.tile_y] += wy[: height - s]
     for s in g.starts_x:
         sum_x[s : s + g.tile_x] += wx[: width - s]
-    acc = np.zeros((channels, height, width), dtype=np.float32)
+    maps = [np.zeros((height, width), dtype=np.float32) for _ in range(channels)]
     tiles = g.starts()
     for b0 in range(0, len(tiles), batch_size):
         batch = tiles[b0 : b0 + batch_size]
@@ -136,12 +137,15 @@ def blend_iter(
         for (sy, sx), p in zip(batch, outputs, strict=True):
             h, w = min(g.tile_y, height - sy), min(g.tile_x, width - sx)
             weight = (wy[:h, None] * wx[None, :w]).astype(np.float32)
-            acc[:, sy : sy + h, sx : sx + w] += p[:, :h, :w] * weight
+            for plane, out in zip(maps, p, strict=True):
+                plane[sy : sy + h, sx : sx + w] += out[:h, :w] * weight
         yield b0 + len(batch)
     for r0 in range(0, height, ROW_BLOCK):
         r1 = min(height, r0 + ROW_BLOCK)
-        acc[:, r0:r1] /= (sum_y[r0:r1, None] * sum_x[None, :]).astype(np.float32)
-    return acc
+        norm = (sum_y[r0:r1, None] * sum_x[None, :]).astype(np.float32)
+        for plane in maps:
+            plane[r0:r1] /= norm
+    return maps
 
 
 def blend(
@@ -161,4 +165,4 @@ def blend(
         try:
             next(gen)
         except StopIteration as stop:
-            return stop.value
+            return np.stack(stop.value)

@@ -153,8 +153,8 @@ class Engine:
 
     def predict(
         self, region: np.ndarray, plan: ImagePlan, stats: NormalizationStats, counter: Counter
-    ) -> Generator[Progress, None, np.ndarray]:
-        """Blended probabilities ``(C_out, Y, X)`` of one 2-D slice ``(Y, X, C_img)``."""
+    ) -> Generator[Progress, None, list[np.ndarray]]:
+        """Blended probabilities of one 2-D slice ``(Y, X, C_img)``: a ``(Y, X)`` map per output."""
         from napari_s2mnet import devices
 
         start = counter.done
@@ -174,7 +174,7 @@ class Engine:
 
     def _predict_once(
         self, region: np.ndarray, plan: ImagePlan, stats: NormalizationStats, counter: Counter
-    ) -> Generator[Progress, None, np.ndarray]:
+    ) -> Generator[Progress, None, list[np.ndarray]]:
         from napari_s2mnet.preprocess import apply_normalization
 
         height, width = region.shape[:2]
@@ -197,14 +197,15 @@ class Engine:
             try:
                 done = next(blending)
             except StopIteration as stop:
-                acc = stop.value
+                maps: list[np.ndarray] = stop.value
                 break
             self.n_tiles += done - done_before
             counter.done += done - done_before
             done_before = done
             yield counter.progress("predict", f"{counter.slice_text()}tile {done}/{g.n_tiles}")
-        np.clip(acc, 0.0, 1.0, out=acc)
-        return acc
+        for plane in maps:
+            np.clip(plane, 0.0, 1.0, out=plane)
+        return maps
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         import torch

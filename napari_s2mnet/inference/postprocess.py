@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,8 @@ def instances(
         config: ``fill_holes``, ``split_touching``, ``split_min_distance``, ``min_size``.
         distance: The instance head's distance map (the interior the seeds come from, see
             :func:`napari_s2mnet.instances.interior_map`), or ``None`` for a model without it.
+            Used as float16 and released after the watershed: pass the only reference to
+            keep the peak memory down.
         spacing: Physical size per axis of ``prob`` (3-D: anisotropic watershed).
     """
     from scipy import ndimage as ndi
@@ -65,7 +67,12 @@ def instances(
     from napari_s2mnet.instances import distance_watershed, interior_map, seeded_watershed
 
     if distance is not None:
+        # Seeding and flooding need no float32: float16 steps (<= 5e-4 on [0, 1]) are far
+        # below what the backends differ by (~1e-2), and the map shrinks by half (128 MiB at
+        # 8192^2). A caller that passes its only reference has the float32 map freed here.
+        distance = np.asarray(distance).astype(np.float16)
         inner = interior_map(prob, distance=distance, mode="distance")
+        del distance
         lab, n = seeded_watershed(prob, inner, threshold=threshold, spacing=spacing)
         del inner
         if config.fill_holes:  # holes inside an object join it (per plane)
@@ -152,29 +159,38 @@ def split_touching(
     return split, m
 
 
-def semantic(acc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Class-id labels, confidence (max probability) and foreground probability, in row blocks."""
+def semantic(maps: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class-id labels, confidence (max probability) and foreground probability, in row blocks.
+
+    ``maps``: the class probabilities, a ``(C, Y, X)`` array or ``C`` ``(Y, X)`` maps.
+    """
     from napari_s2mnet.io import smallest_uint_dtype
 
-    c, height, width = acc.shape
+    c = len(maps)
+    height, width = maps[0].shape
     labels = np.empty((height, width), dtype=smallest_uint_dtype(c - 1))
     conf = np.empty((height, width), dtype=np.float32)
     fg = np.empty((height, width), dtype=np.float32)
     for r0 in range(0, height, _ROW_BLOCK):
-        block = acc[:, r0 : r0 + _ROW_BLOCK]
+        block = np.stack([m[r0 : r0 + _ROW_BLOCK] for m in maps])
         labels[r0 : r0 + _ROW_BLOCK] = block.argmax(axis=0)
         conf[r0 : r0 + _ROW_BLOCK] = block.max(axis=0)
         fg[r0 : r0 + _ROW_BLOCK] = 1.0 - block[0]
     return labels, conf, fg
 
 
-def entropy(acc: np.ndarray) -> np.ndarray:
-    """Normalised entropy in ``[0, 1]`` per pixel (binary: of ``p``; else over the classes)."""
-    c, height, width = acc.shape
+def entropy(maps: Sequence[np.ndarray]) -> np.ndarray:
+    """Normalised entropy in ``[0, 1]`` per pixel (binary: of ``p``; else over the classes).
+
+    ``maps``: a ``(C, Y, X)`` array or ``C`` ``(Y, X)`` maps (one: binary).
+    """
+    c = len(maps)
+    height, width = maps[0].shape
     out = np.empty((height, width), dtype=np.float32)
     eps = 1e-7
     for r0 in range(0, height, _ROW_BLOCK):
-        block = np.clip(acc[:, r0 : r0 + _ROW_BLOCK], eps, 1.0).astype(np.float64)
+        block = np.stack([m[r0 : r0 + _ROW_BLOCK] for m in maps])
+        block = np.clip(block, eps, 1.0).astype(np.float64)
         if c == 1:
             p = block[0]
             q = np.clip(1.0 - p, eps, 1.0)
@@ -217,10 +233,11 @@ def aggregate_semantic(df: pd.DataFrame, n_slices: int, slice_area: float) -> pd
 
 @dataclass
 class Predicted:
-    """The blended class probabilities ``(C, H, W)`` of the slice at leading index ``idx``."""
+    """The blended probabilities of the slice at leading index ``idx``: one ``(H, W)`` float32
+    map per output channel (a list, so a consumer can pop and free each when done with it)."""
 
     idx: tuple[int, ...]
-    acc: np.ndarray
+    maps: list[np.ndarray]
 
 
 def z_smoothed(
@@ -233,13 +250,16 @@ def z_smoothed(
     ends of the axis and never cross the other lead axes (time points).
     """
     depth = lead[-1]
-    window: dict[int, np.ndarray] = {}  # z -> probabilities of the current z-run
+    window: dict[int, list[np.ndarray]] = {}  # z -> probabilities of the current z-run
     pending: deque[tuple[int, ...]] = deque()
 
     def emit(idx: tuple[int, ...]) -> Predicted:
         z = idx[-1]
         neighbours = [window[j] for j in range(max(0, z - n), min(depth, z + n + 1))]
-        out = np.mean(neighbours, axis=0, dtype=np.float64).astype(np.float32)
+        out = [
+            np.mean([maps[c] for maps in neighbours], axis=0, dtype=np.float64).astype(np.float32)
+            for c in range(len(neighbours[0]))
+        ]
         for j in [j for j in window if j < z - n + 1]:  # no later slice needs these
             del window[j]
         return Predicted(idx, out)
@@ -248,7 +268,7 @@ def z_smoothed(
         if isinstance(item, Progress):
             yield item
             continue
-        window[item.idx[-1]] = item.acc
+        window[item.idx[-1]] = item.maps
         pending.append(item.idx)
         # The oldest pending slice is ready when its window's last slice is in.
         while pending and min(depth - 1, pending[0][-1] + n) <= item.idx[-1]:
@@ -339,34 +359,39 @@ class SliceResults:
         self.volume = self._volume_mode()  # 3-D labelling of z-runs (binary stacks)
         self._run: list[tuple[Any, Any]] = []  # the current z-run's planes
 
-    def add(self, idx: tuple[int, ...], acc: np.ndarray) -> None:
-        """Post-process the blended probabilities ``acc`` ``(C, Y, X)`` of slice ``idx``."""
+    def add(self, idx: tuple[int, ...], maps: list[np.ndarray]) -> None:
+        """Post-process the blended probabilities of slice ``idx``, a ``(Y, X)`` map per channel.
+
+        The maps are popped from ``maps`` as they are used, so a caller that passes its only
+        list frees each map early (the distance map right after the watershed).
+        """
         from napari_s2mnet.morphology import object_features
 
         cfg, plan = self.config, self.plan
         t1 = time.perf_counter()
-        unc = entropy(acc[:1] if self.binary else acc) if cfg.uncertainty else None
+        unc = entropy(maps[:1] if self.binary else maps) if cfg.uncertainty else None
         if self.binary:
-            prob = acc[0]
-            # the instance head's distance map (the engine blends only needed_channels)
-            distance = acc[1] if acc.shape[0] > 1 else None
+            # What is left in ``maps`` is the instance head's distance map, if the model has
+            # one (the engine blends only needed_channels); it is popped straight into
+            # instances(), which then holds the only reference and frees it after the watershed.
+            prob = maps.pop(0)
             conf = prob
             classes = None
         else:
-            lab, conf, prob = semantic(acc)
+            lab, conf, prob = semantic(maps)
+            maps.clear()
             count = int(lab.max()) if lab.size else 0
             classes = lab
-        del acc
         if cfg.return_probability:
             self.probability = self._store(self.probability, idx, prob)
         if unc is not None:
             self.uncertainty = self._store(self.uncertainty, idx, unc)
         if self.volume is not None:
-            self._add_to_volume(idx, prob, distance)
+            self._add_to_volume(idx, prob, maps)
             self.timings["postprocess"] += time.perf_counter() - t1
             return
         if self.binary:
-            lab, count = instances(prob, self.threshold, cfg, distance)
+            lab, count = instances(prob, self.threshold, cfg, maps.pop() if maps else None)
         t2 = time.perf_counter()
         self.timings["postprocess"] += t2 - t1
 
@@ -399,13 +424,17 @@ class SliceResults:
         return None if mode == "off" else mode
 
     def _add_to_volume(
-        self, idx: tuple[int, ...], prob: np.ndarray, distance: np.ndarray | None
+        self, idx: tuple[int, ...], prob: np.ndarray, rest: list[np.ndarray]
     ) -> None:
-        """Collect one plane of the current z-run; label the run in 3-D at its last plane."""
+        """Collect one plane of the current z-run; label the run in 3-D at its last plane.
+
+        ``rest``: the plane's maps after the foreground (the distance map, if any).
+        """
         if self.volume == "stitch":  # per-plane labels now, only the joining waits
-            lab, _ = instances(prob, self.threshold, self.config, distance)
+            lab, _ = instances(prob, self.threshold, self.config, rest.pop() if rest else None)
             self._run.append((lab, prob if self.config.compute_features else None))
         else:  # the 3-D watershed needs the foreground only (see _finish_volume)
+            rest.clear()
             self._run.append((prob, None))
         if idx[-1] == self.plan.lead[-1] - 1:
             self._finish_volume(idx[:-1])

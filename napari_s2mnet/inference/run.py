@@ -132,7 +132,7 @@ def segment_iter(
             if isinstance(item, Progress):
                 yield item
                 continue
-            out.add(item.idx, item.acc)
+            out.add(item.idx, item.maps)  # add() pops the maps it is done with: freed early
             del item
             counter.done += 1
             yield counter.progress("postprocess", f"{counter.slice_text()}post-processed")
@@ -222,12 +222,13 @@ def _predictions(
 
             shape = _scaled(region.shape[:2], factor)
             zoomed = np.moveaxis(resize_plane(np.moveaxis(region, -1, 0), shape, 1), 0, -1)
-            acc = yield from engine.predict(zoomed, plan, slice_stats, counter)
-            acc = np.clip(resize_plane(acc, region.shape[:2], 1), 0.0, 1.0)
+            maps = yield from engine.predict(zoomed, plan, slice_stats, counter)
+            maps = [np.clip(resize_plane(m, region.shape[:2], 1), 0.0, 1.0) for m in maps]
         else:
-            acc = yield from engine.predict(region, plan, slice_stats, counter)
+            maps = yield from engine.predict(region, plan, slice_stats, counter)
         timings["predict"] += time.perf_counter() - t0
-        yield Predicted(idx, acc)
+        yield Predicted(idx, maps)
+        del maps
 
 
 def run_to_end(

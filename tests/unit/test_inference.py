@@ -827,3 +827,37 @@ def test_memory_stays_near_two_float_maps():
     assert labels.max() == side // 64
     fixed = 32 * 2**20
     assert peak < 2.5 * float_map + fixed, f"peak {peak / float_map:.2f} float32 maps"
+
+
+def test_post_processing_frees_the_distance_map_before_renumbering(monkeypatch):
+    """SliceResults.add pops the blended maps it is done with: the distance map is gone by the
+    time the labels are renumbered (the post-processing peak; 256 MiB at 8192^2, issue 18)."""
+    import weakref
+
+    from napari_s2mnet.inference import postprocess as pp
+    from napari_s2mnet.instances import instance_targets
+    from napari_s2mnet.layout import plan_image, resolve_layout
+
+    yy, xx = np.mgrid[:64, :96]
+    lab = np.zeros((64, 96), dtype=np.int32)
+    for i, (cy, cx) in enumerate(((32, 30), (32, 52)), start=1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= 144] = i  # two touching disks
+    fg = (lab > 0).astype(np.float32)
+    distance = instance_targets(lab)[1]
+    alive = weakref.ref(distance)
+    maps = [fg, distance]
+    del distance
+    seen = []
+    drop_small = pp._drop_small
+
+    def spy(*args, **kwargs):
+        seen.append(alive() is None)
+        return drop_small(*args, **kwargs)
+
+    monkeypatch.setattr(pp, "_drop_small", spy)
+    plan = plan_image(fg, resolve_layout(fg, None), 1, [])
+    out = pp.SliceResults(plan, InferenceConfig(min_size=0), True, 0.5, (1.0, 1.0), {})
+    out.timings.update(postprocess=0.0, features=0.0)
+    out.add((), maps)
+    assert seen == [True] and maps == []
+    assert out.total_objects == 2  # the distance map did split the touching disks
