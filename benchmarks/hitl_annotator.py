@@ -18,6 +18,12 @@ Protocol (every model is scored only on data it never saw, and never on what was
   - ``bbbc007``: BBBC007 (automatic pseudo ground truth) for an S2M-Net trained on the DSB2018
     image only (``.cache/models/dsb_only_head.safetensors``, ``--make-bases dsb2018``); images 0-6 =
     pool, 10-13 = test;
+  - ``cells``: whole U2OS cells in Cell Painting fields (the mean of the four non-DNA
+    channels; automatic Cellpose labels, so scores are agreement with Cellpose) for the bundled
+    nuclei model; plate h15 (6 fields) = pool, plate h23 (6 fields) = test. Cells (~55 px) are
+    3x the model's training diameter, so the set runs with the object diameter a user gets from
+    the estimate button (:func:`napari_s2mnet.diameter.estimate_diameter` on the first pool
+    field), for segmenting and fine-tuning alike;
 
 * the annotator looks at the model's own output on the pool, ranks the errors (every ground-truth
   object by its best IoU with a predicted object, every predicted object that overlaps no
@@ -26,8 +32,9 @@ Protocol (every model is scored only on data it never saw, and never on what was
   ground truth; that region is the *corrected* mask. Everything else stays the model's output;
 * fine-tuning: :func:`napari_s2mnet.training.train` with ``corrected=`` masks and
   :meth:`FinetuneConfig.interactive` (CPU preset) for ``--seconds`` wall clock;
-* scores on the test part with :func:`napari_s2mnet.inference.segment` (default settings):
-  foreground Dice (pooled pixels) and instance F1 at IoU 0.5 (mean over test images/planes).
+* scores on the test part with :func:`napari_s2mnet.inference.segment` (default settings, plus
+  the set's diameter; ``--fill-holes``: with hole filling): foreground Dice (pooled pixels) and
+  instance F1 at IoU 0.5 (mean over test images/planes).
   k = 0 is the starting model (zero-shot).
 """
 
@@ -160,11 +167,12 @@ def make_base(which: str, epochs: int = 15, binary: bool = False) -> Path:
     return out
 
 
-def data_set(
-    name: str, binary: bool = False
-) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]:
-    """(starting model, pool pairs, test pairs) of a set (see the module docstring);
-    ``binary``: the starting models without the instance head."""
+Pairs = list[tuple[np.ndarray, np.ndarray]]
+
+
+def data_set(name: str, binary: bool = False) -> tuple[Any, Pairs, Pairs, float | None]:
+    """(starting model, pool pairs, test pairs, object diameter or ``None``) of a set (see the
+    module docstring); ``binary``: the starting models without the instance head."""
     flag = " --binary-bases" if binary else ""
     from benchmarks import fetch_data
 
@@ -175,7 +183,7 @@ def data_set(
         )
         img, gt = fetch_data.load_dsb2018()
         h = img.shape[0] // 2
-        return model, [(img[:h], gt[:h])], [(img[h:], gt[h:])]
+        return model, [(img[:h], gt[:h])], [(img[h:], gt[h:])], None
     if name == "nuclei3d":
         from benchmarks.hitl import slice_split
         from napari_s2mnet.checkpoint import load_default_model
@@ -186,6 +194,7 @@ def data_set(
             load_default_model(),
             [(img[z], gt[z]) for z in pool],
             [(img[z], gt[z]) for z in test],
+            None,
         )
     if name == "bbbc007":
         model = _load(
@@ -197,17 +206,44 @@ def data_set(
             model,
             [(im, lab) for _, im, lab in items[:7]],
             [(im, lab) for _, im, lab in items[10:]],
+            None,
         )
+    if name == "cells":
+        from napari_s2mnet.checkpoint import load_default_model
+        from napari_s2mnet.diameter import estimate_diameter
+
+        model = load_default_model()
+        fields = fetch_data.load_cellpainting()
+        pairs = [(img[1:].mean(axis=0, dtype=np.float32), lab) for _, img, lab in fields]
+        pool = [p for (n, _, _), p in zip(fields, pairs, strict=True) if n.startswith("h15")]
+        test = [p for (n, _, _), p in zip(fields, pairs, strict=True) if n.startswith("h23")]
+        diameter = estimate_diameter(pool[0][0], model, backend="torch", device="cpu")
+        print(f"# cells: estimated diameter {diameter:.1f} px", flush=True)
+        return model, pool, test, diameter
     raise SystemExit(f"unknown set {name!r}")
 
 
 # ------------------------------------------------------------------------------ scoring
-def score(bundle: Any, test: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
+def _config(diameter: float | None, fill_holes: bool = False) -> Any:
+    from napari_s2mnet.inference import InferenceConfig
+
+    return InferenceConfig(
+        device="cpu",
+        compute_features=False,
+        backend="torch",
+        diameter=diameter,
+        fill_holes=fill_holes,
+    )
+
+
+def score(
+    bundle: Any, test: Pairs, diameter: float | None = None, fill_holes: bool = False
+) -> tuple[float, float]:
     """Foreground Dice (pooled) and mean instance F1@0.5 on the test pairs."""
-    from napari_s2mnet.inference import InferenceConfig, segment
+    from napari_s2mnet.inference import segment
     from napari_s2mnet.instances import match_scores
 
-    cfg = InferenceConfig(device="cpu", compute_features=False, backend="torch")
+    cfg = _config(diameter, fill_holes)
     inter = total = 0
     f1s = []
     for img, gt in test:
@@ -219,11 +255,18 @@ def score(bundle: Any, test: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float
     return 2 * inter / max(total, 1), float(np.mean(f1s))
 
 
-def predict(bundle: Any, pool: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-    from napari_s2mnet.inference import InferenceConfig, segment
+def predict(bundle: Any, pool: Pairs, diameter: float | None = None) -> list[np.ndarray]:
+    from napari_s2mnet.inference import segment
 
-    cfg = InferenceConfig(device="cpu", compute_features=False, backend="torch")
-    return [segment(img, bundle, cfg)[0] for img, _ in pool]
+    return [segment(img, bundle, _config(diameter))[0] for img, _ in pool]
+
+
+def _filled(args: argparse.Namespace, bundle: Any, test: Pairs, diameter: float | None) -> str:
+    """With ``--fill-holes``: the same scores with hole filling, as text for the log line."""
+    if not args.fill_holes:
+        return ""
+    d, f = score(bundle, test, diameter, fill_holes=True)
+    return f" | fill_holes: Dice {d:.3f} F1 {f:.3f}"
 
 
 # ------------------------------------------------------------------------------ main
@@ -234,7 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     from napari_s2mnet.training import FinetuneConfig, train
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sets", nargs="+", default=["dsb2018", "nuclei3d", "bbbc007"])
+    p.add_argument(
+        "--sets",
+        nargs="+",
+        default=["dsb2018", "nuclei3d", "bbbc007"],
+        choices=["dsb2018", "nuclei3d", "bbbc007", "cells"],
+    )
+    p.add_argument(
+        "--fill-holes",
+        action="store_true",
+        help="also score every model with fill_holes on (printed as a second Dice / F1 pair)",
+    )
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5])
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--n-seeds", type=int, default=3)
@@ -284,11 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = []
     for name in args.sets:
-        model, pool, test = data_set(name, args.binary_bases)
-        d0, f0 = score(model, test)
-        print(f"# {name}: k=0 Dice {d0:.3f} F1 {f0:.3f}", flush=True)
+        model, pool, test, diameter = data_set(name, args.binary_bases)
+        d0, f0 = score(model, test, diameter)
+        filled = _filled(args, model, test, diameter)
+        print(f"# {name}: k=0 Dice {d0:.3f} F1 {f0:.3f}{filled}", flush=True)
         rows.append((name, 0, "-", "-", d0, 0.0, f0, 0.0, 0.0, "-"))
-        preds = predict(model, pool)
+        preds = predict(model, pool, diameter)
         for k in args.ks:
             fixes = annotate(preds, [g for _, g in pool], k)
             pairs = [(pool[i][0], lab) for i, lab, _ in fixes]
@@ -306,16 +360,19 @@ def main(argv: list[str] | None = None) -> int:
                     over["val_fraction"] = args.val_fraction
                 ds, fs, steps = [], [], []
                 for seed in range(args.n_seeds):
-                    cfg = FinetuneConfig.interactive("cpu", seconds=args.seconds, seed=seed, **over)
+                    cfg = FinetuneConfig.interactive(
+                        "cpu", seconds=args.seconds, seed=seed, diameter=diameter, **over
+                    )
                     res = train(pairs, model, cfg, corrected=masks)
-                    d, f = score(res.bundle, test)
+                    d, f = score(res.bundle, test, diameter)
                     ds.append(d)
                     fs.append(f)
                     steps.append(res.steps)
                     print(
                         f"# {name} k={k} w={cfg.uncorrected_weight} scope={cfg.scope} lr={cfg.lr:g} "
                         f"seed {seed}: Dice {d:.3f} F1 {f:.3f} steps {res.steps} "
-                        f"kept_previous={res.kept_previous} | {res.message}",
+                        f"kept_previous={res.kept_previous}"
+                        f"{_filled(args, res.bundle, test, diameter)} | {res.message}",
                         flush=True,
                     )
                 sd = statistics.stdev(ds) if len(ds) > 1 else 0.0
