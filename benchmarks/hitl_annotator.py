@@ -21,9 +21,10 @@ Protocol (every model is scored only on data it never saw, and never on what was
   - ``cells``: whole U2OS cells in Cell Painting fields (the mean of the four non-DNA
     channels; automatic Cellpose labels, so scores are agreement with Cellpose) for the bundled
     nuclei model; plate h15 (6 fields) = pool, plate h23 (6 fields) = test. Cells (~55 px) are
-    3x the model's training diameter, so the set runs with the object diameter a user gets from
-    the estimate button (:func:`napari_s2mnet.diameter.estimate_diameter` on the first pool
-    field), for segmenting and fine-tuning alike;
+    3x the model's training diameter, so the set runs with an object diameter, for segmenting
+    and fine-tuning alike: the median equivalent diameter of the pool's cells, i.e. what a user
+    types after measuring a few (the estimate button, which segments with the model itself,
+    finds the nuclei a nuclei model sees: it is printed for reference);
 
 * the annotator looks at the model's own output on the pool, ranks the errors (every ground-truth
   object by its best IoU with a predicted object, every predicted object that overlaps no
@@ -210,15 +211,16 @@ def data_set(name: str, binary: bool = False) -> tuple[Any, Pairs, Pairs, float 
         )
     if name == "cells":
         from napari_s2mnet.checkpoint import load_default_model
-        from napari_s2mnet.diameter import estimate_diameter
+        from napari_s2mnet.diameter import equivalent_diameter, estimate_diameter
 
         model = load_default_model()
         fields = fetch_data.load_cellpainting()
         pairs = [(img[1:].mean(axis=0, dtype=np.float32), lab) for _, img, lab in fields]
         pool = [p for (n, _, _), p in zip(fields, pairs, strict=True) if n.startswith("h15")]
         test = [p for (n, _, _), p in zip(fields, pairs, strict=True) if n.startswith("h23")]
-        diameter = estimate_diameter(pool[0][0], model, backend="torch", device="cpu")
-        print(f"# cells: estimated diameter {diameter:.1f} px", flush=True)
+        diameter = float(np.median([equivalent_diameter(lab) for _, lab in pool]))
+        estimate = estimate_diameter(pool[0][0], model, backend="torch", device="cpu")
+        print(f"# cells: diameter {diameter:.1f} px (the estimate button: {estimate} px)")
         return model, pool, test, diameter
     raise SystemExit(f"unknown set {name!r}")
 
