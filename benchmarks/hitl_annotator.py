@@ -24,7 +24,10 @@ Protocol (every model is scored only on data it never saw, and never on what was
     3x the model's training diameter, so the set runs with an object diameter, for segmenting
     and fine-tuning alike: the median equivalent diameter of the pool's cells, i.e. what a user
     types after measuring a few (the estimate button, which segments with the model itself,
-    finds the nuclei a nuclei model sees: it is printed for reference);
+    finds the nuclei a nuclei model sees: it is printed for reference). **Not a valid
+    annotator set**: Cellpose labelled only part of the visible cells (32 of ~100 in field
+    h15 scene 1), so the annotator erases real cells as "false objects" and the scores count
+    unlabelled cells as false positives; it serves the ``--fill-holes`` comparison on cells;
 
 * the annotator looks at the model's own output on the pool, ranks the errors (every ground-truth
   object by its best IoU with a predicted object, every predicted object that overlaps no
