@@ -38,8 +38,8 @@ Why these estimators:
   lattice of half-voxel steps (voxel centres, face and edge midpoints, corners), as in 2-D. The
   skeleton-based alternative was rejected in 2-D because boundary noise spawns branches; a 3-D
   skeleton (``skimage.morphology.skeletonize``) has the same weakness.
-* **Irregularity** uses the hull of voxel centres (``convex_hull_image(...,
-  offset_coordinates=False)``): a digitally convex object (a voxelised ball, box or rod) scores
+* **Irregularity** uses the hull of voxel centres (the count of ``convex_hull_image(...,
+  offset_coordinates=False)``, computed line by line from the hull's facets): a digitally convex object (a voxelised ball, box or rod) scores
   ~0. The hull of the voxel *cubes* would give a voxelised ball ~0.06 from its staircase alone.
 
 :func:`object_features_3d` gives one row per 3-D object; :data:`FEATURE_COLUMNS_3D` lists its
@@ -219,8 +219,19 @@ def tubularity_3d(mask: Any, spacing: Sequence[float] | None = None) -> float:
     return _tubularity_from(n * float(np.prod(sp)), inscribed_radius_3d(m, sp)) if n else 0.0
 
 
+_HULL_TOL = 1e-10  # scikit-image's convex_hull_image tolerance: points on a facet are inside
+
+
 def _hull_voxels(m: np.ndarray) -> float:
-    from skimage.morphology import convex_hull_image
+    """Voxels of ``m``'s bounding box whose centres lie in the convex hull of its voxel centres.
+
+    The count ``convex_hull_image(m, offset_coordinates=False)`` gives, without rasterising the
+    hull: qhull sees only the surface voxels (a voxel whose six face neighbours are all in the
+    object is the midpoint of two of them, never a hull vertex), and each ``(z, y)`` line of the
+    box meets the convex hull in one interval of ``x``, found from the facet planes and then
+    checked voxel-exactly at its ends with the same test and tolerance as scikit-image.
+    """
+    from scipy.spatial import ConvexHull
 
     n = int(np.count_nonzero(m))
     if n <= 3:
@@ -229,7 +240,35 @@ def _hull_voxels(m: np.ndarray) -> float:
     # qhull needs a full-dimensional point set: flat objects (one plane, line) are convex enough
     if np.linalg.matrix_rank(coords - coords[0]) < 3:
         return float(n)
-    return float(np.count_nonzero(convex_hull_image(m, offset_coordinates=False)))
+    surface = np.argwhere(m & ~ndi.binary_erosion(m))
+    eq = ConvexHull(surface.astype(np.float64)).equations  # inside: eq[:, :3] @ p + eq[:, 3] <= 0
+    # qhull triangulates: coplanar triangles repeat one plane (up to rounding)
+    eq = eq[np.unique(np.round(eq, 9), axis=0, return_index=True)[1]]
+    zz, yy = np.meshgrid(np.arange(m.shape[0]), np.arange(m.shape[1]), indexing="ij")
+    zz, yy = zz.ravel().astype(np.float64), yy.ravel().astype(np.float64)
+    rest = np.outer(eq[:, 0], zz) + np.outer(eq[:, 1], yy) + eq[:, 3:4]  # (facets, lines)
+    c = eq[:, 2:3]
+    # Lattice hulls have facet normals that are exactly 0 along x or at least ~1 / box size.
+    along = np.abs(c[:, 0]) > 1e-9
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = (_HULL_TOL - rest) / c
+    hi = np.min(np.where(c > 1e-9, bound, np.inf), axis=0)
+    lo = np.max(np.where(c < -1e-9, bound, -np.inf), axis=0)
+    ok = np.all(rest[~along] <= _HULL_TOL, axis=0)
+    lo_i = np.maximum(np.ceil(lo - 1e-6), 0).astype(np.int64)
+    hi_i = np.minimum(np.floor(hi + 1e-6), m.shape[2] - 1).astype(np.int64)
+
+    def inside(x: np.ndarray, lines: np.ndarray) -> np.ndarray:
+        return np.all(rest[:, lines] + c * x[None, :] <= _HULL_TOL, axis=0)
+
+    lines = np.flatnonzero(ok & (lo_i <= hi_i))
+    for _ in range(3):  # the generous candidate interval only ever shrinks at its ends
+        bad = ~inside(lo_i[lines].astype(np.float64), lines)
+        lo_i[lines[bad]] += 1
+        bad = ~inside(hi_i[lines].astype(np.float64), lines)
+        hi_i[lines[bad]] -= 1
+        lines = lines[lo_i[lines] <= hi_i[lines]]
+    return float(np.maximum(hi_i[lines] - lo_i[lines] + 1, 0).sum())
 
 
 def irregularity_3d(mask: Any) -> float:
