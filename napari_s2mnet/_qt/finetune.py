@@ -284,8 +284,8 @@ class FinetuneWidget(QWidget):
     def config(self) -> FinetuneConfig:
         """The fine-tuning config the widget currently describes."""
         values = {**form_values(self.advanced), **form_values(self.main_form)}
-        if self.budget_mode.value == "seconds":
-            values.update(seconds=float(self.budget_value.value), epochs=None)
+        if self.budget_mode.value == "seconds":  # the GPU preset keeps its step cap
+            values.update(seconds=float(self.budget_value.value))
         else:
             values.update(epochs=int(self.budget_value.value), seconds=None)
         return FinetuneConfig.interactive("auto", **values)

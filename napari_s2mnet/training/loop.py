@@ -70,12 +70,18 @@ _CONTEXT_DROP = 0.1  # Dice drop around them (on uncorrected pixels) that counts
 def warm_up() -> None:
     """Import what the first fine-tuning step needs (torch.optim pulls in torch._dynamo, several
     seconds on a laptop CPU; the losses). The Fine-tune widget calls it in the background when
-    it opens, so pressing Run shows a loss point within seconds."""
-    import torch
+    it opens, so pressing Run shows a loss point within seconds.
 
-    from napari_s2mnet.losses import build_loss  # noqa: F401
+    Never raises: a warm-up that fails (or is cut off when napari quits mid-import) only means
+    the first Run imports these itself, so it must not print a traceback at exit."""
+    try:
+        import torch
 
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+        from napari_s2mnet.losses import build_loss  # noqa: F401
+
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    except Exception:  # see the docstring
+        return
 
 
 def _lr_factor(progress: float, step: int, warmup: float, total: int | None, floor: float) -> float:

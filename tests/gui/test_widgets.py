@@ -18,7 +18,7 @@ def _wait_worker(qtbot, widget, timeout=60_000):
     qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
 
 
-def test_widget_defaults_equal_config_defaults(viewer_with_plugin):
+def test_widget_defaults_equal_config_defaults(viewer_with_plugin, monkeypatch):
     _, seg, ft, _ = viewer_with_plugin
     inf_defaults = {f.name: f.default for f in dataclasses.fields(InferenceConfig)}
     for w in seg.advanced:
@@ -33,6 +33,11 @@ def test_widget_defaults_equal_config_defaults(viewer_with_plugin):
     assert ft.budget_mode.value == "seconds"
     assert cfg.seconds == preset.seconds and cfg.epochs is None
     assert dataclasses.replace(cfg, device="cpu") == preset
+    # On a GPU the seconds budget keeps the GPU preset's step cap (the measured ~210 steps).
+    monkeypatch.setattr("napari_s2mnet.training.config._is_gpu", lambda device: True)
+    gpu = ft.config()
+    assert gpu.total_steps == FinetuneConfig.interactive("cuda").total_steps == 210
+    assert gpu.seconds == preset.seconds
 
 
 def test_segment_adds_labels_with_features_and_scale(viewer_with_plugin, qtbot):

@@ -214,6 +214,16 @@ def test_interactive_preset_is_a_time_budget() -> None:
     assert FinetuneConfig.interactive("cpu", val_fraction=0.2).val_fraction == 0.2
 
 
+def test_gpu_preset_is_the_cpu_run_capped_at_its_measured_steps() -> None:
+    """On a GPU the measured CPU optimisation runs to its ~210 steps, not for 60 s of steps:
+    more steps did not lift more, and all weights at ~400 steps fell below zero-shot."""
+    cpu, gpu = FinetuneConfig.interactive("cpu"), FinetuneConfig.interactive("cuda")
+    gpu.validate()
+    assert gpu.total_steps == 210 and gpu.seconds == cpu.seconds == 60.0
+    for name in ("scope", "lr", "crop_size", "batch_size", "uncorrected_weight", "val_fraction"):
+        assert getattr(gpu, name) == getattr(cpu, name), name
+
+
 def test_equivalent_diameter_and_scale_factor() -> None:
     from napari_s2mnet.diameter import equivalent_diameter, scale_factor
 

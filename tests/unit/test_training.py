@@ -254,6 +254,16 @@ def test_seconds_budget_is_respected(pairs) -> None:
     assert any(r.total_steps for r in reports[1:-1])  # an estimate for the progress bar
 
 
+def test_step_cap_ends_a_timed_run_and_sets_its_schedule(pairs) -> None:
+    """Epochs and seconds together (the GPU preset): the run ends at the step count, with the
+    learning rate decayed over those steps, long before the time budget."""
+    reports, result = _run(finetune(pairs, _tiny(), _cfg(epochs=2, seconds=600.0)))
+    assert result.stopped_reason == "completed" and result.steps == 6
+    assert result.elapsed < 600
+    lrs = [r.lr for r in reports if r.step > 0 and r.lr > 0]
+    assert lrs[-1] < max(lrs)  # the cosine decay followed the 6 steps, not the 600 s
+
+
 def test_early_stopping(pairs, monkeypatch: pytest.MonkeyPatch) -> None:
     # lr 0 (via a frozen schedule): the Dice never improves, so patience ends the run.
     monkeypatch.setattr(loop, "_lr_factor", lambda *a: 0.0)
