@@ -35,7 +35,8 @@ Protocol (every model is scored only on data it never saw, and never on what was
   region (the object, the predicted objects overlapping it, 2 px around) the labels become the
   ground truth; that region is the *corrected* mask. Everything else stays the model's output;
 * fine-tuning: :func:`napari_s2mnet.training.train` with ``corrected=`` masks and
-  :meth:`FinetuneConfig.interactive` (CPU preset) for ``--seconds`` wall clock;
+  :meth:`FinetuneConfig.interactive` (CPU preset, or ``--preset gpu``: the GPU preset's settings
+  and step cap, run on the CPU) for ``--seconds`` wall clock;
 * scores on the test part with :func:`napari_s2mnet.inference.segment` (default settings, plus
   the set's diameter; ``--fill-holes``: with hole filling): foreground Dice (pooled pixels) and
   instance F1 at IoU 0.5 (mean over test images/planes).
@@ -295,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5])
     p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument(
+        "--preset",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="which interactive preset (gpu: its settings and step cap, run on the CPU)",
+    )
     p.add_argument("--n-seeds", type=int, default=3)
     p.add_argument(
         "--weights",
@@ -366,7 +373,12 @@ def main(argv: list[str] | None = None) -> int:
                 ds, fs, steps = [], [], []
                 for seed in range(args.n_seeds):
                     cfg = FinetuneConfig.interactive(
-                        "cpu", seconds=args.seconds, seed=seed, diameter=diameter, **over
+                        "cuda" if args.preset == "gpu" else "cpu",
+                        device="cpu",
+                        seconds=args.seconds,
+                        seed=seed,
+                        diameter=diameter,
+                        **over,
                     )
                     res = train(pairs, model, cfg, corrected=masks)
                     d, f = score(res.bundle, test, diameter)
