@@ -46,6 +46,7 @@ Protocol (every model is scored only on data it never saw, and never on what was
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import time
@@ -374,12 +375,12 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in range(args.n_seeds):
                     cfg = FinetuneConfig.interactive(
                         "cuda" if args.preset == "gpu" else "cpu",
-                        device="cpu",
                         seconds=args.seconds,
                         seed=seed,
                         diameter=diameter,
                         **over,
                     )
+                    cfg = dataclasses.replace(cfg, device="cpu")  # the GPU preset on the CPU
                     res = train(pairs, model, cfg, corrected=masks)
                     d, f = score(res.bundle, test, diameter)
                     ds.append(d)
