@@ -305,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--n-seeds", type=int, default=3)
     p.add_argument(
+        "--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ..."
+    )
+    p.add_argument(
         "--weights",
         type=float,
         nargs="+",
@@ -372,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif args.val_fraction is not None:
                     over["val_fraction"] = args.val_fraction
                 ds, fs, steps = [], [], []
-                for seed in range(args.n_seeds):
+                for seed in range(args.first_seed, args.first_seed + args.n_seeds):
                     cfg = FinetuneConfig.interactive(
                         "cuda" if args.preset == "gpu" else "cpu",
                         seconds=args.seconds,
