@@ -21,6 +21,7 @@ from napari_s2mnet.layout import ImageLayout, check_array, check_finite, plan_im
 from napari_s2mnet.training.config import FinetuneConfig
 from napari_s2mnet.training.region import (
     CORRECTED,
+    FEW_REGIONS,
     MIN_VAL_REGIONS,
     Regions,
     build_regions,
@@ -432,6 +433,12 @@ def _corrected_data(
         split = (
             f"no validation: {n_total} corrected region(s), validation needs at least "
             f"{MIN_VAL_REGIONS}; the result is the final state"
+        )
+    if not n_val and n_total <= FEW_REGIONS:
+        split += (
+            f"; with {n_total} corrected region(s) the labels elsewhere can get worse as well as "
+            "better: look at them (Revert is one click), or correct a few more objects first "
+            "(5 gave steady gains)"
         )
     return _Data(items, val, split, info, n_objects, corrected=True)
 

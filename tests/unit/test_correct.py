@@ -108,6 +108,7 @@ def test_weighted_crops_stay_aligned_with_their_targets(tiny) -> None:
 
 def test_finetune_from_corrections_reports_before_and_after(tiny) -> None:
     from napari_s2mnet.training import train
+    from napari_s2mnet.training.data import _prepare_data
 
     img, lab = _discs(n=3)
     cfg = FinetuneConfig(
@@ -117,6 +118,10 @@ def test_finetune_from_corrections_reports_before_and_after(tiny) -> None:
     assert res.steps == 2 and res.best_val_dice is None  # one region: no validation
     assert res.corrected_before is not None and res.corrected_after is not None
     assert "corrected regions" in res.message
+    # one correction: the summary says the rest of the image may have got worse
+    assert "elsewhere can get worse" in res.message and "Revert" in res.message
+    many = _prepare_data([(img, lab)], tiny, cfg, None, None, [_masks(lab, [1, 2, 3])])
+    assert "elsewhere" not in many.split
 
 
 @pytest.mark.parametrize(
