@@ -318,6 +318,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--lrs", type=float, nargs="+", default=[None], help="learning rates (default: preset's)"
     )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="cap every run at this many epochs of 10 steps (the step schedule rules)",
+    )
+    p.add_argument(
+        "--fg-fraction",
+        type=float,
+        default=None,
+        help="share of crops centred on corrected pixels (the rest uniform; preset: 0.8)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--no-val",
@@ -370,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
                     over["scope"] = scope
                 if lr is not None:
                     over["lr"] = lr
+                if args.epochs is not None:
+                    over["epochs"] = args.epochs
+                if args.fg_fraction is not None:
+                    over["foreground_fraction"] = args.fg_fraction
                 if args.no_val:
                     over["val_fraction"] = 0.0
                 elif args.val_fraction is not None:
