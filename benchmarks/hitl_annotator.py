@@ -330,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="share of crops centred on corrected pixels (the rest uniform; preset: 0.8)",
     )
+    p.add_argument(
+        "--freeze-bn",
+        action="store_true",
+        help="batch-norm layers in eval mode while training (running statistics kept)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--no-val",
@@ -384,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                     over["lr"] = lr
                 if args.epochs is not None:
                     over["epochs"] = args.epochs
+                if args.freeze_bn:
+                    over["freeze_batchnorm"] = True
                 if args.fg_fraction is not None:
                     over["foreground_fraction"] = args.fg_fraction
                 if args.no_val:
