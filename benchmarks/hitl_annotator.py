@@ -335,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="batch-norm layers in eval mode while training (running statistics kept)",
     )
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="diagnostic: never put the starting model back (see what training itself gives)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--no-val",
@@ -361,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.no_check:
+        from napari_s2mnet.training import loop
+
+        loop._WORSE = loop._CONTEXT_DROP = float("inf")
     for which in args.make_bases or []:
         make_base(which, binary=args.binary_bases)
     print(
