@@ -52,6 +52,9 @@ INTERACTIVE_CPU: dict[str, Any] = {
     "scope": "decoder+head",
     "warmup_fraction": 0.05,
     "val_fraction": 0.0,
+    # Batch-norm statistics of the returned model from the user's whole images, not from the
+    # last training crops (three sets: same lifts at k = 5, far less spread at k = 1-2).
+    "recalibrate_batchnorm": True,
 }
 # The GPU preset is the CPU preset's optimisation run to the step count the CPU preset was
 # measured at (201-229 steps in 60 s, docs/benchmarks.md), which a GPU reaches in seconds: more
@@ -112,6 +115,13 @@ class FinetuneConfig:
         intensity_jitter: Gain and gamma in ``[1/(1+j), 1+j]``, offset in ``[-j/2, j/2]``.
         freeze_batchnorm: Keep batch-norm layers in eval mode (running statistics are not
             updated); useful for fine-tuning with tiny batches.
+        recalibrate_batchnorm: After training, recompute the batch-norm running statistics of
+            the returned state from the training images as inference sees them (whole-image
+            tiles, no augmentation) instead of keeping the running average of the last
+            training crops. The interactive presets turn it on: with crops centred on one or
+            two corrections those statistics are a few augmented crops of one neighbourhood,
+            and they changed the labels elsewhere by several Dice points from seed to seed
+            (docs/benchmarks.md, "Batch-norm statistics after a fine-tune").
         sync_batchnorm: Use ``SyncBatchNorm`` in data-parallel CUDA runs.
         max_recoveries: Divergence recoveries (restore + halve the learning rate) before the
             run stops with ``"diverged"``.
@@ -157,6 +167,7 @@ class FinetuneConfig:
     scale_jitter: float = 0.2
     intensity_jitter: float = 0.2
     freeze_batchnorm: bool = False
+    recalibrate_batchnorm: bool = False
     sync_batchnorm: bool = False
     max_recoveries: int = 3
     divergence_factor: float = 10.0

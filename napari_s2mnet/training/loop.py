@@ -602,6 +602,8 @@ class _Finetune:
         else:
             best_step = s.step
         unfreeze(run.net)
+        if cfg.recalibrate_batchnorm and best_step > 0:
+            run.recalibrate_batchnorm()
         after, kept = self._check_corrected(best_step)
         chosen_step = best_step  # what validation chose, for the summary
         if kept:

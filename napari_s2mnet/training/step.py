@@ -16,14 +16,16 @@ from napari_s2mnet.training.config import (
 )
 from napari_s2mnet.training.data import _Data
 from napari_s2mnet.training.metrics import (
+    REGION_MAX_PIXELS,
     _evaluate,
     _evaluate_sets,
+    _spread_subset,
     _val_tiles,
     region_masks,
     region_tiles,
 )
 from napari_s2mnet.training.region import apply_scope, region_loss
-from napari_s2mnet.training.sampler import _Sampler
+from napari_s2mnet.training.sampler import _Sampler, _window
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -102,6 +104,7 @@ class _Run:
         self.sampler = _Sampler(data, config)
         # Validate on tiles of the size the model will segment with (its first training crop).
         tile = bundle.trained_tile_size or config.crop_size
+        self.tile = tile
         self.val_tiles = _val_tiles(data.val, tile) if data.val else []
         self.val_masks: list[np.ndarray] | None = None
         self.region_tiles: list[tuple[int, int, int, int, int, int]] = []
@@ -115,6 +118,44 @@ class _Run:
         self.net.train()
         if self.cfg.freeze_batchnorm:
             _set_bn_eval(self.net)
+
+    def recalibrate_batchnorm(self) -> int:
+        """Recompute every batch-norm layer's running statistics from the training images as
+        inference sees them: grid tiles of the whole images (an evenly spread subset of at most
+        ``REGION_MAX_PIXELS``), no augmentation, averaged over tiles.
+
+        Training updates them from its own crops (centred on the corrections, augmented, two
+        per step), so without this the returned model's statistics are those of the last few
+        crops. Returns the number of tiles used (0 without batch-norm layers).
+        """
+        import torch
+        from torch import nn
+
+        bns = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not bns:
+            return 0
+        tiles = _spread_subset(_val_tiles(self.data.train, self.tile), REGION_MAX_PIXELS)
+        least = int(getattr(self.net, "stride", 16))
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the tiles
+        self.net.train()
+        try:
+            with torch.no_grad():
+                for i, s, y0, x0, h, w in tiles:
+                    # Whole tiles as inference cuts them; one deepest pixel cannot be
+                    # normalised in train mode, so tiny tiles take image context (mirrored).
+                    h, w = max(h, 2 * least), max(w, 2 * least)
+                    img = _window(self.data.train[i].image[s], y0, x0, h, w)
+                    x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]
+                    with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                        self.net(x.to(self.device))
+        finally:
+            for m, momentum in zip(bns, momenta, strict=True):
+                m.momentum = momentum
+            self.set_train_mode()
+        return len(tiles)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of the batch of ``step`` as tensors on the device."""
