@@ -16,7 +16,6 @@ from napari_s2mnet.training.config import (
 )
 from napari_s2mnet.training.data import _Data
 from napari_s2mnet.training.metrics import (
-    REGION_MAX_PIXELS,
     _evaluate,
     _evaluate_sets,
     _spread_subset,
@@ -26,6 +25,10 @@ from napari_s2mnet.training.metrics import (
 )
 from napari_s2mnet.training.region import apply_scope, region_loss
 from napari_s2mnet.training.sampler import _Sampler, _window
+
+# Batch-norm recalibration forwards at most this many pixels (~10 tiles of 224^2, ~2-3 s on
+# one CPU thread): enough pixels for per-channel statistics, a small share of a 60-s budget.
+BN_MAX_PIXELS = 524_288
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -120,13 +123,16 @@ class _Run:
             _set_bn_eval(self.net)
 
     def recalibrate_batchnorm(self) -> int:
-        """Recompute every batch-norm layer's running statistics from the training images as
-        inference sees them: grid tiles of the whole images (an evenly spread subset of at most
-        ``REGION_MAX_PIXELS``), no augmentation, averaged over tiles.
+        """Recompute every batch-norm layer's running statistics from the training images.
 
         Training updates them from its own crops (centred on the corrections, augmented, two
-        per step), so without this the returned model's statistics are those of the last few
-        crops. Returns the number of tiles used (0 without batch-norm layers).
+        per step), so the returned model would keep the average of the last few crops. Here an
+        evenly spread subset of the whole images' grid tiles (every tile taken at the training
+        tile size, with image or mirrored context where a tile is smaller: that is what the
+        network normalised during training) goes through the network once, without
+        augmentation, and each layer's mean and variance are pooled over every pixel of every
+        tile (averaging per-tile variances instead would drop the variance between tiles).
+        Returns the number of tiles used (0 without batch-norm layers).
         """
         import torch
         from torch import nn
@@ -134,27 +140,36 @@ class _Run:
         bns = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not bns:
             return 0
-        tiles = _spread_subset(_val_tiles(self.data.train, self.tile), REGION_MAX_PIXELS)
-        least = int(getattr(self.net, "stride", 16))
-        momenta = [m.momentum for m in bns]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the tiles
-        self.net.train()
+        t = self.tile
+        tiles = [(i, s, y0, x0, t, t) for i, s, y0, x0, _, _ in _val_tiles(self.data.train, t)]
+        tiles = _spread_subset(tiles, BN_MAX_PIXELS)
+        sums: dict[nn.Module, list[Any]] = {m: [0.0, 0.0, 0] for m in bns}
+
+        def pool(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().double()
+            acc = sums[module]
+            acc[0] = acc[0] + x.sum(dim=(0, 2, 3))
+            acc[1] = acc[1] + (x * x).sum(dim=(0, 2, 3))
+            acc[2] += x.numel() // x.shape[1]
+
+        hooks = [m.register_forward_pre_hook(pool) for m in bns]
+        self.net.train()  # downstream layers see batch-normalised features, as in training
         try:
             with torch.no_grad():
                 for i, s, y0, x0, h, w in tiles:
-                    # Whole tiles as inference cuts them; one deepest pixel cannot be
-                    # normalised in train mode, so tiny tiles take image context (mirrored).
-                    h, w = max(h, 2 * least), max(w, 2 * least)
                     img = _window(self.data.train[i].image[s], y0, x0, h, w)
                     x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]
                     with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                         self.net(x.to(self.device))
         finally:
-            for m, momentum in zip(bns, momenta, strict=True):
-                m.momentum = momentum
+            for h in hooks:
+                h.remove()
             self.set_train_mode()
+        for m, (total, squares, n) in sums.items():
+            mean = total / n
+            var = (squares / n - mean * mean).clamp_min(0.0) * (n / max(n - 1, 1))
+            m.running_mean.copy_(mean.to(m.running_mean.dtype))
+            m.running_var.copy_(var.to(m.running_var.dtype))
         return len(tiles)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -215,6 +215,7 @@ def test_interactive_preset_is_a_time_budget() -> None:
     cfg.validate()
     assert cfg.seconds is not None and cfg.epochs is None and cfg.total_steps is None
     assert cfg.val_fraction == 0.0  # every correction trains (docs/benchmarks.md)
+    assert cfg.recalibrate_batchnorm and not FinetuneConfig().recalibrate_batchnorm
     assert FinetuneConfig.interactive("cpu", scope="head+norm").scope == "head+norm"
     assert FinetuneConfig.interactive("cpu", val_fraction=0.2).val_fraction == 0.2
 
@@ -225,8 +226,73 @@ def test_gpu_preset_is_the_cpu_run_capped_at_its_measured_steps() -> None:
     cpu, gpu = FinetuneConfig.interactive("cpu"), FinetuneConfig.interactive("cuda")
     gpu.validate()
     assert gpu.total_steps == 210 and gpu.seconds == cpu.seconds == 60.0
-    for name in ("scope", "lr", "crop_size", "batch_size", "uncorrected_weight", "val_fraction"):
+    names = ("scope", "lr", "crop_size", "batch_size", "uncorrected_weight", "val_fraction")
+    for name in (*names, "recalibrate_batchnorm"):
         assert getattr(gpu, name) == getattr(cpu, name), name
+
+
+def _bn_stats(bundle) -> list:
+    from torch import nn
+
+    return [
+        t.clone()
+        for m in bundle.model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for t in (m.running_mean, m.running_var)
+    ]
+
+
+def test_batchnorm_statistics_come_from_the_whole_images(tiny) -> None:
+    """With recalibration the returned statistics depend on the images, not on which crops
+    (seed) the run happened to end with; without it they are the last crops' average."""
+    import torch
+
+    from napari_s2mnet.training import train
+
+    img, lab = _discs(n=4, size=96)
+
+    def stats(seed: int, recalibrate: bool) -> list:
+        cfg = FinetuneConfig(
+            epochs=1,
+            steps_per_epoch=4,
+            batch_size=2,
+            crop_size=32,
+            device="cpu",
+            lr=1e-9,  # the weights stay (almost) where they are: only the statistics move
+            min_lr=0.0,
+            val_fraction=0.0,
+            seed=seed,
+            recalibrate_batchnorm=recalibrate,
+        )
+        res = train([(img, lab)], tiny, cfg)
+        assert res.steps == 4 and not res.kept_previous
+        return _bn_stats(res.bundle)
+
+    start = _bn_stats(tiny)
+    a, b = stats(0, True), stats(1, True)
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(a, b, strict=True))
+    assert not all(torch.allclose(x, y) for x, y in zip(a, start, strict=True))
+    c, d = stats(0, False), stats(1, False)
+    assert not all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(c, d, strict=True))
+
+
+def test_batchnorm_recalibration_takes_images_smaller_than_the_network_stride(tiny) -> None:
+    """Edge tiles of a few pixels would leave one pixel per channel at the deepest level, which
+    batch norm cannot normalise in train mode: they are widened with mirrored context."""
+    from napari_s2mnet.training import train
+
+    img, lab = _discs(n=2, size=34, r=4)  # 34 = two 16-px tiles + a 2-px edge
+    cfg = FinetuneConfig(
+        epochs=1,
+        steps_per_epoch=1,
+        batch_size=1,
+        crop_size=16,
+        device="cpu",
+        val_fraction=0.0,
+        recalibrate_batchnorm=True,
+    )
+    res = train([(img, lab)], tiny, cfg)
+    assert res.steps == 1 and res.stopped_reason == "completed"
 
 
 def test_equivalent_diameter_and_scale_factor() -> None:
