@@ -276,9 +276,54 @@ def test_batchnorm_statistics_come_from_the_whole_images(tiny) -> None:
     assert not all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(c, d, strict=True))
 
 
+def test_recalibrated_statistics_pool_every_pixel_of_every_image(tiny) -> None:
+    """The first batch-norm layer's statistics are the mean and variance of its input over all
+    pixels of both images (tiles cover them exactly), including the difference between the
+    images, which an average of per-tile variances would miss."""
+    import torch
+    from torch import nn
+
+    from napari_s2mnet.training import train
+    from napari_s2mnet.training.data import _prepare_data
+
+    dense, dense_lab = _discs(n=12, size=64, r=7, seed=1)
+    sparse, sparse_lab = _discs(n=1, size=64, r=4, seed=2)
+    pairs = [(dense, dense_lab), (sparse, sparse_lab)]
+    cfg = FinetuneConfig(
+        epochs=1,
+        steps_per_epoch=2,
+        batch_size=2,
+        crop_size=32,  # 64-px images: four whole tiles each
+        device="cpu",
+        lr=1e-9,
+        min_lr=0.0,
+        val_fraction=0.0,
+        recalibrate_batchnorm=True,
+    )
+    net = train(pairs, tiny, cfg).bundle.model
+    first = next(m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    seen: list[torch.Tensor] = []
+    hook = first.register_forward_pre_hook(lambda _m, args: seen.append(args[0].double()))
+    net.eval()
+    with torch.no_grad():
+        for item in _prepare_data(pairs, tiny, cfg, None, None).train:
+            for y0 in (0, 32):  # the tiles the recalibration forwards
+                for x0 in (0, 32):
+                    tile = item.image[0][None, :, y0 : y0 + 32, x0 : x0 + 32]
+                    net(torch.from_numpy(np.ascontiguousarray(tile)))
+    hook.remove()
+    x = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in seen], dim=1)
+    torch.testing.assert_close(first.running_mean.double(), x.mean(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first.running_var.double(), x.var(1), rtol=1e-3, atol=1e-5)
+    # what averaging per-tile variances would give is measurably different here
+    per_tile = torch.stack([t.transpose(0, 1).reshape(t.shape[1], -1).var(1) for t in seen])
+    assert not torch.allclose(per_tile.mean(0), x.var(1), rtol=1e-2)
+
+
 def test_batchnorm_recalibration_takes_images_smaller_than_the_network_stride(tiny) -> None:
     """Edge tiles of a few pixels would leave one pixel per channel at the deepest level, which
-    batch norm cannot normalise in train mode: they are widened with mirrored context."""
+    batch norm cannot normalise in train mode: every tile is taken at the training tile size,
+    with image or mirrored context."""
     from napari_s2mnet.training import train
 
     img, lab = _discs(n=2, size=34, r=4)  # 34 = two 16-px tiles + a 2-px edge
