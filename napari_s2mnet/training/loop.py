@@ -64,7 +64,10 @@ __all__ = ["finetune", "train", "warm_up"]
 
 _SNAPSHOT_EVERY = 10  # steps between "last good state" snapshots
 _WORSE = 0.005  # Dice drop on the corrected regions that counts as worse
-_CONTEXT_DROP = 0.1  # Dice drop around them (on uncorrected pixels) that counts as broken
+# Dice drop around them (on uncorrected pixels) that counts as broken. Measured: fine-tunes that
+# improved the test images changed 11-27 % of the labels around two corrections (with whole-image
+# batch-norm statistics), one that learnt "background everywhere" 64 % (docs/benchmarks.md).
+_CONTEXT_DROP = 0.3
 
 
 def warm_up() -> None:
