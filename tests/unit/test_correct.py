@@ -231,6 +231,23 @@ def test_gpu_preset_is_the_cpu_run_capped_at_its_measured_steps() -> None:
         assert getattr(gpu, name) == getattr(cpu, name), name
 
 
+def _still(**overrides) -> FinetuneConfig:
+    """A short CPU run whose weights stay (almost) where they are (lr 1e-9), so only the
+    batch-norm statistics move; recomputed from the images unless overridden."""
+    base = {
+        "epochs": 1,
+        "steps_per_epoch": 2,
+        "batch_size": 2,
+        "crop_size": 32,
+        "device": "cpu",
+        "lr": 1e-9,
+        "min_lr": 0.0,
+        "val_fraction": 0.0,
+        "recalibrate_batchnorm": True,
+    }
+    return FinetuneConfig(**(base | overrides))
+
+
 def _bn_stats(bundle) -> list:
     from torch import nn
 
@@ -252,18 +269,7 @@ def test_batchnorm_statistics_come_from_the_whole_images(tiny) -> None:
     img, lab = _discs(n=4, size=96)
 
     def stats(seed: int, recalibrate: bool) -> list:
-        cfg = FinetuneConfig(
-            epochs=1,
-            steps_per_epoch=4,
-            batch_size=2,
-            crop_size=32,
-            device="cpu",
-            lr=1e-9,  # the weights stay (almost) where they are: only the statistics move
-            min_lr=0.0,
-            val_fraction=0.0,
-            seed=seed,
-            recalibrate_batchnorm=recalibrate,
-        )
+        cfg = _still(steps_per_epoch=4, seed=seed, recalibrate_batchnorm=recalibrate)
         res = train([(img, lab)], tiny, cfg)
         assert res.steps == 4 and not res.kept_previous
         return _bn_stats(res.bundle)
@@ -289,17 +295,7 @@ def test_recalibrated_statistics_pool_every_pixel_of_every_image(tiny) -> None:
     dense, dense_lab = _discs(n=12, size=64, r=7, seed=1)
     sparse, sparse_lab = _discs(n=1, size=64, r=4, seed=2)
     pairs = [(dense, dense_lab), (sparse, sparse_lab)]
-    cfg = FinetuneConfig(
-        epochs=1,
-        steps_per_epoch=2,
-        batch_size=2,
-        crop_size=32,  # 64-px images: four whole tiles each
-        device="cpu",
-        lr=1e-9,
-        min_lr=0.0,
-        val_fraction=0.0,
-        recalibrate_batchnorm=True,
-    )
+    cfg = _still(crop_size=32)  # 64-px images: four whole tiles each
     net = train(pairs, tiny, cfg).bundle.model
     first = next(m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
     seen: list[torch.Tensor] = []
@@ -327,16 +323,7 @@ def test_batchnorm_recalibration_takes_images_smaller_than_the_network_stride(ti
     from napari_s2mnet.training import train
 
     img, lab = _discs(n=2, size=34, r=4)  # 34 = two 16-px tiles + a 2-px edge
-    cfg = FinetuneConfig(
-        epochs=1,
-        steps_per_epoch=1,
-        batch_size=1,
-        crop_size=16,
-        device="cpu",
-        val_fraction=0.0,
-        recalibrate_batchnorm=True,
-    )
-    res = train([(img, lab)], tiny, cfg)
+    res = train([(img, lab)], tiny, _still(steps_per_epoch=1, batch_size=1, crop_size=16))
     assert res.steps == 1 and res.stopped_reason == "completed"
 
 
