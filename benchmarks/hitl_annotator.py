@@ -5,6 +5,11 @@ Usage::
     python -m benchmarks.hitl_annotator                       # 3 sets x k 0,1,2,5 x 3 seeds, 60 s
     python -m benchmarks.hitl_annotator --sets dsb2018 --ks 5 --weights 0 0.1 1 --n-seeds 1
     python -m benchmarks.hitl_annotator --sets dsb2018 --ks 5 --scopes all decoder+head head+norm
+    python -m benchmarks.hitl_annotator --sets dsb2018 --ks 1 --epochs 4 --lrs 1e-6 --no-check
+
+The last is a diagnostic (docs/benchmarks.md, "Batch-norm statistics after a fine-tune"): 40
+steps that leave the weights where they are, and the result scored even where the safety check
+would have kept the starting model (``--freeze-bn`` and ``--fg-fraction`` change the run too).
 
 Protocol (every model is scored only on data it never saw, and never on what was corrected):
 
